@@ -1,0 +1,37 @@
+"""The project's one exception family.
+
+Every error a user can act on is a :class:`LocaError` (a ``ValueError``), so the CLI can print the
+message and exit 1 without a traceback. Messages say what was expected, what came instead, and the fix.
+"""
+
+
+class LocaError(ValueError):
+    """Base class of every error loca-pipe raises for bad input or bad state."""
+
+
+class ConfigError(LocaError):
+    """A params file, option or argument is missing, unknown or out of range."""
+
+
+class DataError(LocaError):
+    """A data set is unknown, unreadable, or does not match what a store was built from."""
+
+
+class ModelError(LocaError):
+    """A model name is unknown, or a checkpoint does not fit the architecture."""
+
+
+class StoreError(LocaError):
+    """A logit store is missing, foreign, or inconsistent with the request."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store (or one teacher in it) is still being written, or was left half-written by a crash."""
+
+
+class StoreConflictError(StoreError):
+    """A store exists but belongs to another data set, teacher checkpoint or settings."""
+
+
+class NumericsError(LocaError):
+    """NaN or inf where a finite number is required (teacher outputs, inputs to the maths, a loss)."""

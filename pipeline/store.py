@@ -1,0 +1,442 @@
+"""The logit store: one Zarr v3 group, one sub-group per teacher, rows written chunk by chunk.
+
+Layout (docs/store-format.md is the reader's reference)::
+
+    STORE/                          attrs["loca_pipe"]: format, version, task, rows, classes, chunk_rows, dataset
+      sample_id   (R,)   int64      data-set index of each row
+      label       (R,)   int64      class (or next-token id) the row is scored against
+      view        (R,)   int16      augmented view index (0 when views are not cached)
+      aug_params  (R, P) float32    replayable augmentation parameters (only when views are cached)
+      rows_done   (n_chunks,) uint8 1 once the shared row arrays of chunk c are written
+      teachers/<name>/              attrs["loca_pipe"]: provenance, settings, complete
+        logits       (R, C)  float32|float16   optional full logits
+        topk_logits  (R, K)  float32            raw top-k logits, descending
+        topk_ids     (R, K)  int16|int32        their class ids (wide enough for C)
+        lse          (R, T)  float32            logsumexp(z / tau_t) for each declared tau
+        label_logit  (R,)    float32            z_label, so p_label is exact even outside the top-k
+        done         (n_chunks,) uint8          completion record, one flag per row chunk
+
+Rows are samples × views (row = sample · V + view) for classifiers and tokens for language models, so
+every array is 2-D at most and chunks are aligned across arrays: chunk c is rows
+[c·chunk_rows, (c+1)·chunk_rows). A chunk is written whole, then its ``done`` flag; a teacher is marked
+complete only when every flag is set. Readers refuse incomplete teachers (IncompleteStoreError). Every
+array carries a CRC32C checksum per chunk, so a corrupted chunk fails loudly on read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from loca_pipe.pipeline.errors import (
+    IncompleteStoreError,
+    NumericsError,
+    StoreConflictError,
+    StoreError,
+)
+
+FORMAT = "loca-pipe/logit-store"
+FORMAT_VERSION = 1
+ATTR = "loca_pipe"
+LOGIT_DTYPES = ("float32", "float16")
+TASKS = ("classification", "causal-lm")
+# ~4 MiB for the widest array of a chunk: big enough to read at disk speed (tiny chunks are slow,
+# DESIGN.md §6), small enough that a crash loses little and resume has something to skip.
+TARGET_CHUNK_BYTES = 4 << 20
+
+
+def default_chunk_rows(num_classes: int, bytes_per_value: int = 4, minimum: int = 256,
+                       maximum: int = 1 << 17) -> int:
+    """Rows per chunk so that a (rows, C) array chunk is about TARGET_CHUNK_BYTES."""
+    rows = TARGET_CHUNK_BYTES // max(1, num_classes * bytes_per_value)
+    return int(min(maximum, max(minimum, rows)))
+
+
+def id_dtype(num_classes: int) -> np.dtype:
+    """Smallest signed integer dtype that holds every class id in [0, C). (fp16 ids are a known bug.)"""
+    for dt in (np.int16, np.int32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def _codecs(dtype: np.dtype, compress: bool) -> dict[str, Any]:
+    # Logits barely compress (zstd ~1.09x, blosc-lz4 1.00x on fp16; DESIGN.md §6), so float arrays are
+    # stored raw by default; integers (ids, labels) compress well. CRC32C goes on everything.
+    comp: list[Any] = []
+    if compress or dtype.kind in "iub":
+        comp.append(ZstdCodec(level=1))
+    comp.append(Crc32cCodec())
+    return {"serializer": BytesCodec(), "compressors": comp}
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour the stored numbers depend on."""
+    import loca_pipe
+
+    out = {"loca_pipe": loca_pipe.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
+           "numpy": np.__version__}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    return out
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Derived fields: one place computes everything stored from a batch of logits (device-agnostic).
+
+
+@torch.no_grad()
+def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
+                     temperatures: Iterable[float], row_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Everything the store keeps for a batch of teacher logits, computed on the logits' device.
+
+    logits (B, C) any float dtype → computed in fp32. Returns top-k logits/ids (descending), lse (B, T) =
+    logsumexp(z/τ_t), and the label's logit z_y. Raises NumericsError naming the offending rows (``row_ids``
+    when given) if any logit is NaN or inf — an fp16 overflow is never written silently.
+    """
+    if logits.ndim != 2:
+        raise StoreError(f"teacher output must be (batch, classes); got shape {tuple(logits.shape)}")
+    z = logits.float()
+    bad = ~torch.isfinite(z).all(dim=1)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten()
+        ids = (row_ids[idx] if row_ids is not None else idx).tolist()
+        raise NumericsError(
+            f"teacher produced NaN or inf logits for {len(ids)} row(s) {ids[:20]}"
+            f"{' …' if len(ids) > 20 else ''}; this is usually an fp16 overflow — cache with autocast off "
+            f"(--no-amp) or fix the checkpoint")
+    C = z.shape[1]
+    if not 1 <= top_k <= C:
+        raise StoreError(f"top-k must be in [1, {C}] for a {C}-class teacher; got {top_k}")
+    labels = labels.to(z.device).long()
+    if bool(((labels < 0) | (labels >= C)).any()):
+        raise StoreError(f"labels must lie in [0, {C}); got values {labels[(labels < 0) | (labels >= C)].unique().tolist()[:10]}")
+    topv, topi = torch.topk(z, top_k, dim=1, largest=True, sorted=True)
+    taus = torch.tensor(list(temperatures), dtype=torch.float32, device=z.device)
+    lse = torch.logsumexp(z.unsqueeze(1) / taus.view(1, -1, 1), dim=2)  # (B, T)
+    label_logit = z.gather(1, labels.view(-1, 1)).squeeze(1)
+    return {"topk_logits": topv, "topk_ids": topi, "lse": lse, "label_logit": label_logit}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The store-level attributes (shared by every teacher)."""
+
+    task: str
+    num_samples: int
+    num_views: int
+    num_rows: int
+    num_classes: int
+    chunk_rows: int
+    dataset: dict[str, Any]
+    aug_param_names: tuple[str, ...] = ()
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, math.ceil(self.num_rows / self.chunk_rows))
+
+    def chunk_slice(self, c: int) -> slice:
+        return slice(c * self.chunk_rows, min(self.num_rows, (c + 1) * self.chunk_rows))
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task,
+                "num_samples": self.num_samples, "num_views": self.num_views, "num_rows": self.num_rows,
+                "num_classes": self.num_classes, "chunk_rows": self.chunk_rows, "dataset": self.dataset,
+                "aug_param_names": list(self.aug_param_names)}
+
+    @classmethod
+    def from_attrs(cls, a: dict[str, Any]) -> "StoreInfo":
+        return cls(task=a["task"], num_samples=a["num_samples"], num_views=a["num_views"],
+                   num_rows=a["num_rows"], num_classes=a["num_classes"], chunk_rows=a["chunk_rows"],
+                   dataset=a["dataset"], aug_param_names=tuple(a.get("aug_param_names", ())))
+
+
+def _same_identity(a: StoreInfo, b: StoreInfo) -> list[str]:
+    diffs = []
+    for key in ("task", "num_samples", "num_views", "num_rows", "num_classes", "chunk_rows", "aug_param_names"):
+        if getattr(a, key) != getattr(b, key):
+            diffs.append(f"{key}: store has {getattr(a, key)!r}, this run has {getattr(b, key)!r}")
+    for key in ("fingerprint", "split", "view_seed"):
+        if a.dataset.get(key) != b.dataset.get(key):
+            diffs.append(f"dataset.{key}: store has {a.dataset.get(key)!r}, this run has {b.dataset.get(key)!r}")
+    return diffs
+
+
+class LogitStore:
+    """A logit store on local disk or any fsspec URL zarr understands."""
+
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = path
+        attrs = dict(group.attrs).get(ATTR)
+        if not attrs or attrs.get("format") != FORMAT:
+            raise StoreError(f"{path!r} is not a loca-pipe logit store (no {ATTR!r} attributes with format "
+                             f"{FORMAT!r}); point --store at a folder written by `loca-pipe cache-logits`")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path!r} has store format version {attrs.get('format_version')}, this loca-pipe "
+                             f"reads version {FORMAT_VERSION}; re-cache or use a matching loca-pipe")
+        self.info = StoreInfo.from_attrs(attrs)
+
+    # -- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> "LogitStore":
+        """Open an existing store (mode 'r' or 'r+'); a missing or foreign path raises StoreError."""
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
+            raise StoreError(f"no logit store at {str(path)!r}; create one with `loca-pipe cache-logits --store {path}`") from exc
+        return cls(group, str(path))
+
+    @classmethod
+    def create_or_open(cls, path: str, info: StoreInfo, overwrite: bool = False) -> "LogitStore":
+        """Open the store at ``path`` for writing, creating it if absent.
+
+        An existing store must have the same identity (data fingerprint, split, rows, classes, views, chunking);
+        otherwise StoreConflictError, unless ``overwrite`` — which deletes it first.
+        """
+        path = str(path)
+        existing = None
+        try:
+            existing = cls.open(path, mode="r+")
+        except StoreError:
+            try:
+                probe = zarr.open_group(path, mode="r")
+                if list(probe.keys()) or dict(probe.attrs):
+                    if not overwrite:
+                        raise StoreConflictError(f"{path!r} holds something that is not a loca-pipe store; "
+                                                 f"choose another --store or pass --overwrite to replace it")
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+                pass
+        if existing is not None and not overwrite:
+            diffs = _same_identity(existing.info, info)
+            if diffs:
+                raise StoreConflictError(
+                    f"store {path!r} belongs to another data set or layout ({'; '.join(diffs)}); "
+                    f"use another --store, or pass --overwrite to replace it (its teachers are deleted)")
+            return existing
+        group = zarr.open_group(path, mode="w")
+        group.attrs[ATTR] = info.to_attrs()
+        store = cls(group, path)
+        store._create_row_arrays()
+        return store
+
+    def _create_row_arrays(self) -> None:
+        R, ch = self.info.num_rows, self.info.chunk_rows
+        for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
+            self.group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1,
+                                    **_codecs(np.dtype(dt), True))
+        if self.info.aug_param_names:
+            P = len(self.info.aug_param_names)
+            self.group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
+                                    fill_value=0.0, **_codecs(np.dtype(np.float32), True))
+        # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
+        self.group.create_array("rows_done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8,
+                                fill_value=0, **_codecs(np.dtype(np.uint8), False))
+
+    # -- shared rows ----------------------------------------------------------------------------------
+    def write_rows(self, c: int, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray,
+                   aug_params: np.ndarray | None = None) -> None:
+        """Write the shared row arrays of chunk ``c``; if already written, check they are identical."""
+        sl = self.info.chunk_slice(c)
+        new = {"sample_id": np.asarray(sample_id, np.int64), "label": np.asarray(label, np.int64),
+               "view": np.asarray(view, np.int16)}
+        if self.info.aug_param_names:
+            if aug_params is None:
+                raise StoreError("this store caches augmented views; aug_params are required for every row")
+            new["aug_params"] = np.asarray(aug_params, np.float32)
+        for k, v in new.items():
+            if v.shape[0] != sl.stop - sl.start:
+                raise StoreError(f"chunk {c} needs {sl.stop - sl.start} rows of {k}; got {v.shape[0]}")
+        if self.group["rows_done"][c]:
+            for k, v in new.items():
+                old = self.group[k][sl]
+                if not np.array_equal(old, v):
+                    raise StoreConflictError(
+                        f"rows {sl.start}..{sl.stop - 1} of {k!r} differ from what the store holds: this run sees "
+                        f"another sample order, labels or views than the store's first teacher; use another --store")
+            return
+        for k, v in new.items():
+            self.group[k][sl] = v
+        self.group["rows_done"][c] = 1
+
+    # -- teachers -----------------------------------------------------------------------------------
+    @property
+    def teachers(self) -> list[str]:
+        if "teachers" not in self.group:
+            return []
+        return sorted(self.group["teachers"].group_keys())
+
+    def teacher_attrs(self, name: str) -> dict[str, Any]:
+        return dict(self._teacher_group(name).attrs[ATTR])
+
+    def _teacher_group(self, name: str) -> zarr.Group:
+        if name not in self.teachers:
+            have = ", ".join(self.teachers) or "none"
+            raise StoreError(f"teacher {name!r} is not in store {self.path!r}; it holds: {have}")
+        return self.group["teachers"][name]
+
+    def is_complete(self, name: str) -> bool:
+        return bool(self.teacher_attrs(name).get("complete", False))
+
+    def pending_chunks(self, name: str) -> list[int]:
+        done = self._teacher_group(name)["done"][:]
+        return [int(c) for c in np.flatnonzero(done == 0)]
+
+    def teacher(self, name: str | None = None, allow_incomplete: bool = False) -> "TeacherView":
+        """Read access to one teacher's arrays; refuses a half-written teacher unless ``allow_incomplete``."""
+        if name is None:
+            if len(self.teachers) != 1:
+                raise StoreError(f"store {self.path!r} holds {len(self.teachers)} teachers ({', '.join(self.teachers) or 'none'}); "
+                                 f"name one")
+            name = self.teachers[0]
+        g = self._teacher_group(name)
+        if not allow_incomplete and not self.is_complete(name):
+            left = len(self.pending_chunks(name))
+            raise IncompleteStoreError(
+                f"teacher {name!r} in {self.path!r} is incomplete ({left} of {self.info.num_chunks} chunks not "
+                f"written): it is still being written or its run crashed; re-run the same `loca-pipe cache-logits` "
+                f"command to resume it")
+        return TeacherView(self, name, g)
+
+    def begin_teacher(self, name: str, provenance: dict[str, Any], top_k: int, temperatures: Iterable[float],
+                      logits_dtype: str | None = "float32", compress_logits: bool = False,
+                      overwrite: bool = False) -> "TeacherWriter":
+        """Create (or reopen for resume) teacher ``name``. Provenance must match an existing teacher of that name.
+
+        ``logits_dtype`` None keeps only top-k (the vocabulary-scale form).
+        """
+        C = self.info.num_classes
+        temps = [float(t) for t in temperatures]
+        if not 1 <= top_k <= C:
+            raise StoreError(f"--top-k must be in [1, {C}] (the teacher has {C} classes); got {top_k}")
+        if not temps or any(not (t > 0 and math.isfinite(t)) for t in temps):
+            raise StoreError(f"temperatures must be positive numbers; got {temps}")
+        if logits_dtype is not None and logits_dtype not in LOGIT_DTYPES:
+            raise StoreError(f"logits dtype must be one of {list(LOGIT_DTYPES)} (or none); got {logits_dtype!r}")
+        settings = {"top_k": int(top_k), "temperatures": temps, "logits_dtype": logits_dtype,
+                    "full_logits": logits_dtype is not None}
+        meta = {**provenance, **settings}
+        teachers = self.group.require_group("teachers")
+        if name in self.teachers and not overwrite:
+            old = self.teacher_attrs(name)
+            diffs = [f"{k}: store has {old.get(k)!r}, this run has {v!r}" for k, v in meta.items()
+                     if k not in ("created", "versions") and old.get(k) != v]
+            if diffs:
+                raise StoreConflictError(
+                    f"teacher {name!r} already in {self.path!r} with other settings ({'; '.join(diffs)}); "
+                    f"pass --overwrite to replace it, or cache under another --name")
+            return TeacherWriter(self, name, teachers[name])
+        g = teachers.create_group(name, overwrite=True)
+        R, ch, K, T = self.info.num_rows, self.info.chunk_rows, int(top_k), len(temps)
+        if logits_dtype is not None:
+            dt = np.dtype(logits_dtype)
+            g.create_array("logits", shape=(R, C), chunks=(ch, C), dtype=dt, fill_value=0,
+                           **_codecs(dt, compress_logits))
+        f32 = np.dtype(np.float32)
+        g.create_array("topk_logits", shape=(R, K), chunks=(ch, K), dtype=f32, fill_value=0, **_codecs(f32, compress_logits))
+        g.create_array("topk_ids", shape=(R, K), chunks=(ch, K), dtype=id_dtype(C), fill_value=-1,
+                       **_codecs(id_dtype(C), True))
+        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **_codecs(f32, False))
+        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **_codecs(f32, False))
+        g.create_array("done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8, fill_value=0,
+                       **_codecs(np.dtype(np.uint8), False))
+        g.attrs[ATTR] = {**meta, "name": name, "created": now(), "versions": versions(), "complete": False}
+        return TeacherWriter(self, name, g)
+
+    def describe(self) -> dict[str, Any]:
+        """What `loca-pipe info` prints: layout, teachers, completeness, provenance."""
+        out: dict[str, Any] = {"path": self.path, **self.info.to_attrs(), "num_chunks": self.info.num_chunks,
+                               "teachers": {}}
+        for t in self.teachers:
+            a = self.teacher_attrs(t)
+            pending = len(self.pending_chunks(t))
+            out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending}
+        return out
+
+
+class TeacherWriter:
+    """Writes one teacher chunk by chunk; each chunk is whole before its done flag is set."""
+
+    def __init__(self, store: LogitStore, name: str, group: zarr.Group):
+        self.store, self.name, self.group = store, name, group
+        a = dict(group.attrs[ATTR])
+        self.top_k, self.temperatures, self.logits_dtype = a["top_k"], a["temperatures"], a["logits_dtype"]
+
+    def pending_chunks(self) -> list[int]:
+        return self.store.pending_chunks(self.name)
+
+    def write_chunk(self, c: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write chunk ``c``: ``arrays`` holds topk_logits, topk_ids, lse, label_logit (and logits if stored)."""
+        sl = self.store.info.chunk_slice(c)
+        n = sl.stop - sl.start
+        need = ["topk_logits", "topk_ids", "lse", "label_logit"] + (["logits"] if self.logits_dtype else [])
+        for k in need:
+            if k not in arrays:
+                raise StoreError(f"chunk {c}: missing array {k!r}")
+            if arrays[k].shape[0] != n:
+                raise StoreError(f"chunk {c}: {k} has {arrays[k].shape[0]} rows, the chunk has {n}")
+        if self.logits_dtype:
+            z = np.asarray(arrays["logits"]).astype(self.logits_dtype)
+            if not np.isfinite(z).all():
+                bad = np.flatnonzero(~np.isfinite(z).all(axis=1)) + sl.start
+                raise NumericsError(f"logits of rows {bad[:20].tolist()} overflow {self.logits_dtype}; "
+                                    f"cache with --logits-dtype float32")
+            self.group["logits"][sl] = z
+        for k in ("topk_logits", "topk_ids", "lse", "label_logit"):
+            self.group[k][sl] = np.asarray(arrays[k]).astype(self.group[k].dtype)
+        self.group["done"][c] = 1
+
+    def finalize(self) -> bool:
+        """Mark the teacher complete if every chunk is done; returns whether it is."""
+        if self.pending_chunks():
+            return False
+        a = dict(self.group.attrs[ATTR])
+        a.update(complete=True, finished=now())
+        self.group.attrs[ATTR] = a
+        return True
+
+
+class TeacherView:
+    """Read access to one complete teacher: zarr arrays plus exact probabilities at any stored τ."""
+
+    def __init__(self, store: LogitStore, name: str, group: zarr.Group):
+        self.store, self.name, self.group = store, name, group
+        self.attrs = dict(group.attrs[ATTR])
+        self.temperatures: list[float] = list(self.attrs["temperatures"])
+        self.top_k: int = int(self.attrs["top_k"])
+        self.has_full_logits: bool = "logits" in group
+
+    def __getitem__(self, key: str) -> zarr.Array:
+        if key in ("sample_id", "label", "view", "aug_params"):
+            return self.store.group[key]
+        if key not in self.group:
+            raise StoreError(f"teacher {self.name!r} has no array {key!r}; it has {sorted(self.group.array_keys())}")
+        return self.group[key]
+
+    def tau_index(self, tau: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if math.isclose(t, tau, rel_tol=1e-6):
+                return i
+        if self.has_full_logits:
+            return -1
+        raise StoreError(f"temperature {tau} was not declared when teacher {self.name!r} was cached (it has "
+                         f"{self.temperatures}) and the store keeps only top-k logits, so p at τ={tau} is unknowable; "
+                         f"re-cache with --temperatures including {tau}")

@@ -1,0 +1,120 @@
+"""params.yaml → frozen dataclasses.
+
+``params.yaml`` is the single source of truth: one section per stage plus a shared ``base``. Each stage
+declares a frozen dataclass for its section; :func:`load_section` builds it, rejecting unknown keys and
+wrong types with a message that names the key and the file, like nanoGPT's configurator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from loca_pipe.pipeline.errors import ConfigError
+
+T = TypeVar("T")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read a params file into a dict (empty file → empty dict)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {str(path)!r} not found; run from the project folder or pass --params PATH")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _check(value, arm, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected: `alpha: 0.9` means [0.9]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_check(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from ``values``; unknown keys and wrong types raise ConfigError."""
+    values = dict(values or {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        if name in values:
+            kwargs[name] = _check(values[name], hints[name], f"{where}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: required key {name!r} is missing")
+    return cls(**kwargs)
+
+
+def load_section(cls: type[T], section: str, params: dict[str, Any] | str | Path = DEFAULT_PARAMS,
+                 overrides: dict[str, Any] | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from ``params[section]`` with ``overrides`` (None values skipped)."""
+    if not isinstance(params, dict):
+        params = read_params(params)
+    values = dict(params.get(section) or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(cls, values, section)

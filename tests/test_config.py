@@ -1,0 +1,40 @@
+"""The params loader: frozen dataclasses, unknown keys and wrong types rejected with the key named."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.stages.config import build, load_section
+
+
+@dataclass(frozen=True)
+class _Section:
+    alpha: tuple[float, ...] = (0.9,)
+    tau: float = 4.0
+    k: int = 5
+    name: str = "kd"
+    device: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def test_defaults_and_overrides():
+    cfg = load_section(_Section, "s", {"s": {"tau": 2, "alpha": 0.5}}, overrides={"k": 3, "name": None})
+    assert cfg == _Section(alpha=(0.5,), tau=2.0, k=3, name="kd")
+    with pytest.raises(Exception):
+        cfg.tau = 1.0  # frozen
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"taux": 1.0}, "unknown key(s) ['taux']"),
+    ({"tau": "hot"}, "s.tau: expected a number"),
+    ({"k": 2.5}, "s.k: expected an integer"),
+    ({"k": True}, "s.k: expected an integer"),
+    ({"alpha": {"a": 1}}, "s.alpha: expected a list"),
+    ({"alpha": [0.5, "x"]}, "s.alpha[1]: expected a number"),
+    ({"name": 3}, "s.name: expected a string"),
+])
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError) as exc:
+        build(_Section, values, "s")
+    assert message in str(exc.value)

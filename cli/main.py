@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from loca_pipe import __version__
-from loca_pipe.cli import analyze, cache, lm, train
+from loca_pipe.cli import analyze, cache, lm, teacher, train
 from loca_pipe.pipeline.errors import LocaError
 
 app = typer.Typer(
@@ -42,7 +42,7 @@ def _root(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for _module in (cache, analyze, train, lm):
+for _module in (teacher, cache, analyze, train, lm):
     _module.register(app)
 
 

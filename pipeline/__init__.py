@@ -1,8 +1,25 @@
 """loca_pipe.pipeline — the library: LoCa calibration, KD losses, the logit store, data and models.
 
 Pure tensor maths (calibration, losses) stays free of I/O; nothing here reads argv or YAML.
+Users who only want LoCa inside their own training loop need just this package::
+
+    from loca_pipe.pipeline import loca_from_logits, kd_loss
 """
 
+from loca_pipe.pipeline.calibration import (
+    LocaResult,
+    LocaWarning,
+    SparseDist,
+    check_alpha,
+    loca,
+    loca_calibrate,
+    loca_calibrate_blocks,
+    loca_from_logits,
+    loca_label_logit,
+    loca_sparse,
+    mis_instruction_mask,
+    sparse_from_topk,
+)
 from loca_pipe.pipeline.errors import (
     ConfigError,
     DataError,
@@ -15,6 +32,7 @@ from loca_pipe.pipeline.errors import (
 )
 
 __all__ = [
+    # errors
     "ConfigError",
     "DataError",
     "IncompleteStoreError",
@@ -23,4 +41,17 @@ __all__ = [
     "NumericsError",
     "StoreConflictError",
     "StoreError",
+    # calibration
+    "LocaResult",
+    "LocaWarning",
+    "SparseDist",
+    "check_alpha",
+    "loca",
+    "loca_calibrate",
+    "loca_calibrate_blocks",
+    "loca_from_logits",
+    "loca_label_logit",
+    "loca_sparse",
+    "mis_instruction_mask",
+    "sparse_from_topk",
 ]

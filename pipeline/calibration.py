@@ -1,0 +1,401 @@
+"""LoCa — label-aware logit calibration of a teacher's tempered distribution (arXiv 2409.04778, Eq. 14–18).
+
+Notation: p = softmax(z/τ) the teacher's tempered distribution over C classes, y the label, and
+p_k = max_{i≠y} p_i the strongest *other* class. A sample is a **mis-instruction** when the label is not
+the strict winner: p_y ≤ p_k. Only those rows change:
+
+    σ = 1 / (1 − p_y + p_k),   s = α·σ,
+    p′_i = s·p_i  (i ≠ y),      p′_y = 1 − s·(1 − p_y).
+
+(The paper's Eq. 14 sums over "i ≠ k"; the sum that makes Σp′ = 1 is over i ≠ y.)
+Consequences, for 0 < α < 1: Σp′ = 1; p′_y − max_{i≠y} p′_i = 1 − α; p′_i/p′_j = p_i/p_j for i, j ≠ y;
+rows where the label already strictly wins are returned bit for bit.
+
+Tie rule: a row whose label *ties* for the maximum (e.g. all-equal logits) counts as a mis-instruction
+(p_y ≤ p_k). There p_k = p_y, so σ = 1, s = α and the label ends strictly ahead by 1 − α. This is the
+only rule under which "after calibration the label wins" holds for every row; it differs from
+``argmax ≠ y`` only on exact ties. The mask is computed on the same fp32 probabilities that are
+calibrated, so the guarantees hold for the returned numbers, not only in exact arithmetic.
+
+Everything here is vectorised torch (no Python loop over samples) and computes in fp32 for fp16/bf16
+inputs (fp64 stays fp64). NaN inputs raise :class:`NumericsError`, bad arguments :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from loca_pipe.pipeline.errors import ConfigError, NumericsError
+
+__all__ = [
+    "LocaResult",
+    "LocaWarning",
+    "SparseDist",
+    "check_alpha",
+    "loca",
+    "loca_calibrate",
+    "loca_calibrate_blocks",
+    "loca_from_logits",
+    "loca_label_logit",
+    "loca_sparse",
+    "mis_instruction_mask",
+    "sparse_from_topk",
+]
+
+#: Tolerance on Σp = 1 when a caller hands in probabilities (fp16 storage rounds each entry).
+PROB_SUM_TOL = 1e-2
+
+
+class LocaWarning(UserWarning):
+    """α ≥ 1: LoCa no longer guarantees that the calibrated target predicts the label."""
+
+
+class LocaResult(NamedTuple):
+    """Calibrated distribution plus per-row bookkeeping for statistics.
+
+    probs: (B, C) calibrated probabilities; calibrated: (B,) bool, True for mis-instruction rows
+    (the ones that changed); scale: (B,) the factor s for calibrated rows, 1.0 elsewhere.
+    """
+
+    probs: torch.Tensor
+    calibrated: torch.Tensor
+    scale: torch.Tensor
+
+
+class SparseDist(NamedTuple):
+    """A teacher distribution kept as top-k ∪ {label} ∪ one tail bucket.
+
+    ids (B, K+1) int64: columns 0..K-1 are the teacher's top-k class ids (descending probability),
+    column K is always the label id. probs (B, K+1): the matching probabilities; column K holds p_y when
+    the label is not in the top-k and 0 when it is (its mass is already counted). tail (B,): the mass of
+    every class not kept, 1 − probs.sum(1) clamped at 0. After :func:`loca_sparse` the columns are no
+    longer sorted (the label is the largest entry of calibrated rows).
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_alpha(alpha: float) -> float:
+    """Validate α: an error for α ≤ 0 or non-finite, a :class:`LocaWarning` for α ≥ 1."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ConfigError(f"LoCa alpha must be a number in (0, 1); got {alpha!r}") from None
+    if not math.isfinite(a) or a <= 0.0:
+        raise ConfigError(
+            f"LoCa alpha must be a finite number in (0, 1) (the paper uses 0.9–0.999); got {alpha!r}. "
+            f"alpha <= 0 would zero or flip the non-target probabilities; use a value such as 0.95")
+    if a >= 1.0:
+        warnings.warn(
+            f"LoCa alpha={a} >= 1: prediction correctness is no longer guaranteed (the calibrated target "
+            f"may not put the label first; the paper's Table 6 shows such alphas do worse than plain KD). "
+            f"Use alpha in (0, 1), e.g. 0.95.", LocaWarning, stacklevel=3)
+    return a
+
+
+def _check_tau(tau: float) -> float:
+    try:
+        t = float(tau)
+    except (TypeError, ValueError):
+        raise ConfigError(f"temperature tau must be a positive number; got {tau!r}") from None
+    if not math.isfinite(t) or t <= 0.0:
+        raise ConfigError(f"temperature tau must be a finite number > 0 (e.g. 4.0 for CIFAR-100, "
+                          f"1.0 for ImageNet); got {tau!r}")
+    return t
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if not x.is_floating_point():
+        raise ConfigError(f"expected a floating-point tensor of logits or probabilities; got dtype {x.dtype}")
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_2d(x: Any, labels: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim != 2:
+        raise ConfigError(f"{what} must be a (batch, classes) tensor; got shape {tuple(x.shape)}")
+    B, C = x.shape
+    if C < 2:
+        raise ConfigError(f"{what} needs at least 2 classes for LoCa; got shape {tuple(x.shape)}")
+    labels = _check_labels(labels, B, C, x.device)
+    return x, labels
+
+
+def _check_labels(labels: Any, B: int, C: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(np.asarray(labels))
+    if labels.ndim != 1 or labels.shape[0] != B:
+        raise ConfigError(f"labels must be a ({B},) tensor to match the batch; got shape {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
+    labels = labels.to(device=device, dtype=torch.long)
+    if B and bool(((labels < 0) | (labels >= C)).any()):
+        bad = labels[(labels < 0) | (labels >= C)].unique().tolist()[:10]
+        raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got {bad}. Check that the "
+                          f"teacher and the data set have the same number of classes")
+    return labels
+
+
+def _raise_nan(x: torch.Tensor, what: str) -> None:
+    bad = torch.isnan(x).flatten(1).any(1) if x.ndim > 1 else torch.isnan(x)
+    rows = torch.nonzero(bad).flatten().tolist()
+    raise NumericsError(f"{what} contain NaN (or +inf / an all -inf row) in {len(rows)} row(s) "
+                        f"{rows[:20]}{' …' if len(rows) > 20 else ''}; fix the teacher outputs before "
+                        f"calibrating (fp16 overflow is the usual cause)")
+
+
+def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
+    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL."""
+    if p.numel() == 0:
+        return
+    if bool(torch.isnan(p).any()):
+        _raise_nan(p, what)
+    lo, hi = float(p.min()), float(p.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ConfigError(f"{what} must lie in [0, 1]; got values in [{lo:g}, {hi:g}]. If these are logits, "
+                          f"use loca_from_logits(logits, labels, alpha, tau)")
+    dev = float((p.sum(1) - 1.0).abs().max())
+    if dev > PROB_SUM_TOL:
+        raise ConfigError(f"{what} must sum to 1 over classes (within {PROB_SUM_TOL}); a row is off by "
+                          f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau), or use loca_from_logits")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the maths (internal: inputs already validated, fp32/fp64)
+
+
+def _mask_and_scale(p_y: torch.Tensor, p_k: torch.Tensor, alpha: float) -> tuple[torch.Tensor, ...]:
+    """Per-row LoCa factors from p_y and p_k = max_{i≠y} p_i (any matching shapes).
+
+    Returns (mis, s, new_py): the mis-instruction mask, s (1 for correct rows) and p′_y (= p_y exactly for
+    correct rows).
+    """
+    mis = p_y <= p_k
+    rest = 1.0 - p_y
+    # σ ∈ (1/2, 1] on mis rows since p_k ≥ p_y: no division blow-up.
+    s = torch.where(mis, alpha / (rest + p_k), torch.ones_like(p_y))
+    new_py = torch.where(mis, 1.0 - s * rest, p_y)
+    return mis, s, new_py
+
+
+def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float) -> LocaResult:
+    y = labels.view(-1, 1)
+    p_y = p.gather(1, y)  # (B, 1)
+    p_k = p.scatter(1, y, -1.0).amax(1, keepdim=True)  # (B, 1) max over i ≠ y
+    mis, s, new_py = _mask_and_scale(p_y, p_k, alpha)
+    out = (p * s).scatter_(1, y, new_py)  # × 1.0 on correct rows is exact
+    return LocaResult(out, mis.view(-1), s.view(-1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# public API
+
+
+def mis_instruction_mask(logits_or_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: True where the label is not the strict argmax (x_y ≤ max_{i≠y} x_i).
+
+    Works on logits or probabilities alike (softmax is monotone). Equals ``argmax(x) != y`` except on
+    exact ties for the maximum, which count as mis-instructions (see the module docstring).
+    """
+    x, labels = _check_2d(logits_or_probs, labels, "logits_or_probs")
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    x = x.to(_compute_dtype(x))
+    if bool(torch.isnan(x).any()):
+        _raise_nan(x, "logits/probabilities")
+    y = labels.view(-1, 1)
+    x_y = x.gather(1, y).view(-1)
+    x_k = x.scatter(1, y, -math.inf).amax(1)
+    return x_y <= x_k
+
+
+def loca(probs: torch.Tensor, labels: torch.Tensor, alpha: float) -> LocaResult:
+    """LoCa on dense tempered probabilities (B, C) → :class:`LocaResult` (probs fp32, or fp64 for fp64 input).
+
+    p′_i = s·p_i (i ≠ y), p′_y = 1 − s(1 − p_y), s = α/(1 − p_y + p_k), on mis-instruction rows only.
+    """
+    a = check_alpha(alpha)
+    p, labels = _check_2d(probs, labels, "probs")
+    p = p.to(_compute_dtype(p))
+    _check_probs(p)
+    if p.shape[0] == 0:
+        return LocaResult(p.clone(), torch.zeros(0, dtype=torch.bool, device=p.device),
+                          torch.zeros(0, dtype=p.dtype, device=p.device))
+    return _loca_dense(p, labels, a)
+
+
+def loca_calibrate(probs: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LoCa on dense tempered probabilities (B, C); returns only the calibrated probabilities."""
+    return loca(probs, labels, alpha).probs
+
+
+def loca_from_logits(logits: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float) -> LocaResult:
+    """p = softmax(z/τ) (in fp32 for half inputs), then :func:`loca`. The mask is taken on p."""
+    a = check_alpha(alpha)
+    t = _check_tau(tau)
+    z, labels = _check_2d(logits, labels, "logits")
+    p = torch.softmax(z.to(_compute_dtype(z)) / t, dim=1)
+    if p.numel() and bool(torch.isnan(p).any()):
+        _raise_nan(p, "teacher logits")
+    if p.shape[0] == 0:
+        return LocaResult(p, torch.zeros(0, dtype=torch.bool, device=p.device),
+                          torch.zeros(0, dtype=p.dtype, device=p.device))
+    return _loca_dense(p, labels, a)
+
+
+def loca_label_logit(logits: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float
+                     ) -> tuple[torch.Tensor, LocaResult]:
+    """LoCa expressed on logits: only the label's logit changes.
+
+    Since p′_i = s·p_i for i ≠ y, the calibrated distribution at τ is softmax(z′/τ) with z′_i = z_i (i ≠ y)
+    and z′_y = τ·(lse + log p′_y − log s), lse = logsumexp(z/τ). Returns (z′ in the compute dtype, the
+    :class:`LocaResult` with ``probs`` = p′). Valid at this τ only. Correct rows are returned unchanged.
+    """
+    res = loca_from_logits(logits, labels, alpha, tau)
+    t = float(tau)
+    z = logits.to(res.probs.dtype)
+    y = labels.to(device=z.device, dtype=torch.long).view(-1, 1)
+    lse = torch.logsumexp(z / t, dim=1, keepdim=True)
+    new_py = res.probs.gather(1, y)
+    new_zy = t * (lse + torch.log(new_py) - torch.log(res.scale.view(-1, 1)))
+    z_out = z.clone()
+    z_out.scatter_(1, y, torch.where(res.calibrated.view(-1, 1), new_zy, z.gather(1, y)))
+    return z_out, res
+
+
+def sparse_from_topk(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor,
+                     label_logit: torch.Tensor, labels: torch.Tensor, tau: float) -> SparseDist:
+    """Build the exact sparse tempered distribution from a top-k cache.
+
+    p_i = exp(z_i/τ − lse) with lse = logsumexp(z/τ) over all C classes (stored at cache time);
+    column K = the label (p_y if outside the top-k, else 0); tail = max(0, 1 − Σ kept).
+    """
+    t = _check_tau(tau)
+    if topk_logits.ndim != 2 or topk_ids.shape != topk_logits.shape:
+        raise ConfigError(f"topk_logits and topk_ids must both be (batch, k); got {tuple(topk_logits.shape)} "
+                          f"and {tuple(topk_ids.shape)}")
+    B, K = topk_logits.shape
+    if K < 1:
+        raise ConfigError("top-k must keep at least one class; got k = 0")
+    if lse.shape != (B,) or label_logit.shape != (B,):
+        raise ConfigError(f"lse and label_logit must be ({B},) (one value per row at this tau); got "
+                          f"{tuple(lse.shape)} and {tuple(label_logit.shape)}. If lse holds several "
+                          f"temperatures, select the column for tau={t}")
+    if topk_ids.is_floating_point():
+        raise ConfigError(f"topk_ids must be integer class ids; got dtype {topk_ids.dtype} (fp16 ids "
+                          f"overflow above 2048 classes)")
+    labels = _check_labels(labels, B, 2**62, topk_logits.device)
+    dt = _compute_dtype(topk_logits)
+    zk = topk_logits.to(dt)
+    lse = lse.to(device=zk.device, dtype=dt).view(-1, 1)
+    zy = label_logit.to(device=zk.device, dtype=dt).view(-1, 1)
+    for name, v in (("topk_logits", zk), ("lse", lse), ("label_logit", zy)):
+        if v.numel() and bool(torch.isnan(v).any()):
+            _raise_nan(v, f"sparse teacher {name}")
+    ids_k = topk_ids.to(device=zk.device, dtype=torch.long)
+    y = labels.view(-1, 1)
+    in_top = (ids_k == y).any(1, keepdim=True)
+    pk = torch.exp(zk / t - lse)
+    py = torch.where(in_top, torch.zeros_like(zy), torch.exp(zy / t - lse))
+    probs = torch.cat([pk, py], dim=1)
+    ids = torch.cat([ids_k, y], dim=1)
+    tail = (1.0 - probs.sum(1)).clamp_min(0.0)
+    return SparseDist(ids, probs, tail)
+
+
+def _check_sparse(sd: SparseDist, labels: torch.Tensor) -> tuple[SparseDist, torch.Tensor]:
+    if not isinstance(sd, SparseDist):
+        raise ConfigError(f"expected a SparseDist(ids, probs, tail); got {type(sd).__name__}")
+    ids, probs, tail = sd
+    if ids.ndim != 2 or probs.shape != ids.shape or ids.shape[1] < 2 or tail.shape != (ids.shape[0],):
+        raise ConfigError(f"SparseDist must hold ids (B, K+1), probs (B, K+1) and tail (B,) with K >= 1; got "
+                          f"{tuple(ids.shape)}, {tuple(probs.shape)}, {tuple(tail.shape)}")
+    B = ids.shape[0]
+    labels = _check_labels(labels, B, 2**62, ids.device)
+    if B and not bool((ids[:, -1] == labels).all()):
+        raise ConfigError("SparseDist column K must hold the label id of each row (build it with "
+                          "sparse_from_topk); the last id column does not match the labels")
+    dt = _compute_dtype(probs)
+    p, tl = probs.to(dt), tail.to(device=probs.device, dtype=dt)
+    if B and (bool(torch.isnan(p).any()) or bool(torch.isnan(tl).any())):
+        _raise_nan(torch.cat([p, tl.view(-1, 1)], 1), "sparse teacher probabilities")
+    return SparseDist(ids.long(), p, tl), labels
+
+
+def loca_sparse(sd: SparseDist, labels: torch.Tensor, alpha: float) -> tuple[SparseDist, LocaResult]:
+    """LoCa on a sparse teacher (top-k ∪ {label} ∪ tail): exact for every kept entry.
+
+    p_k is the largest non-label kept probability (the top-1, or the top-2 when the label is the top-1);
+    scaling is linear, so the tail bucket (non-label classes only) is scaled by s as well.
+    Returns (calibrated SparseDist, LocaResult with ``probs`` = the calibrated (B, K+1) probabilities).
+    With K = 1 and the label as top-1, a tie with an unstored class is invisible and the row counts as
+    correct.
+    """
+    a = check_alpha(alpha)
+    sd, labels = _check_sparse(sd, labels)
+    ids, p, tail = sd
+    B, K1 = p.shape
+    y = labels.view(-1, 1)
+    is_lab = ids == y  # (B, K+1); column K is always True
+    is_lab_top = is_lab[:, :-1]
+    in_top = is_lab_top.any(1, keepdim=True)
+    # column holding the label's mass: its top-k position, else column K
+    pos = torch.where(in_top, is_lab_top.to(torch.uint8).argmax(1, keepdim=True),
+                      torch.full_like(y, K1 - 1))
+    p_y = p.gather(1, pos)
+    p_k = p[:, :-1].masked_fill(is_lab_top, -1.0).amax(1, keepdim=True)
+    mis, s, new_py = _mask_and_scale(p_y, p_k, a)
+    out = (p * s).scatter_(1, pos, new_py)
+    tail_out = tail * s.view(-1)
+    return SparseDist(ids, out, tail_out), LocaResult(out, mis.view(-1), s.view(-1))
+
+
+def loca_calibrate_blocks(logits: Any, labels: Any, alpha: float, tau: float, *, out: Any,
+                          block_rows: int = 8192, inputs: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+    """Offline LoCa over a large (N, C) array, one block of rows at a time.
+
+    ``logits`` / ``out``: anything sliceable by rows that yields / accepts numpy arrays (numpy, memmap,
+    zarr). ``inputs``: "logits" (p = softmax(z/τ) computed per block) or "probs" (already tempered;
+    ``tau`` is then ignored). Each block is computed in fp32 and written in ``out``'s dtype. Peak extra
+    memory is a few fp32 copies of one block. Returns (calibrated (N,) bool, scale (N,) float32).
+    """
+    a = check_alpha(alpha)
+    if inputs not in ("logits", "probs"):
+        raise ConfigError(f"inputs must be 'logits' or 'probs'; got {inputs!r}")
+    t = _check_tau(tau) if inputs == "logits" else 1.0
+    if block_rows < 1:
+        raise ConfigError(f"block_rows must be >= 1; got {block_rows}")
+    N = logits.shape[0]
+    if tuple(out.shape) != tuple(logits.shape):
+        raise ConfigError(f"out must have the input's shape {tuple(logits.shape)}; got {tuple(out.shape)}")
+    labels = np.asarray(labels)
+    if labels.shape != (N,):
+        raise ConfigError(f"labels must be ({N},) to match the array; got {labels.shape}")
+    calibrated = np.zeros(N, dtype=bool)
+    scale = np.ones(N, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LocaWarning)  # already warned once above
+        for start in range(0, N, block_rows):
+            stop = min(N, start + block_rows)
+            x = torch.from_numpy(np.ascontiguousarray(logits[start:stop]))
+            yb = torch.from_numpy(labels[start:stop])
+            if inputs == "logits":
+                res = loca_from_logits(x, yb, a, t)
+            else:
+                res = loca(x, yb, a)
+            out[start:stop] = res.probs.numpy().astype(out.dtype, copy=False)
+            calibrated[start:stop] = res.calibrated.numpy()
+            scale[start:stop] = res.scale.numpy()
+    return calibrated, scale

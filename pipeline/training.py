@@ -1,0 +1,405 @@
+"""The student training loop: index-based batching, any method from the loss registry, exact resume.
+
+Speed comes from doing nothing per item: the data set's images are pre-loaded once as one tensor
+(Fashion-MNIST's 60k×1×28×28 floats are 188 MB), every epoch is a seeded permutation of indices, and a
+batch is one gather from that tensor plus one gather from the teacher signal (:mod:`soft_labels`) — so an
+epoch from the store costs about an epoch of CE. There is no DataLoader and no per-sample Python.
+
+Determinism: the order of epoch ``e`` is a pure function of (seed, e); model init uses ``seed``; the
+checkpoint written after every epoch (atomically) holds the model, optimizer, scheduler, grad scaler, the
+RNG states and the log so far. Resuming from it runs exactly the same operations as the uninterrupted run,
+so on CPU the final weights and metrics are bit-identical.
+
+The same loop runs on CPU and CUDA (``device``); on CUDA the student's forward runs under fp16 autocast
+with a GradScaler (``TrainConfig.amp``). The loss is always computed in fp32.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from loca_pipe.pipeline.errors import ConfigError, NumericsError, StoreError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+LOG_CSV = "log.csv"
+METRICS_JSON = "metrics.json"
+LOG_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds",
+              "samples_per_s")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (SGD with momentum, step decay ×``lr_decay`` at each milestone epoch)."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (150, 180, 210)
+    lr_decay: float = 0.1
+    nesterov: bool = False
+    seed: int = 0
+    amp: bool = True            # fp16 autocast + GradScaler on CUDA; ignored on CPU
+    eval_batch_size: int = 1024
+
+    def validate(self) -> "TrainConfig":
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be ≥ 1; got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1; got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number; got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"need weight_decay ≥ 0 and 0 ≤ momentum < 1; got {self.weight_decay}, {self.momentum}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"milestones must be increasing epochs; got {list(self.milestones)}")
+        return self
+
+
+# The paper's CIFAR recipe (after CRD/DKD): SGD 0.9, wd 5e-4, batch 64, 240 epochs, ×0.1 at 150/180/210,
+# lr 0.05 — 0.01 for MobileNet/ShuffleNet students.
+# short-cpu: the same recipe shape squeezed to a few seconds per epoch for the Fashion-MNIST default
+# (MLP student, 2 CPU cores): one setting for every method, chosen once, never per method.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-cifar": dict(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                        milestones=(150, 180, 210), lr_decay=0.1),
+    "short-cpu": dict(epochs=4, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                      milestones=(3,), lr_decay=0.1),
+}
+SMALL_LR_ARCHS = ("mobilenet", "shufflenet", "shufflev")
+
+
+def preset_config(preset: str, student: str = "", **overrides: Any) -> TrainConfig:
+    """The preset's TrainConfig, with the paper's lr 0.01 for MobileNet/ShuffleNet students, then overrides
+    (None values ignored)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid presets: {sorted(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if preset == "paper-cifar" and any(k in student.lower() for k in SMALL_LR_ARCHS):
+        values["lr"] = 0.01
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "milestones" in values:
+        values["milestones"] = tuple(int(m) for m in values["milestones"])
+    return TrainConfig(**values).validate()
+
+
+# ----------------------------------------------------------------------------------------------------
+# images
+
+
+class ImageSet:
+    """Images of a data set addressed by index. Pre-loaded as one tensor when it fits (the fast path);
+    otherwise items are read from the Dataset per batch (correct, slow — for data that does not fit)."""
+
+    def __init__(self, dataset: Any, device: torch.device, preload_limit_bytes: int = 8 << 30,
+                 tensor: torch.Tensor | None = None):
+        self.dataset, self.device = dataset, torch.device(device)
+        self.images: torch.Tensor | None = tensor
+        if tensor is None:
+            x0, _ = dataset[0]
+            need = len(dataset) * x0.numel() * x0.element_size()
+            if need <= preload_limit_bytes:
+                self.images = preload(dataset)
+            else:
+                log.warning("data set needs %.1f GB as one tensor (limit %.1f GB): reading items per batch, "
+                            "which is slow", need / 1e9, preload_limit_bytes / 1e9)
+        if self.images is not None and self.device.type == "cuda":
+            if self.images.numel() * self.images.element_size() <= (2 << 30):
+                self.images = self.images.to(self.device)
+            else:
+                self.images = self.images.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.images is None else int(self.images.shape[0])
+
+    def get(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float images of data-set indices ``index`` on the training device."""
+        if self.images is not None:
+            x = self.images[index.to(self.images.device)]
+        else:
+            x = torch.stack([self.dataset[int(i)][0] for i in index])
+        return x.to(self.device, non_blocking=True)
+
+
+def preload(dataset: Any, batch_size: int = 8192) -> torch.Tensor:
+    """All images of ``dataset`` as one (N, C, H, W) float32 tensor, read once in data-set order
+    (through the data set's batched ``get_batch`` when it has one: no per-item Python)."""
+    fast = getattr(dataset, "get_batch", None)
+    if callable(fast):
+        n = len(dataset)
+        return torch.cat([fast(np.arange(i, min(n, i + batch_size)))[0].float() for i in range(0, n, batch_size)])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return torch.cat([x.float() for x, _ in loader])
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: ImageSet, labels: torch.Tensor, batch_size: int = 1024,
+             amp: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean CE on a held-out split."""
+    was = model.training
+    model.eval()
+    n, c1, c5, loss = len(labels), 0, 0, 0.0
+    dev = images.device
+    for i in range(0, n, batch_size):
+        idx = torch.arange(i, min(n, i + batch_size))
+        x, y = images.get(idx), labels[idx].to(dev)
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp and dev.type == "cuda"):
+            out = model(x)
+        out = out.float()
+        loss += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+        k = min(5, out.shape[1])
+        top = out.topk(k, dim=1).indices
+        c1 += int((top[:, 0] == y).sum())
+        c5 += int((top == y[:, None]).any(1).sum())
+    model.train(was)
+    return {"top1": 100.0 * c1 / max(1, n), "top5": 100.0 * c5 / max(1, n), "loss": loss / max(1, n)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def write_log(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(LOG_FIELDS), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Hooks:
+    """Optional callbacks (tests and benchmarks): after each step and after each finished epoch."""
+
+    on_step: Callable[[int, int, Any, torch.Tensor], None] | None = None   # (epoch, step, batch, loss)
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None      # (epoch, log row)
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _loss_fn() -> Callable[..., torch.Tensor]:
+    from loca_pipe.pipeline.losses import compute_loss
+
+    return compute_loss
+
+
+def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, source: Any, method: str,
+                  loss_cfg: Any, cfg: TrainConfig, eval_images: ImageSet | None = None,
+                  eval_labels: torch.Tensor | None = None, out_dir: str | Path | None = None,
+                  teacher_model: nn.Module | None = None, replay: Any = None, augmenter: Any = None,
+                  resume: bool = False, identity: dict[str, Any] | None = None, hooks: Hooks | None = None,
+                  progress: bool = False, loss_fn: Callable[..., torch.Tensor] | None = None,
+                  do_eval: bool = True) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs and return the final metrics.
+
+    ``source`` yields :class:`~loca_pipe.pipeline.soft_labels.Batch` es: a ``SoftLabels`` (teacher signal
+    from a store) or a ``PlainSource`` (CE; or online KD when ``teacher_model`` is given, which then runs on
+    every batch's student inputs). ``replay`` is the Augmenter that replays a batch's stored ``aug_params``;
+    ``augmenter`` a plain augmentation for batches without them (view = epoch). ``identity`` is a JSON
+    dict describing the run; a resume refuses a checkpoint whose identity differs. ``out_dir`` receives
+    ``checkpoint.pt`` (every epoch), ``log.csv`` and ``metrics.json``.
+    """
+    cfg = cfg.validate()
+    compute_loss = loss_fn or _loss_fn()
+    device = images.device
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    identity = json.loads(json.dumps(identity or {}, default=str))
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, Any]] = []
+    start = 0
+    ckpt_path = out / CHECKPOINT if out is not None else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ck.get("identity") != identity:
+            old, new = ck.get("identity") or {}, identity
+            diffs = [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k)]
+            raise ConfigError(f"cannot resume from {str(ckpt_path)!r}: it belongs to another run ({'; '.join(diffs)}); "
+                              f"use another output folder or run without --resume to start over")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        history, start = list(ck["history"]), int(ck["epoch"])
+        log.info("resuming %s from epoch %d", out, start)
+    if teacher_model is not None:
+        teacher_model.to(device).eval()
+    if labels.device != device and device.type == "cuda":
+        labels_dev = labels.to(device)
+    else:
+        labels_dev = labels
+    n_train = len(source)
+    t_total = sum(r.get("seconds", 0.0) for r in history)
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_train, unit="sample", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False)
+        for step, batch in enumerate(source.batches(epoch, cfg.batch_size, cfg.seed)):
+            idx = batch.sample_index
+            x = images.get(idx)
+            y = labels_dev[idx.to(labels_dev.device)].to(device)
+            if batch.aug_params is not None:
+                if replay is None:
+                    raise StoreError("the store caches augmented views but no augmenter was given to replay them")
+                x = replay.apply(x, batch.aug_params.to(device))
+            elif augmenter is not None:
+                x = augmenter.apply(x, torch.as_tensor(augmenter.sample_params(idx.numpy(), epoch)).to(device))
+            batch.inputs = x
+            teacher = {k: _to(v, device) for k, v in batch.teacher.items()}
+            if teacher_model is not None:
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    teacher = {"teacher_logits": teacher_model(x).float()}
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                logits = model(x)
+            loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
+            if not bool(torch.isfinite(loss)):
+                last = f"{str(ckpt_path)!r} (after epoch {start_of(history)})" if ckpt_path and ckpt_path.exists() \
+                    else "none (no epoch finished yet)"
+                raise NumericsError(
+                    f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step} (batch {step} of this epoch, sample ids "
+                    f"{idx[:8].tolist()}{' …' if idx.numel() > 8 else ''}); training stopped, last good checkpoint: "
+                    f"{last}. Lower the learning rate, check the teacher signal for NaN, or disable amp")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if hooks and hooks.on_step:
+                hooks.on_step(epoch, step, batch, loss.detach())
+            b = idx.numel()
+            loss_sum += loss.detach() * b
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += b
+            if bar is not None:
+                bar.update(b)
+        if bar is not None:
+            bar.close()
+        lr = opt.param_groups[0]["lr"]
+        sched.step()
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(1, seen),
+                               "train_top1": 100.0 * float(correct) / max(1, seen)}
+        train_s = time.perf_counter() - t0
+        if do_eval and eval_images is not None and eval_labels is not None:
+            ev = evaluate(model, eval_images, eval_labels, cfg.eval_batch_size, amp=use_amp)
+            row.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"])
+        row.update(seconds=train_s, samples_per_s=seen / max(train_s, 1e-9))
+        t_total += train_s
+        history.append(row)
+        if out is not None:
+            atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                         "history": history, "identity": identity, "config": asdict(cfg)}, ckpt_path)
+            write_log(out / LOG_CSV, history)
+        log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
+                                                            for k, v in row.items()})
+        if hooks and hooks.on_epoch_end:
+            hooks.on_epoch_end(epoch, row)
+    last = history[-1] if history else {}
+    metrics = {**identity, "epochs": cfg.epochs, "train_loss": last.get("train_loss"),
+               "train_top1": last.get("train_top1"), "test_top1": last.get("test_top1"),
+               "test_top5": last.get("test_top5"),
+               "best_test_top1": max((r.get("test_top1", float("nan")) for r in history), default=None),
+               "train_seconds": t_total}
+    if out is not None:
+        atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return TrainResult(metrics=metrics, history=history)
+
+
+def start_of(history: list[dict[str, Any]]) -> int:
+    return int(history[-1]["epoch"]) if history else 0
+
+
+def _to(v: Any, device: torch.device) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(device, non_blocking=True)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # NamedTuple such as SparseDist
+        return type(v)(*(_to(t, device) for t in v))
+    return v
+
+
+def config_with(cfg: TrainConfig, **kw: Any) -> TrainConfig:
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})

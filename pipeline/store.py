@@ -21,14 +21,29 @@ every array is 2-D at most and chunks are aligned across arrays: chunk c is rows
 [c·chunk_rows, (c+1)·chunk_rows). A chunk is written whole, then its ``done`` flag; a teacher is marked
 complete only when every flag is set. Readers refuse incomplete teachers (IncompleteStoreError). Every
 array carries a CRC32C checksum per chunk, so a corrupted chunk fails loudly on read.
+
+Completion protocol (what makes kill-and-resume safe): for chunk c a writer first writes the shared row
+arrays and sets ``rows_done[c]`` (a later teacher re-checks them for identity instead of rewriting), then
+writes every teacher array of chunk c, then sets that teacher's ``done[c]``; after the last flag it sets
+``complete: true`` in the teacher's attributes. zarr 3.1.6's LocalStore writes every chunk file to a
+``*.partial`` temporary and renames it into place, so a killed process leaves either the old or the new
+chunk file (plus, at worst, a stray ``*.partial`` file that nothing reads) — never a torn chunk. On
+stores without atomic writes (some fsspec back-ends, or a power loss before the data reach the disk) a
+torn chunk is possible, but its ``done`` flag was not yet written (so resume rewrites it), and if it was,
+CRC32C makes reading it fail instead of returning wrong numbers.
+
+Write errors from the file system (disk full, read-only, permission denied) become a StoreError that
+says finished chunks are kept and the same command resumes (see :func:`io_guard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno as _errno
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -50,11 +65,17 @@ TASKS = ("classification", "causal-lm")
 # ~4 MiB for the widest array of a chunk: big enough to read at disk speed (tiny chunks are slow,
 # DESIGN.md §6), small enough that a crash loses little and resume has something to skip.
 TARGET_CHUNK_BYTES = 4 << 20
+# ... but never more than 8192 rows: with few classes (Fashion-MNIST, C=10) 4 MiB would be 100k rows, the
+# whole data set in one chunk, and a crash would lose all the teacher compute. 8192 rows of C=10 fp32 are
+# 320 KiB, still well above the "tiny chunk" zone, and a chunk is a few seconds of CPU teacher time.
+MAX_CHUNK_ROWS = 8192
+# Teacher attributes that describe the run, not the numbers: a resume may differ in them.
+_RUN_KEYS = ("created", "versions", "run", "finished", "complete", "name")
 
 
 def default_chunk_rows(num_classes: int, bytes_per_value: int = 4, minimum: int = 256,
-                       maximum: int = 1 << 17) -> int:
-    """Rows per chunk so that a (rows, C) array chunk is about TARGET_CHUNK_BYTES."""
+                       maximum: int = MAX_CHUNK_ROWS) -> int:
+    """Rows per chunk so that a (rows, C) array chunk is about TARGET_CHUNK_BYTES (capped at ``maximum``)."""
     rows = TARGET_CHUNK_BYTES // max(1, num_classes * bytes_per_value)
     return int(min(maximum, max(minimum, rows)))
 
@@ -94,6 +115,35 @@ def versions() -> dict[str, str]:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+_OS_REASONS = {
+    _errno.ENOSPC: "the disk is full",
+    _errno.EDQUOT: "the disk quota is exceeded",
+    _errno.EACCES: "permission denied",
+    _errno.EPERM: "operation not permitted",
+    _errno.EROFS: "the location is read-only",
+}
+
+
+@contextlib.contextmanager
+def io_guard(path: str, action: str) -> Iterator[None]:
+    """Turn a file-system OSError (full, read-only, no permission) while ``action`` into a StoreError.
+
+    The message says what happened, that chunks already marked done are kept, and that the same command
+    resumes once the cause is fixed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) or exc.errno not in _OS_REASONS:
+            raise StoreError(f"cannot write logit store {path!r} while {action}: {exc}; chunks already "
+                             f"finished are kept — fix the cause and run the same command again to resume") from exc
+        raise StoreError(
+            f"cannot write logit store {path!r} while {action}: {_OS_REASONS[exc.errno]} "
+            f"({_errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}); chunks already finished "
+            f"are kept — free space / fix permissions (or choose another --store) and run the same command "
+            f"again to resume") from exc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,7 +335,8 @@ class LogitStore:
         return sorted(self.group["teachers"].group_keys())
 
     def teacher_attrs(self, name: str) -> dict[str, Any]:
-        return dict(self._teacher_group(name).attrs[ATTR])
+        """The teacher's ``loca_pipe`` attributes ({} if its creation was interrupted before they were set)."""
+        return dict(dict(self._teacher_group(name).attrs).get(ATTR) or {})
 
     def _teacher_group(self, name: str) -> zarr.Group:
         if name not in self.teachers:
@@ -297,7 +348,10 @@ class LogitStore:
         return bool(self.teacher_attrs(name).get("complete", False))
 
     def pending_chunks(self, name: str) -> list[int]:
-        done = self._teacher_group(name)["done"][:]
+        g = self._teacher_group(name)
+        if "done" not in g:  # creation interrupted: nothing of it counts
+            return list(range(self.info.num_chunks))
+        done = g["done"][:]
         return [int(c) for c in np.flatnonzero(done == 0)]
 
     def teacher(self, name: str | None = None, allow_incomplete: bool = False) -> "TeacherView":
@@ -335,10 +389,10 @@ class LogitStore:
                     "full_logits": logits_dtype is not None}
         meta = {**provenance, **settings}
         teachers = self.group.require_group("teachers")
-        if name in self.teachers and not overwrite:
+        if name in self.teachers and not overwrite and self.teacher_attrs(name):
             old = self.teacher_attrs(name)
             diffs = [f"{k}: store has {old.get(k)!r}, this run has {v!r}" for k, v in meta.items()
-                     if k not in ("created", "versions") and old.get(k) != v]
+                     if k not in _RUN_KEYS and old.get(k) != v]
             if diffs:
                 raise StoreConflictError(
                     f"teacher {name!r} already in {self.path!r} with other settings ({'; '.join(diffs)}); "
@@ -394,7 +448,8 @@ class TeacherWriter:
             if arrays[k].shape[0] != n:
                 raise StoreError(f"chunk {c}: {k} has {arrays[k].shape[0]} rows, the chunk has {n}")
         if self.logits_dtype:
-            z = np.asarray(arrays["logits"]).astype(self.logits_dtype)
+            with np.errstate(over="ignore"):  # overflow is detected just below, with the row numbers
+                z = np.asarray(arrays["logits"]).astype(self.logits_dtype)
             if not np.isfinite(z).all():
                 bad = np.flatnonzero(~np.isfinite(z).all(axis=1)) + sl.start
                 raise NumericsError(f"logits of rows {bad[:20].tolist()} overflow {self.logits_dtype}; "
@@ -440,3 +495,45 @@ class TeacherView:
         raise StoreError(f"temperature {tau} was not declared when teacher {self.name!r} was cached (it has "
                          f"{self.temperatures}) and the store keeps only top-k logits, so p at τ={tau} is unknowable; "
                          f"re-cache with --temperatures including {tau}")
+
+    # -- exact probabilities ------------------------------------------------------------------------
+    @staticmethod
+    def _read(arr: zarr.Array, rows: Any) -> np.ndarray:
+        if rows is None:
+            return arr[...]
+        if isinstance(rows, slice):
+            return arr[rows]
+        return arr.oindex[np.asarray(rows, dtype=np.int64)]
+
+    def lse(self, tau: float, rows: Any = None) -> np.ndarray:
+        """logsumexp(z/τ) per row (n,) float64: stored when τ was declared, else from the full logits."""
+        i = self.tau_index(tau)
+        if i >= 0:
+            return self._read(self.group["lse"], rows)[:, i].astype(np.float64)
+        z = self._read(self.group["logits"], rows).astype(np.float64) / tau
+        m = z.max(axis=1, keepdims=True)
+        return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+    def probs(self, tau: float, rows: Any = None) -> np.ndarray:
+        """Dense p = softmax(z/τ) (n, C) float32 from the full logits (any τ); needs full logits."""
+        if not self.has_full_logits:
+            raise StoreError(f"teacher {self.name!r} keeps only top-{self.top_k} logits; use .sparse(tau) "
+                             f"(top-k + label probabilities) or re-cache with full logits")
+        z = self._read(self.group["logits"], rows).astype(np.float64) / tau
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def sparse(self, tau: float, rows: Any = None) -> dict[str, np.ndarray]:
+        """Exact top-k and label probabilities at τ: p_i = exp(z_i/τ − lse_τ) (docs/store-format.md).
+
+        Returns ``topk_ids`` (n, K) int64, ``topk_probs`` (n, K) float32 (descending), ``label`` (n,) int64
+        and ``label_prob`` (n,) float32 (p_y, exact even when y is outside the top-k).
+        """
+        lse = self.lse(tau, rows)[:, None]
+        topv = self._read(self.group["topk_logits"], rows).astype(np.float64)
+        return {"topk_ids": self._read(self.group["topk_ids"], rows).astype(np.int64),
+                "topk_probs": np.exp(topv / tau - lse).astype(np.float32),
+                "label": self._read(self.store.group["label"], rows).astype(np.int64),
+                "label_prob": np.exp(self._read(self.group["label_logit"], rows).astype(np.float64) / tau
+                                     - lse[:, 0]).astype(np.float32)}

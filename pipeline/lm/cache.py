@@ -1,0 +1,330 @@
+"""Token-level teacher caching for causal LMs, in the project's logit store (task ``causal-lm``).
+
+Rows are *response tokens*: the store's ``num_samples`` are sequences, ``num_rows`` the total number of
+response tokens, ``num_views`` 1. Prompt tokens are never stored. Row r of sequence i predicts response
+token ``position[r]`` of that sequence from the teacher's logits at the previous position; ``label[r]`` is
+that token (the next token), ``sample_id[r] = i``. The ragged sequences are stored flat with offsets (the
+same values + offsets layout Arrow's list type uses; docs/language-models.md gives the measurement that
+chose Zarr). Arrays added by this module (everything else is ``pipeline/store.py``'s)::
+
+    STORE/
+      offsets        (N+1,) int64   rows of sequence i are offsets[i] .. offsets[i+1]-1
+      position       (R,)   int32   index of the token inside its response (0 = first response token)
+      attrs["loca_pipe_lm"]         {"index_written": true, "prompt_tokens_stored": 0, ...}
+      teachers/<name>/
+        sampled_ids     (R, S) int32   optional Sparse Logit Sampling: distinct ids drawn from p_tau ...
+        sampled_counts  (R, S) uint16  ... with their counts (S draws with replacement; unused slots -1 / 0)
+        greedy_ids      (N, G) int32   the teacher's greedy response to each prompt (SeqKD), -1 padded
+        greedy_done     (n_greedy_chunks,) uint8
+
+Resume and integrity follow the image path: a row chunk is written whole (extra arrays first, then the
+store's arrays, then its ``done`` flag), greedy chunks have their own flags, and the teacher is marked
+complete only when both are all set. Sampling draws from a generator seeded by (seed, chunk), so a resumed
+run writes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
+from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
+from loca_pipe.pipeline.lm.tokenizer import Encoded
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+
+log = logging.getLogger(__name__)
+TASK = "causal-lm"
+LM_ATTR = "loca_pipe_lm"
+ID_DTYPES = ("auto", "int16", "int32", "int64")
+
+
+def _codecs(compress: bool = True) -> dict[str, Any]:
+    comp: list[Any] = [ZstdCodec(level=1)] if compress else []
+    return {"serializer": BytesCodec(), "compressors": comp + [Crc32cCodec()]}
+
+
+def check_id_dtype(vocab_size: int, id_dtype: str) -> None:
+    """A requested id dtype must hold every token id (fp16 or narrow ids silently corrupt large vocabularies)."""
+    if id_dtype not in ID_DTYPES:
+        raise ConfigError(f"id dtype must be one of {list(ID_DTYPES)}; got {id_dtype!r}")
+    if id_dtype == "auto":
+        return
+    top = np.iinfo(np.dtype(id_dtype)).max
+    if vocab_size - 1 > top:
+        raise StoreError(f"the teacher's vocabulary has {vocab_size} tokens but {id_dtype} ids hold at most "
+                         f"{top + 1}; use id dtype int32 (or auto)")
+
+
+def check_top_k(top_k: int, vocab_size: int) -> None:
+    if not 1 <= top_k <= vocab_size:
+        raise ConfigError(f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary); got {top_k}")
+
+
+def rows_of_sequences(offsets: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """Sequences [i0, i1) whose rows overlap the row range [lo, hi)."""
+    i0 = int(np.searchsorted(offsets, lo, side="right") - 1)
+    i1 = int(np.searchsorted(offsets, hi - 1, side="right"))
+    return i0, i1
+
+
+@torch.no_grad()
+def teacher_rows(model, enc: Encoded, i0: int, i1: int, pad_id: int, batch_size: int, top_k: int,
+                 temperatures: Sequence[float], sample_draws: int = 0, sample_tau: float = 1.0,
+                 generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """Run the teacher on sequences [i0, i1) and summarise every response-token row (flat, in order)."""
+    parts: list[dict[str, np.ndarray]] = []
+    for s in range(i0, i1, batch_size):
+        e = min(i1, s + batch_size)
+        logits, labels = response_logits(model, enc.ids[s:e], enc.prompt_len[s:e], pad_id)  # (r, V), (r,)
+        out = summarize_logits(logits, labels, top_k, temperatures)
+        part = {k: v.cpu().numpy() for k, v in out.items()}
+        part["label"] = labels.numpy()
+        if sample_draws:
+            part.update(sample_sparse(logits, sample_draws, sample_tau, generator))
+        parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def sample_sparse(logits: torch.Tensor, draws: int, tau: float, generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    """Sparse Logit Sampling (Anshumann et al. 2025): ``draws`` ids from p = softmax(z/τ) with replacement.
+
+    Returns distinct ids (most drawn first) and their counts, (R, draws) each, unused slots id -1 / count 0.
+    ``counts / draws`` is an unbiased estimate of p (top-k is biased toward the head).
+    """
+    p = torch.softmax(logits.float() / tau, dim=-1)
+    idx = torch.multinomial(p, draws, replacement=True, generator=generator)  # (R, S)
+    R = idx.shape[0]
+    ids = np.full((R, draws), -1, np.int32)
+    counts = np.zeros((R, draws), np.uint16)
+    srt = torch.sort(idx, dim=1).values.numpy()
+    for r in range(R):
+        u, c = np.unique(srt[r], return_counts=True)
+        order = np.lexsort((u, -c))
+        ids[r, :len(u)] = u[order]
+        counts[r, :len(u)] = c[order]
+    return {"sampled_ids": ids, "sampled_counts": counts}
+
+
+@dataclass
+class CacheReport:
+    sequences: int
+    rows: int
+    chunks_written: int
+    chunks_skipped: int
+    greedy_chunks_written: int
+    complete: bool
+    seconds: float
+    tokens_per_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _write_index(store: LogitStore, enc: Encoded) -> None:
+    """offsets + position, written once; on reopen they must be identical."""
+    offsets = enc.offsets()
+    position = np.concatenate([np.arange(n, dtype=np.int32) for n in enc.response_len]) if len(enc) else np.zeros(0, np.int32)
+    g = store.group
+    meta = dict(g.attrs).get(LM_ATTR, {})
+    if meta.get("index_written"):
+        if not (np.array_equal(g["offsets"][:], offsets) and np.array_equal(g["position"][:], position)):
+            raise StoreConflictError(f"store {store.path!r} holds other sequence boundaries than this data; use another "
+                                     f"--store or --overwrite")
+        return
+    ch = store.info.chunk_rows
+    g.create_array("offsets", shape=offsets.shape, chunks=(max(1, min(len(offsets), 1 << 16)),), dtype=np.int64,
+                   fill_value=-1, overwrite=True, **_codecs())
+    g.create_array("position", shape=position.shape, chunks=(ch,), dtype=np.int32, fill_value=-1, overwrite=True,
+                   **_codecs())
+    g["offsets"][:] = offsets
+    if len(position):
+        g["position"][:] = position
+    g.attrs[LM_ATTR] = {"index_written": True, "prompt_tokens_stored": 0, "row_unit": "response token"}
+
+
+def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: int, eos_id: int, top_k: int,
+                  temperatures: Sequence[float], dataset: dict[str, Any], provenance: dict[str, Any],
+                  chunk_rows: int = 2048, batch_size: int = 32, logits_dtype: str | None = None,
+                  id_dtype: str = "auto", sample_draws: int = 0, sample_tau: float = 1.0, seed: int = 0,
+                  greedy_max_new_tokens: int = 0, greedy_chunk: int = 256, overwrite: bool = False,
+                  max_chunks: int | None = None, progress: bool = False) -> CacheReport:
+    """Cache teacher ``name`` over the response tokens of ``enc`` into the store at ``store_path`` (resumable).
+
+    ``max_chunks`` writes at most that many row chunks in this call (a time-sliced job; the next call
+    resumes). ``greedy_max_new_tokens`` > 0 also caches the teacher's greedy responses (SeqKD).
+    """
+    V = model_vocab(model)
+    check_top_k(top_k, V)
+    check_id_dtype(V, id_dtype)
+    if sample_draws < 0 or sample_draws > 65535:
+        raise ConfigError(f"sample_draws must be in [0, 65535]; got {sample_draws}")
+    for n, s in enumerate(enc.ids):
+        if s.max(initial=0) >= V:
+            raise StoreError(f"sequence {n} holds token id {int(s.max())} but the teacher scores only {V} tokens; "
+                             f"the tokenizer does not belong to this teacher")
+    R = int(enc.offsets()[-1])
+    if R == 0:
+        raise StoreError("no response tokens to cache")
+    info = StoreInfo(task=TASK, num_samples=len(enc), num_views=1, num_rows=R, num_classes=V,
+                     chunk_rows=int(chunk_rows), dataset=dataset)
+    store = LogitStore.create_or_open(store_path, info, overwrite=overwrite)
+    if store.info.task != TASK:
+        raise StoreError(f"store {store_path!r} is a {store.info.task!r} store; the language-model path needs {TASK!r}")
+    _write_index(store, enc)
+    prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
+            "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
+    writer = store.begin_teacher(name, prov, top_k, temperatures, logits_dtype=logits_dtype, overwrite=overwrite)
+    g = writer.group
+    N = len(enc)
+    if sample_draws and "sampled_ids" not in g:
+        g.create_array("sampled_ids", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.int32,
+                       fill_value=-1, **_codecs())
+        g.create_array("sampled_counts", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.uint16,
+                       fill_value=0, **_codecs())
+    n_greedy = -(-N // greedy_chunk)
+    if greedy_max_new_tokens and "greedy_ids" not in g:
+        g.create_array("greedy_ids", shape=(N, greedy_max_new_tokens), chunks=(greedy_chunk, greedy_max_new_tokens),
+                       dtype=np.int32, fill_value=-1, **_codecs())
+        g.create_array("greedy_done", shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, **_codecs(False))
+    offsets = enc.offsets()
+    pending = writer.pending_chunks()
+    todo = pending if max_chunks is None else pending[:max_chunks]
+    model.eval()
+    t0, rows_done = time.perf_counter(), 0
+    bar = _bar(len(todo), "cache", progress)
+    for c in todo:
+        sl = store.info.chunk_slice(c)
+        i0, i1 = rows_of_sequences(offsets, sl.start, sl.stop)
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + c) if sample_draws else None
+        out = teacher_rows(model, enc, i0, i1, pad_id, batch_size, top_k, temperatures, sample_draws, sample_tau, gen)
+        cut = slice(sl.start - offsets[i0], sl.stop - offsets[i0])
+        out = {k: v[cut] for k, v in out.items()}
+        seq = np.repeat(np.arange(i0, i1), enc.response_len[i0:i1])[cut]
+        if sample_draws:
+            g["sampled_ids"][sl] = out["sampled_ids"]
+            g["sampled_counts"][sl] = out["sampled_counts"]
+        store.write_rows(c, sample_id=seq, label=out["label"], view=np.zeros(len(seq), np.int16))
+        writer.write_chunk(c, out)
+        rows_done += sl.stop - sl.start
+        bar.update(1)
+    bar.close()
+    greedy_written = 0
+    if greedy_max_new_tokens:
+        gd = g["greedy_done"][:]
+        for gc in np.flatnonzero(gd == 0):
+            s, e = gc * greedy_chunk, min(N, (gc + 1) * greedy_chunk)
+            prompts = [enc.ids[i][:enc.prompt_len[i]] for i in range(s, e)]
+            resp = greedy_generate(model, prompts, eos_id, pad_id, greedy_max_new_tokens, batch_size=max(batch_size, 64))
+            block = np.full((e - s, greedy_max_new_tokens), -1, np.int32)
+            for j, r in enumerate(resp):
+                block[j, :len(r)] = r
+            g["greedy_ids"][s:e] = block
+            g["greedy_done"][int(gc)] = 1
+            greedy_written += 1
+    greedy_ok = not greedy_max_new_tokens or bool(g["greedy_done"][:].all())
+    complete = writer.finalize() if greedy_ok else False
+    dt = time.perf_counter() - t0
+    return CacheReport(sequences=N, rows=R, chunks_written=len(todo), chunks_skipped=store.info.num_chunks - len(pending),
+                       greedy_chunks_written=greedy_written, complete=complete, seconds=dt,
+                       tokens_per_s=rows_done / max(dt, 1e-9))
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="chunk", disable=not enabled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class LMTeacherCache:
+    """One complete teacher of a causal-LM store, loaded whole into memory (tokens × k is small)."""
+
+    offsets: np.ndarray        # (N+1,) int64
+    position: np.ndarray       # (R,) int32
+    sample_id: np.ndarray      # (R,) int64
+    label: np.ndarray          # (R,) int64 next-token ids
+    topk_logits: np.ndarray    # (R, K) float32
+    topk_ids: np.ndarray       # (R, K) int
+    lse: np.ndarray            # (R, T) float32
+    label_logit: np.ndarray    # (R,) float32
+    temperatures: list[float]
+    num_classes: int
+    attrs: dict[str, Any]
+    dataset: dict[str, Any]
+    sampled_ids: np.ndarray | None = None
+    sampled_counts: np.ndarray | None = None
+    greedy_ids: np.ndarray | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def rows(self, seqs: Sequence[int]) -> np.ndarray:
+        """Row indices of the given sequences, concatenated in the order given."""
+        return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in seqs])
+
+    def tau_index(self, tau: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if abs(t - tau) <= 1e-6 * max(1.0, abs(tau)):
+                return i
+        raise StoreError(f"temperature {tau} was not declared at cache time (the store has {self.temperatures}); "
+                         f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
+
+    def greedy_responses(self) -> list[np.ndarray]:
+        if self.greedy_ids is None:
+            raise StoreError("this teacher was cached without greedy responses; re-cache with greedy_max_new_tokens > 0 "
+                             "(SeqKD needs them)")
+        return [row[row >= 0] for row in self.greedy_ids]
+
+
+def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: str | None = None) -> LMTeacherCache:
+    """Open a complete causal-LM teacher; the data fingerprint must match when ``expect_fingerprint`` is given."""
+    store = LogitStore.open(store_path)
+    if store.info.task != TASK:
+        raise StoreError(f"store {store_path!r} is a {store.info.task!r} store, not a language-model ({TASK}) one")
+    if expect_fingerprint is not None and store.info.dataset.get("fingerprint") != expect_fingerprint:
+        raise StoreConflictError(
+            f"store {store_path!r} was cached on data with fingerprint {store.info.dataset.get('fingerprint')!r}, "
+            f"but this run's data has {expect_fingerprint!r} (other examples, template, tokenizer or max_length); "
+            f"re-cache or use the matching data")
+    view = store.teacher(name)  # refuses incomplete teachers
+    g = view.group
+    root = store.group
+    return LMTeacherCache(
+        offsets=root["offsets"][:], position=root["position"][:], sample_id=root["sample_id"][:],
+        label=root["label"][:], topk_logits=g["topk_logits"][:], topk_ids=g["topk_ids"][:], lse=g["lse"][:],
+        label_logit=g["label_logit"][:], temperatures=list(view.temperatures), num_classes=store.info.num_classes,
+        attrs=view.attrs, dataset=dict(store.info.dataset),
+        sampled_ids=g["sampled_ids"][:] if "sampled_ids" in g else None,
+        sampled_counts=g["sampled_counts"][:] if "sampled_counts" in g else None,
+        greedy_ids=g["greedy_ids"][:] if "greedy_ids" in g else None)
+
+
+def store_bytes(store_path: str) -> dict[str, int]:
+    """Bytes on disk of each array of a local store, keyed by its path inside the store ("teachers/t/topk_ids")."""
+    from pathlib import Path
+
+    out: dict[str, int] = {}
+    root = Path(store_path)
+    for f in root.rglob("*"):
+        if not f.is_file():
+            continue
+        parts = f.relative_to(root).parts
+        key = "/".join(parts[:parts.index("c")]) if "c" in parts else "/".join(parts[:-1])
+        out[key or "."] = out.get(key or ".", 0) + f.stat().st_size
+    return out
+
+
+__all__ = ["cache_teacher", "open_lm_cache", "LMTeacherCache", "CacheReport", "check_id_dtype", "check_top_k",
+           "sample_sparse", "teacher_rows", "store_bytes", "TASK"]

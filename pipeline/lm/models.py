@@ -1,0 +1,225 @@
+"""Causal language models: build small ones from a config, load any Hugging Face causal LM folder, run them
+on response tokens, generate greedily, and train them on CPU.
+
+Any folder written by ``save_pretrained`` and loadable by ``AutoModelForCausalLM.from_pretrained`` works as
+a teacher or a student; the default pipeline builds LLaMA-style models from ``LlamaConfig`` (or GPT-2 ones
+from ``GPT2Config``) because nothing can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loca_pipe.pipeline.errors import ConfigError, ModelError
+from loca_pipe.pipeline.lm.tokenizer import Encoded, pad_batch
+
+log = logging.getLogger(__name__)
+ARCHS = ("llama", "gpt2")
+
+
+def build_lm(arch: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_length: int,
+             tok=None, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised causal LM (``llama``: RMSNorm/RoPE/SwiGLU; ``gpt2``: learned positions)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    if d_model % n_heads:
+        raise ConfigError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+    special = {}
+    if tok is not None:
+        special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=3 * d_model,
+                          num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                          max_position_embeddings=max_length, tie_word_embeddings=True, **special)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                         n_positions=max_length, **special)
+    else:
+        raise ConfigError(f"unknown LM architecture {arch!r}; valid ones are {list(ARCHS)} (or load a folder)")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def load_lm(path: str | Path) -> torch.nn.Module:
+    """Load a causal LM folder (``save_pretrained`` format) in eval mode, fp32, on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ModelError(f"no causal LM at {str(path)!r} (no config.json); train one with `loca-pipe lm-train-teacher` "
+                         f"or point to a folder written by save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a causal LM from {str(path)!r}: {exc}") from exc
+    return model.eval()
+
+
+def model_vocab(model) -> int:
+    """Size of the model's output layer (may exceed the tokenizer's vocabulary when padded)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def folder_sha256(path: str | Path) -> str:
+    """Hash of a model folder's weight files (the teacher's provenance)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def check_vocab(model, tok, role: str = "teacher") -> None:
+    """The model must score every token id the tokenizer can produce."""
+    V, n = model_vocab(model), len(tok)
+    if n > V:
+        raise ModelError(f"{role} outputs {V} logits but its tokenizer has {n} tokens; the tokenizer does not "
+                         f"belong to this model")
+
+
+def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits that predict each response token, flattened in sequence order.
+
+    Returns (logits (R, V), labels (R,)) where for sequence i the rows are the positions
+    ``prompt_len[i]-1 .. len-2`` (each predicting the next token, which is the label). Right padding.
+    """
+    x, m = pad_batch(seqs, pad_id)
+    out = model(input_ids=x, attention_mask=m).logits  # (B, L, V)
+    sel_b, sel_t = [], []
+    for i, s in enumerate(seqs):
+        t = torch.arange(int(prompt_len[i]) - 1, len(s) - 1)
+        sel_b.append(torch.full_like(t, i))
+        sel_t.append(t)
+    b, t = torch.cat(sel_b), torch.cat(sel_t)
+    return out[b, t], x[b, t + 1]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[np.ndarray], eos_id: int, pad_id: int, max_new_tokens: int,
+                    batch_size: int = 64) -> list[np.ndarray]:
+    """Greedy decoding (no sampling), left-padded batches, stopping at eos (not included in the output)."""
+    model.eval()
+    outs: list[np.ndarray] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = list(prompts[s:s + batch_size])
+        x, m = pad_batch(chunk, pad_id, left=True)
+        gen = torch.full((len(chunk), max_new_tokens), -1, dtype=torch.long)
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        past = None
+        cur_x, cur_m = x, m
+        for step in range(max_new_tokens):
+            pos = (cur_m.cumsum(1) - 1).clamp(min=0)
+            if past is None:
+                out = model(input_ids=cur_x, attention_mask=cur_m, position_ids=pos, use_cache=True)
+            else:
+                out = model(input_ids=cur_x[:, -1:], attention_mask=cur_m, position_ids=pos[:, -1:],
+                            past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            gen[:, step] = torch.where(done, torch.full_like(nxt, -1), nxt)
+            done = done | (nxt == eos_id)
+            cur_x = torch.cat([cur_x, nxt.view(-1, 1)], 1)
+            # finished rows keep decoding pad tokens whose outputs are discarded
+            cur_m = torch.cat([cur_m, torch.ones_like(cur_m[:, :1])], 1)
+            if bool(done.all()):
+                break
+        for row in gen.numpy():
+            row = row[row >= 0]
+            cut = np.flatnonzero(row == eos_id)
+            outs.append(row[:cut[0]] if len(cut) else row)
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10 % of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_size: int, lr: float, seed: int,
+             pad_id: int, all_tokens: bool = False, warmup: int = 20, log_every: int = 50,
+             weight_decay: float = 0.01) -> list[dict]:
+    """AdamW on random batches of sequences; returns a loss log.
+
+    ``loss_fn(response_logits (R, V), labels (R,), seq_index (B,)) -> scalar`` sees only response positions
+    (default: cross-entropy). ``all_tokens`` trains on every next-token prediction instead (CE only; used
+    for the teacher, which should learn the language, not only the task).
+    """
+    if steps < 1 or batch_size < 1:
+        raise ConfigError(f"steps and batch_size must be positive; got {steps}, {batch_size}")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    model.train()
+    history, t0, tokens = [], time.perf_counter(), 0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
+        seqs = [enc.ids[i] for i in idx]
+        if all_tokens:
+            x, m = pad_batch(seqs, pad_id)
+            logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
+            tgt = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            tokens += int(m[:, 1:].sum())
+        else:
+            logits, labels = response_logits(model, seqs, enc.prompt_len[idx], pad_id)
+            loss = F.cross_entropy(logits, labels) if loss_fn is None else loss_fn(logits, labels, idx)
+            tokens += int(labels.numel())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            dt = time.perf_counter() - t0
+            history.append({"step": step, "loss": float(loss), "tokens_per_s": tokens / max(dt, 1e-9)})
+            log.info("step %d loss %.4f (%.0f tok/s)", step, float(loss), tokens / max(dt, 1e-9))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_tokens(model, enc: Encoded, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Token accuracy and perplexity on the response tokens of ``enc`` (teacher forcing)."""
+    model.eval()
+    nll, correct, n = 0.0, 0, 0
+    for s in range(0, len(enc), batch_size):
+        sl = slice(s, s + batch_size)
+        logits, labels = response_logits(model, enc.ids[sl], enc.prompt_len[sl], pad_id)
+        nll += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        n += int(labels.numel())
+    return {"token_accuracy": correct / n, "perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n}
+
+
+def save_lm(model, tok, out_dir: str | Path, meta: dict | None = None) -> None:
+    """``save_pretrained`` the model and its tokenizer in one folder, plus ``loca_pipe.json`` metadata."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    if tok is not None:
+        tok.save_pretrained(str(out_dir))
+    if meta is not None:
+        (out_dir / "loca_pipe.json").write_text(json.dumps(meta, indent=2))

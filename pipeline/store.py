@@ -464,6 +464,8 @@ class TeacherWriter:
         if self.pending_chunks():
             return False
         a = dict(self.group.attrs[ATTR])
+        if a.get("complete"):
+            return True  # already finalised: keep its record untouched
         a.update(complete=True, finished=now())
         self.group.attrs[ATTR] = a
         return True

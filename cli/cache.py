@@ -74,7 +74,13 @@ def cache_logits(
         runs = stage.load_params({}, overrides={**overrides, "name": name})
     for p in runs:
         stage.run(p)
-        typer.echo(f"teacher {p.name or p.teacher or p.checkpoint} cached in {p.store}", err=True)
+        r = stage.last_run
+        if not r.get("rows"):
+            typer.echo(f"teacher {r.get('name')!r} in {p.store} was already complete; nothing to do", err=True)
+        else:
+            typer.echo(f"teacher {r['name']!r}: {r['rows']} rows cached in {r['seconds_loop']:.1f} s "
+                       f"({r['rows'] / max(r['seconds_loop'], 1e-9):.0f} rows/s){' (resumed)' if r['resumed'] else ''}"
+                       f" -> {p.store}", err=True)
 
 
 def _short(h: Any, n: int = 12) -> str:

@@ -21,6 +21,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +49,8 @@ from loca_pipe.pipeline.store import (
 log = logging.getLogger(__name__)
 
 AUGMENT_KIND = "crop-flip"
+# Timings of the last run() in this process (rows cached, loop and total seconds): for logs and benchmarks.
+last_run: dict[str, Any] = {}
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -276,6 +279,8 @@ def run(params: CacheParams) -> None:
     from loca_pipe.pipeline import models as _models
 
     p = params
+    t_start = time.perf_counter()
+    last_run.clear()
     _validate(p)
     sidecar = read_sidecar(p.checkpoint) if p.checkpoint else {}
     if p.checkpoint and not Path(p.checkpoint).is_file():
@@ -309,7 +314,7 @@ def run(params: CacheParams) -> None:
     torch.manual_seed(0)  # a checkpoint-less teacher (module:callable with its own weights, or a smoke run) is reproducible
     model = _models.build_model(arch, num_classes=C, in_channels=int(spec.in_channels), image_size=int(spec.image_size))
     ckpt_sha = _models.load_checkpoint(model, p.checkpoint) if p.checkpoint else None
-    if not p.checkpoint:
+    if not p.checkpoint and ":" not in arch:  # a module:callable may bring its own weights
         log.warning("no --checkpoint: teacher %r runs with the weights its constructor gives it", arch)
     device = _models.resolve_device(p.device)
     amp = bool(p.amp and device.type == "cuda")
@@ -347,20 +352,26 @@ def run(params: CacheParams) -> None:
                                      None if p.logits_dtype == "none" else p.logits_dtype,
                                      compress_logits=p.compress_logits, overwrite=p.overwrite)
     pending = writer.pending_chunks()
+    last_run.update(name=name, store=p.store, rows=0, resumed=len(pending) < store.info.num_chunks)
     if not pending:
         with io_guard(p.store, "finalising"):
             writer.finalize()
         log.info("teacher %r in %s is already complete; nothing to do", name, p.store)
         return
-    _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels)
+    t_loop = time.perf_counter()
+    rows = _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels)
+    t_end = time.perf_counter()
     with io_guard(p.store, "finalising"):
         if not writer.finalize():
             raise StoreError(f"teacher {name!r} still has chunks {writer.pending_chunks()[:10]} pending after the "
                              f"run; run the same command again")
+    last_run.update(rows=rows, seconds_loop=t_end - t_loop, seconds_total=time.perf_counter() - t_start)
+    log.info("teacher %r: %d rows in %.1f s (%.0f rows/s) -> %s", name, rows, t_end - t_loop,
+             rows / max(t_end - t_loop, 1e-9), p.store)
 
 
 def _cache(p: CacheParams, spec: Any, model: torch.nn.Module, device: torch.device, amp: bool, augmenter: Any,
-           store: LogitStore, writer: TeacherWriter, pending: list[int], labels: np.ndarray) -> None:
+           store: LogitStore, writer: TeacherWriter, pending: list[int], labels: np.ndarray) -> int:
     from tqdm.auto import tqdm
 
     info = store.info
@@ -427,6 +438,7 @@ def _cache(p: CacheParams, spec: Any, model: torch.nn.Module, device: torch.devi
         bg.close()
         if bg.error is not None and not failed:
             raise bg.error
+    return total_rows
 
 
 def _pack(c: int, acc: dict[str, list[np.ndarray]], keep_logits: bool) -> tuple[int, dict, dict]:

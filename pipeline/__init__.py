@@ -20,6 +20,20 @@ from loca_pipe.pipeline.calibration import (
     mis_instruction_mask,
     sparse_from_topk,
 )
+from loca_pipe.pipeline.losses import (
+    METHODS,
+    LossConfig,
+    Method,
+    ce_loss,
+    compute_loss,
+    dkd_loss,
+    dkd_warmup,
+    kd_loss,
+    loca_kd_loss,
+    ls_kd_loss,
+    sparse_kd_loss,
+    standardize_logits,
+)
 from loca_pipe.pipeline.errors import (
     ConfigError,
     DataError,
@@ -54,4 +68,17 @@ __all__ = [
     "loca_sparse",
     "mis_instruction_mask",
     "sparse_from_topk",
+    # losses
+    "METHODS",
+    "LossConfig",
+    "Method",
+    "ce_loss",
+    "compute_loss",
+    "dkd_loss",
+    "dkd_warmup",
+    "kd_loss",
+    "loca_kd_loss",
+    "ls_kd_loss",
+    "sparse_kd_loss",
+    "standardize_logits",
 ]

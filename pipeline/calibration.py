@@ -187,6 +187,11 @@ def _mask_and_scale(p_y: torch.Tensor, p_k: torch.Tensor, alpha: float) -> tuple
     # σ ∈ (1/2, 1] on mis rows since p_k ≥ p_y: no division blow-up.
     s = torch.where(mis, alpha / (rest + p_k), torch.ones_like(p_y))
     new_py = torch.where(mis, 1.0 - s * rest, p_y)
+    if alpha >= 1.0 and bool((new_py < 0).any()):
+        # only reachable with the warned alpha >= 1: the formula then leaves the probability simplex
+        raise NumericsError(
+            f"LoCa alpha={alpha} >= 1 makes the label's calibrated probability negative for "
+            f"{int((new_py < 0).sum())} row(s) (s·(1 − p_y) > 1 when p_k is small); use alpha < 1")
     return mis, s, new_py
 
 

@@ -1,0 +1,522 @@
+"""Logit-distillation losses: CE, KD, LoCa-KD, DKD, logit standardisation, their LoCa variants, sparse KD.
+
+Each loss is a pure function of tensors. The teacher is a constant target (detached). Everything is
+computed in fp32 (fp64 stays fp64) whatever the input dtype. The registry :data:`METHODS` and
+:func:`compute_loss` combine a distillation term with CE: L = beta·L_distill + gamma·CE (method ``ce``:
+CE only). docs/maths.md gives every formula as implemented.
+
+LoCa-KD is computed without materialising the calibrated (B, C) distribution: with p′_i = s·p_i (i ≠ y),
+
+    KL(p′‖q) = s·KL(p‖q) + (s·p_y − p′_y)·log q_y + [s·log s·(1 − p_y) + p′_y·log p′_y − s·p_y·log p_y],
+
+where the bracket and the coefficient of log q_y depend on the teacher only. Correct rows have s = 1,
+p′_y = p_y, so their KL is the KD row bit for bit. This keeps LoCa-KD at one extra masked max over the
+teacher on top of KD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from loca_pipe.pipeline.calibration import (
+    SparseDist,
+    _check_sparse,
+    _mask_and_scale,
+    check_alpha,
+    loca_sparse,
+)
+from loca_pipe.pipeline.errors import ConfigError, NumericsError
+
+__all__ = [
+    "METHODS",
+    "LossConfig",
+    "Method",
+    "ce_loss",
+    "compute_loss",
+    "dkd_loss",
+    "dkd_warmup",
+    "kd_loss",
+    "loca_kd_loss",
+    "ls_kd_loss",
+    "sparse_kd_loss",
+    "standardize_logits",
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of every method (defaults: the paper's CIFAR-100 KD/LoCa setting).
+
+    tau: KD temperature (CIFAR-100 4.0, ImageNet 1.0). alpha: LoCa α in (0, 1) (0.9–0.999; ≥ 1 warns).
+    beta: weight of the distillation term; gamma: weight of CE (CIFAR-100 0.9/0.1, ImageNet 0.5/0.5).
+    dkd_alpha, dkd_beta: DKD's TCKD/NCKD weights (mdistiller CIFAR-100: 1.0, 8.0); warmup_epochs: DKD's
+    linear warm-up (20). To reproduce mdistiller's DKD total (CE + warm-up·DKD) set beta = gamma = 1.
+    ls_tau: base temperature of logit standardisation (Sun et al.: 2.0; their CIFAR-100 runs use KD
+    weight 9 and CE weight 0.1, i.e. beta = 9, gamma = 0.1).
+    """
+
+    tau: float = 4.0
+    alpha: float = 0.9
+    beta: float = 0.9
+    gamma: float = 0.1
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    warmup_epochs: int = 20
+    ls_tau: float = 2.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"LossConfig.{f.name} must be a number; got {v!r}")
+            if not math.isfinite(v):
+                raise ConfigError(f"LossConfig.{f.name} must be finite; got {v!r}")
+        for name in ("tau", "ls_tau"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"LossConfig.{name} is a temperature and must be > 0; got {getattr(self, name)}")
+        if self.alpha <= 0:
+            raise ConfigError(f"LossConfig.alpha (LoCa) must be in (0, 1), e.g. 0.95; got {self.alpha}")
+        for name in ("beta", "gamma", "dkd_alpha", "dkd_beta", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"LossConfig.{name} is a weight and must be >= 0; got {getattr(self, name)}")
+        if int(self.warmup_epochs) != self.warmup_epochs:
+            raise ConfigError(f"LossConfig.warmup_epochs must be a whole number; got {self.warmup_epochs}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _check_student(student_logits: torch.Tensor, what: str = "student_logits") -> torch.Tensor:
+    if not isinstance(student_logits, torch.Tensor) or student_logits.ndim != 2:
+        shape = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits)
+        raise ConfigError(f"{what} must be a (batch, classes) tensor; got {shape}")
+    if not student_logits.is_floating_point():
+        raise ConfigError(f"{what} must be floating point; got dtype {student_logits.dtype}")
+    return _float(student_logits)
+
+
+def _check_pair(zs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    if not isinstance(teacher, torch.Tensor) or teacher.shape != zs.shape:
+        shape = tuple(teacher.shape) if isinstance(teacher, torch.Tensor) else type(teacher)
+        raise ConfigError(f"teacher must have the student's shape {tuple(zs.shape)} (batch, classes); got "
+                          f"{shape}. A store with another class count belongs to another data set")
+    if not teacher.is_floating_point():
+        raise ConfigError(f"teacher logits/probabilities must be floating point; got dtype {teacher.dtype}")
+    return _float(teacher.detach()).to(zs.dtype)
+
+
+def _check_labels(labels: torch.Tensor, B: int, C: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.shape != (B,):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+        raise ConfigError(f"labels must be a ({B},) tensor of class ids; got {shape}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
+    if B:
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= C:
+            raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got values in [{lo}, {hi}]")
+    return labels.long()
+
+
+def _check_tau(tau: float, name: str = "tau") -> float:
+    try:
+        t = float(tau)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a positive number; got {tau!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise ConfigError(f"{name} must be a finite temperature > 0; got {tau!r}")
+    return t
+
+
+def _finite(loss: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(loss.detach())):
+        raise NumericsError(f"{what} is {loss.item()}: the student or teacher inputs contain NaN/inf (or a "
+                            f"probability row with zero mass). Check the teacher store with `loca-pipe cache "
+                            f"info` and the student for divergence (lower the learning rate)")
+    return loss
+
+
+def _resolve_teacher_is(teacher: torch.Tensor, teacher_is: str) -> str:
+    if teacher_is in ("logits", "probs"):
+        return teacher_is
+    if teacher_is != "auto":
+        raise ConfigError(f"teacher_is must be 'auto', 'logits' or 'probs'; got {teacher_is!r}")
+    # auto: probabilities iff non-negative and every row sums to 1 (±1e-3). Pass it explicitly in hot loops.
+    if teacher.numel() == 0:
+        return "logits"
+    is_probs = bool(teacher.min() >= 0) and bool(((teacher.sum(1) - 1).abs() <= 1e-3).all())
+    return "probs" if is_probs else "logits"
+
+
+def _teacher_dist(teacher: torch.Tensor, tau: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, log p) of the tempered teacher, no grad. For probabilities, log p uses p clamped at the
+    smallest normal number so that p·log p = 0 where p = 0."""
+    with torch.no_grad():
+        if kind == "logits":
+            lp = F.log_softmax(teacher / tau, dim=1)
+            return lp.exp(), lp
+        return teacher, teacher.clamp_min(torch.finfo(teacher.dtype).tiny).log()
+
+
+class _LocaRow(NamedTuple):
+    mis: torch.Tensor  # (B, 1) bool
+    s: torch.Tensor  # (B, 1) scale, 1 on correct rows
+    log_s: torch.Tensor  # (B, 1), 0 on correct rows
+    p_y: torch.Tensor  # (B, 1) original
+    new_py: torch.Tensor  # (B, 1) p′_y (= p_y on correct rows)
+    log_new_py: torch.Tensor  # (B, 1) log p′_y (= log p_y on correct rows)
+
+
+def _loca_rows(p: torch.Tensor, lp: torch.Tensor, y1: torch.Tensor, alpha: float,
+               lp_masked: torch.Tensor | None = None, from_probs: bool = False) -> _LocaRow:
+    """Per-row LoCa quantities from the tempered teacher (p, log p); teacher-only, no grad.
+
+    The mask and s use p_y and p_k = max_{i≠y} p_i exactly as :func:`loca` does, with p_k = exp(max log p)
+    (the same number when p = exp(log p), as for a logits teacher; for given probabilities, from_probs=True,
+    p_k is taken from p itself so the mask is exactly :func:`loca`'s). Rows whose label and best other class
+    differ by less than one rounding step of softmax may be classified differently from
+    :func:`loca_from_logits`, which decides on softmax's own rounding.
+    """
+    with torch.no_grad():
+        lp_y = lp.gather(1, y1)
+        if lp_masked is None:
+            lp_masked = lp.scatter(1, y1, -math.inf)
+        if from_probs:
+            p_k = p.scatter(1, y1, -1.0).amax(1, keepdim=True)
+        else:
+            p_k = lp_masked.amax(1, keepdim=True).exp()
+        p_y = p.gather(1, y1)
+        mis, s, new_py = _mask_and_scale(p_y, p_k, alpha)
+        log_s = s.log()
+        tiny = torch.finfo(p.dtype).tiny
+        log_new = torch.where(mis, new_py.clamp_min(tiny).log(), lp_y)
+    return _LocaRow(mis, s, log_s, p_y, new_py, log_new)
+
+
+def _kl_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    return (p * (lp - lq)).sum(1, keepdim=True)  # (B, 1)
+
+
+def _loca_kd_rows(p, lp, lq, y1, alpha, from_probs=False) -> torch.Tensor:
+    r = _loca_rows(p, lp, y1, alpha, from_probs=from_probs)
+    rows = _kl_rows(p, lp, lq)
+    with torch.no_grad():
+        c1 = r.s * r.p_y - r.new_py
+        c0 = r.s * r.log_s * (1.0 - r.p_y) + r.new_py * r.log_new_py - (r.s * r.p_y) * lp.gather(1, y1)
+    return r.s * rows + c1 * lq.gather(1, y1) + c0
+
+
+# ---------------------------------------------------------------------------------------------------
+# public losses
+
+
+def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy CE(z_S, y), batch mean, in fp32."""
+    zs = _check_student(student_logits)
+    y = _check_labels(labels, *zs.shape)
+    return _finite(F.cross_entropy(zs, y), "CE loss")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor, tau: float, *,
+            teacher_is: str = "auto") -> torch.Tensor:
+    """Hinton KD: τ² · mean_batch KL(p_T ‖ p_S), p_S = softmax(z_S/τ) (as mdistiller's ``kd_loss``).
+
+    ``teacher``: logits (p_T = softmax(z_T/τ)) or the tempered teacher probabilities at τ (e.g.
+    precomputed, possibly LoCa-calibrated targets). ``teacher_is="auto"`` treats a tensor as
+    probabilities iff it is non-negative with rows summing to 1 (±1e-3); pass it explicitly when known.
+    """
+    t = _check_tau(tau)
+    zs = _check_student(student_logits)
+    zt = _check_pair(zs, teacher)
+    p, lp = _teacher_dist(zt, t, _resolve_teacher_is(zt, teacher_is))
+    lq = F.log_softmax(zs / t, dim=1)
+    return _finite(_kl_rows(p, lp, lq).mean() * (t * t), "KD loss")
+
+
+def loca_kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float,
+                 alpha: float, *, teacher_is: str = "auto") -> torch.Tensor:
+    """KD against the LoCa-calibrated tempered teacher: τ² · mean KL(LoCa(p_T) ‖ p_S).
+
+    Equal to ``kd_loss(student, loca(p_T, labels, alpha).probs, tau, teacher_is="probs")`` without
+    building the calibrated (B, C) tensor (module docstring).
+    """
+    t = _check_tau(tau)
+    a = check_alpha(alpha)
+    zs = _check_student(student_logits)
+    zt = _check_pair(zs, teacher)
+    y1 = _check_labels(labels, *zs.shape).view(-1, 1)
+    kind = _resolve_teacher_is(zt, teacher_is)
+    p, lp = _teacher_dist(zt, t, kind)
+    lq = F.log_softmax(zs / t, dim=1)
+    return _finite(_loca_kd_rows(p, lp, lq, y1, a, kind == "probs").mean() * (t * t), "LoCa-KD loss")
+
+
+def _dkd_parts(zs: torch.Tensor, p: torch.Tensor, lp: torch.Tensor, y1: torch.Tensor, tau: float,
+               loca_alpha: float | None, from_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(TCKD, NCKD) batch means (without τ²), DKD written on probabilities so LoCa composes.
+
+    b_T = [p_y, 1 − p_y], b_S = [q_y, 1 − q_y]: TCKD = KL(b_T ‖ b_S).
+    p̂_i = p_i / (1 − p_y), q̂_i = q_i / (1 − q_y) for i ≠ y: NCKD = KL(p̂ ‖ q̂).
+    LoCa scales every non-target p_i by s, so p̂ is unchanged and only b_T moves to [p′_y, s(1 − p_y)].
+    """
+    lq = F.log_softmax(zs / tau, dim=1)
+    lq_y = lq.gather(1, y1)
+    lq_masked = lq.scatter(1, y1, -math.inf)
+    lq_rest = torch.logsumexp(lq_masked, dim=1, keepdim=True)  # log(1 − q_y), stable
+    with torch.no_grad():
+        lp_y = lp.gather(1, y1)
+        lp_masked = lp.scatter(1, y1, -math.inf)
+        lp_rest = torch.logsumexp(lp_masked, dim=1, keepdim=True)  # log(1 − p_y)
+        if loca_alpha is not None:
+            r = _loca_rows(p, lp, y1, loca_alpha, lp_masked, from_probs)
+            t_y, lt_y = r.new_py, r.log_new_py
+            lt_rest = lp_rest + r.log_s
+        else:
+            t_y, lt_y, lt_rest = lp_y.exp(), lp_y, lp_rest
+        t_rest = lt_rest.exp()
+        # non-target teacher distribution p̂ (label column: p̂ = 0)
+        lp_hat = lp_masked - lp_rest
+        p_hat = lp_hat.exp()
+        valid = torch.isfinite(lp_rest)  # a one-hot teacher has no non-target information
+    tckd = t_y * (lt_y - lq_y) + torch.where(t_rest > 0, t_rest * (lt_rest - lq_rest), 0.0)
+    lq_hat = lq_masked - lq_rest
+    diff = torch.where(p_hat > 0, lp_hat - lq_hat, 0.0)
+    nckd = torch.where(valid, (p_hat * diff).sum(1, keepdim=True), 0.0)
+    return tckd.mean(), nckd.mean()
+
+
+def dkd_warmup(epoch: int, warmup_epochs: int) -> float:
+    """DKD's linear warm-up factor for a 0-based epoch: min((epoch + 1) / warmup_epochs, 1).
+
+    mdistiller uses min(epoch / warmup, 1) with epochs counted from 1; this is the same schedule.
+    """
+    if warmup_epochs <= 0:
+        return 1.0
+    return min((int(epoch) + 1) / warmup_epochs, 1.0)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float, *,
+             alpha: float = 1.0, beta: float = 8.0, teacher_is: str = "auto",
+             loca_alpha: float | None = None) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): τ² · (alpha·TCKD + beta·NCKD), batch mean, no warm-up.
+
+    Matches mdistiller's ``dkd_loss`` (which masks the label with −1000; here it is masked exactly).
+    ``loca_alpha``: apply LoCa to the tempered teacher first (paper Table 8); only TCKD changes.
+    """
+    t = _check_tau(tau)
+    la = None if loca_alpha is None else check_alpha(loca_alpha)
+    zs = _check_student(student_logits)
+    zt = _check_pair(zs, teacher)
+    y1 = _check_labels(labels, *zs.shape).view(-1, 1)
+    kind = _resolve_teacher_is(zt, teacher_is)
+    p, lp = _teacher_dist(zt, t, kind)
+    tckd, nckd = _dkd_parts(zs, p, lp, y1, t, la, kind == "probs")
+    return _finite((alpha * tckd + beta * nckd) * (t * t), "DKD loss")
+
+
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score each row: (z − mean) / (std + eps), std with Bessel's correction (Sun et al., CVPR 2024)."""
+    z = _float(z)
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def ls_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 2.0, *,
+               labels: torch.Tensor | None = None, loca_alpha: float | None = None) -> torch.Tensor:
+    """Logit-standardised KD: KD at base temperature τ between z-scored student and teacher logits,
+    τ² · mean KL(softmax(ẑ_T/τ) ‖ softmax(ẑ_S/τ)). ``loca_alpha`` (needs ``labels``): LoCa on the
+    standardised teacher distribution first."""
+    t = _check_tau(tau)
+    zs = _check_student(student_logits)
+    zt = _check_pair(zs, teacher_logits)
+    if zs.shape[1] < 2:
+        raise ConfigError("logit standardisation needs at least 2 classes")
+    p, lp = _teacher_dist(standardize_logits(zt), t, "logits")
+    lq = F.log_softmax(standardize_logits(zs) / t, dim=1)
+    if loca_alpha is None:
+        rows = _kl_rows(p, lp, lq)
+    else:
+        if labels is None:
+            raise ConfigError("ls_kd_loss with loca_alpha needs labels")
+        y1 = _check_labels(labels, *zs.shape).view(-1, 1)
+        rows = _loca_kd_rows(p, lp, lq, y1, check_alpha(loca_alpha))
+    return _finite(rows.mean() * (t * t), "LS-KD loss")
+
+
+def _sparse_kd(zs: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
+    ids, p, tail = sd
+    B, C = zs.shape
+    K = ids.shape[1] - 1
+    lq = F.log_softmax(zs / tau, dim=1)  # normalised over ALL classes, then gathered
+    lq_ids = lq.gather(1, ids)
+    # the student's own mass outside the kept ids, log Σ_{i ∉ kept} q_i; a finite fill (not −inf) keeps the
+    # backward pass NaN-free when every class is kept
+    lq_tail = torch.logsumexp(lq.scatter(1, ids, torch.finfo(lq.dtype).min), dim=1)
+    with torch.no_grad():
+        tiny = torch.finfo(p.dtype).tiny
+        in_top = (ids[:, :K] == ids[:, K:]).any(1)
+        n_kept = K + (~in_top).long()
+        has_tail = (n_kept < C) & (tail > 0)
+        lp = p.clamp_min(tiny).log()
+        ent = (p * lp).sum(1) + torch.where(has_tail, tail * tail.clamp_min(tiny).log(), 0.0)
+    cross = (p * lq_ids).sum(1) + torch.where(has_tail, tail * lq_tail, 0.0)
+    return (ent - cross).mean()
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
+    """KD against a sparse teacher (top-k ∪ {label} ∪ tail): τ² · mean over the batch of
+
+        Σ_{j kept} p_j log(p_j / q_j) + p_tail · log(p_tail / q_tail),
+
+    with q = softmax(z_S/τ) over all C classes gathered at the kept ids, and q_tail = the student's mass
+    on every class not kept. Equals :func:`kd_loss` when k = C.
+    """
+    t = _check_tau(tau)
+    zs = _check_student(student_logits)
+    sd, _ = _check_sparse(sd, sd.ids[:, -1] if isinstance(sd, SparseDist) else None)
+    if sd.ids.shape[0] != zs.shape[0]:
+        raise ConfigError(f"sparse teacher has {sd.ids.shape[0]} rows but the student batch has {zs.shape[0]}")
+    if sd.ids.numel() and int(sd.ids.max()) >= zs.shape[1]:
+        raise ConfigError(f"sparse teacher holds class id {int(sd.ids.max())} but the student outputs "
+                          f"{zs.shape[1]} classes; pick the store that matches the student")
+    sd = SparseDist(sd.ids, sd.probs.to(zs.dtype), sd.tail.to(zs.dtype))
+    return _finite(_sparse_kd(zs, sd, t) * (t * t), "sparse KD loss")
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry
+
+
+class _Teacher(NamedTuple):
+    kind: str  # "logits" | "probs" | "sparse"
+    value: object
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training objective. ``distill(zs, labels, teacher, cfg, epoch)`` returns the unweighted
+    distillation term; ``teachers`` lists the teacher forms it accepts."""
+
+    name: str
+    distill: Callable[..., torch.Tensor] | None
+    teachers: tuple[str, ...]
+    loca: bool
+    description: str
+
+
+def _dense(zs, teacher: _Teacher, tau):
+    return _teacher_dist(_check_pair(zs, teacher.value), tau, teacher.kind)
+
+
+def _m_kd(zs, y, teacher, cfg, epoch):
+    if teacher.kind == "sparse":
+        return _sparse_kd(zs, teacher.value, cfg.tau) * cfg.tau ** 2
+    p, lp = _dense(zs, teacher, cfg.tau)
+    return _kl_rows(p, lp, F.log_softmax(zs / cfg.tau, dim=1)).mean() * cfg.tau ** 2
+
+
+def _m_loca(zs, y, teacher, cfg, epoch):
+    a = check_alpha(cfg.alpha)
+    if teacher.kind == "sparse":
+        sd, _ = loca_sparse(teacher.value, y, a)
+        return _sparse_kd(zs, sd, cfg.tau) * cfg.tau ** 2
+    p, lp = _dense(zs, teacher, cfg.tau)
+    lq = F.log_softmax(zs / cfg.tau, dim=1)
+    return _loca_kd_rows(p, lp, lq, y.view(-1, 1), a, teacher.kind == "probs").mean() * cfg.tau ** 2
+
+
+def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
+    p, lp = _dense(zs, teacher, cfg.tau)
+    tckd, nckd = _dkd_parts(zs, p, lp, y.view(-1, 1), cfg.tau, loca_alpha, teacher.kind == "probs")
+    w = dkd_warmup(epoch, int(cfg.warmup_epochs))
+    return w * (cfg.dkd_alpha * tckd + cfg.dkd_beta * nckd) * cfg.tau ** 2
+
+
+def _m_loca_dkd(zs, y, teacher, cfg, epoch):
+    return _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
+
+
+def _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=None):
+    zt = _check_pair(zs, teacher.value)
+    p, lp = _teacher_dist(standardize_logits(zt), cfg.ls_tau, "logits")
+    lq = F.log_softmax(standardize_logits(zs) / cfg.ls_tau, dim=1)
+    if loca_alpha is None:
+        rows = _kl_rows(p, lp, lq)
+    else:
+        rows = _loca_kd_rows(p, lp, lq, y.view(-1, 1), loca_alpha)
+    return rows.mean() * cfg.ls_tau ** 2
+
+
+def _m_loca_ls(zs, y, teacher, cfg, epoch):
+    return _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ce", None, (), False, "cross-entropy only (no teacher)"),
+        Method("kd", _m_kd, ("logits", "probs", "sparse"), False,
+               "Hinton KD at tau; with precomputed (e.g. LoCa-calibrated) teacher_probs it is KD on those"),
+        Method("loca", _m_loca, ("logits", "probs", "sparse"), True, "KD against the LoCa-calibrated teacher"),
+        Method("dkd", _m_dkd, ("logits", "probs"), False,
+               "decoupled KD: dkd_alpha·TCKD + dkd_beta·NCKD at tau, linear warm-up"),
+        Method("loca_dkd", _m_loca_dkd, ("logits", "probs"), True, "DKD with a LoCa-calibrated teacher"),
+        Method("ls", _m_ls, ("logits",), False, "KD on z-scored logits at ls_tau (logit standardisation)"),
+        Method("loca_ls", _m_loca_ls, ("logits",), True, "logit standardisation with LoCa on the teacher"),
+    )
+}
+
+
+def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, *,
+                 teacher_logits: torch.Tensor | None = None, teacher_probs: torch.Tensor | None = None,
+                 teacher_sparse: SparseDist | None = None, cfg: LossConfig = LossConfig(),
+                 epoch: int = 0) -> torch.Tensor:
+    """Total training loss (scalar): beta·L_distill + gamma·CE, or CE alone for ``ce``.
+
+    Exactly one teacher form for the distillation methods: ``teacher_logits`` (B, C), ``teacher_probs``
+    (B, C) = tempered teacher probabilities at cfg.tau, or ``teacher_sparse`` (a :class:`SparseDist` at
+    cfg.tau). ``epoch`` is 0-based (DKD warm-up). Raises NumericsError if the loss is not finite.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown loss method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not isinstance(cfg, LossConfig):
+        raise ConfigError(f"cfg must be a LossConfig; got {type(cfg).__name__}")
+    m = METHODS[method]
+    zs = _check_student(student_logits)
+    y = _check_labels(labels, *zs.shape)
+    ce = F.cross_entropy(zs, y)
+    if m.distill is None:
+        return _finite(ce, "CE loss")
+    given = [(k, v) for k, v in (("logits", teacher_logits), ("probs", teacher_probs),
+                                 ("sparse", teacher_sparse)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError(f"method {method!r} needs exactly one of teacher_logits, teacher_probs, teacher_sparse; "
+                          f"got {len(given)} ({', '.join('teacher_' + k for k, _ in given) or 'none'})")
+    kind, value = given[0]
+    if kind not in m.teachers:
+        raise ConfigError(f"method {method!r} cannot use teacher_{kind}; it accepts "
+                          f"{', '.join('teacher_' + k for k in m.teachers)}"
+                          + (" (logit standardisation needs the full logits)" if method in ("ls", "loca_ls") else "")
+                          + (" (DKD needs the full distribution; cache full logits)" if "dkd" in method else ""))
+    if kind == "sparse":
+        sd, _ = _check_sparse(value, y)
+        if sd.ids.shape[0] != zs.shape[0] or (sd.ids.numel() and int(sd.ids.max()) >= zs.shape[1]):
+            raise ConfigError(f"sparse teacher (rows {sd.ids.shape[0]}, max id {int(sd.ids.max()) if sd.ids.numel() else -1})"
+                              f" does not fit the student batch {tuple(zs.shape)}")
+        value = SparseDist(sd.ids, sd.probs.to(zs.dtype), sd.tail.to(zs.dtype))
+    distill = m.distill(zs, y, _Teacher(kind, value), cfg, epoch)
+    return _finite(cfg.beta * distill + cfg.gamma * ce, f"{method} loss")

@@ -48,7 +48,7 @@ def cache_logits(
     views: Annotated[Optional[int], typer.Option(help="0: the clean image once per sample; V>0: V replayable crop-flip views per sample.")] = None,
     view_seed: Annotated[Optional[int], typer.Option(help="Seed of the augmented views.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows (samples × views) per forward pass.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (in-memory data sets use a faster batch path).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default min(4, CPUs); in-memory data sets use a faster batch path).")] = None,
     device: Annotated[Optional[Device], typer.Option(help="Where the teacher runs.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per store chunk (default: ~4 MiB of logits, at most 8192).")] = None,

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -72,7 +73,7 @@ class CacheParams:
     views: int = 0  # 0: the clean image once; V > 0: V replayable augmented (crop-flip) views per sample
     view_seed: int = 0
     batch_size: int = 256  # rows per forward pass (samples × views)
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: min(4, CPUs) (in-memory data sets need none)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # fp16 autocast, on CUDA only
     chunk_rows: int | None = None  # default: store.default_chunk_rows(C)
@@ -180,7 +181,7 @@ def _chunk_batches(info: StoreInfo, chunks: list[int], rows_per_batch: int) -> l
     return out
 
 
-def _batch_iter(dataset: Any, batches: list[list[int]], num_workers: int, pin: bool) -> Any:
+def _batch_iter(dataset: Any, batches: list[list[int]], num_workers: int | None, pin: bool) -> Any:
     """(images, labels) per batch of sample indices, in order.
 
     In-memory data sets with a ``get_batch(indices)`` fast path (pipeline.data.TensorImageDataset) are
@@ -188,6 +189,8 @@ def _batch_iter(dataset: Any, batches: list[list[int]], num_workers: int, pin: b
     """
     fast = getattr(dataset, "get_batch", None)
     if not callable(fast):
+        if num_workers is None:
+            num_workers = min(4, os.cpu_count() or 1)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
     return _prefetch((fast(ids) for ids in batches), depth=2)
 

@@ -46,7 +46,7 @@ def _toy_on_path(monkeypatch):
 
 def toy(tmp_path: Path, **kw) -> CacheParams:
     base = dict(teacher="toy_cache_module:teacher", dataset="toy_cache_module:dataset", store=str(tmp_path / "s.zarr"),
-                top_k=3, temperatures=TAUS, chunk_rows=8, batch_size=3, device="cpu", progress=False)
+                top_k=3, temperatures=TAUS, chunk_rows=8, batch_size=3, device="cpu", num_workers=0, progress=False)
     base.update(kw)
     return CacheParams(**base)
 
@@ -350,7 +350,7 @@ def test_full_or_read_only_location(tmp_path, monkeypatch, code, fail_on, match)
 def _cli(store: Path) -> list[str]:
     return [sys.executable, "-m", "loca_pipe.cli.main", "cache-logits", "--teacher", "toy_cache_module:teacher",
             "--dataset", "toy_cache_module:dataset", "--store", str(store), "--top-k", "3", "--chunk-rows", "4",
-            "--batch-size", "3", "--device", "cpu", "--no-progress"]
+            "--batch-size", "3", "--device", "cpu", "--num-workers", "0", "--no-progress"]
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
@@ -423,6 +423,7 @@ def test_cli_cache_logits_with_params_file(tmp_path):
   top_k: 2
   chunk_rows: 16
   device: cpu
+  num_workers: 1
   teachers:
     a: {{teacher: "toy_cache_module:teacher"}}
     b: {{teacher: "toy_cache_module:teacher_b", top_k: 4}}

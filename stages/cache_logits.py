@@ -159,6 +159,14 @@ def _validate(p: CacheParams) -> None:
             raise ConfigError(f"{key} must be at least {lo}; got {v}")
 
 
+def _existing_chunk_rows(path: str) -> int | None:
+    """chunk_rows of the store already at ``path`` (a later teacher adopts it), else None."""
+    try:
+        return LogitStore.open(path).info.chunk_rows
+    except (StoreError, OSError, KeyError):
+        return None
+
+
 def _teacher_output(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -293,7 +301,7 @@ def run(params: CacheParams) -> None:
     if not arch:
         raise ConfigError(f"no --teacher given and the checkpoint {p.checkpoint!r} has no sidecar naming its "
                           f"\"arch\"; pass --teacher NAME|module:callable")
-    name = p.name or (Path(p.checkpoint).name.split(".")[0] if p.checkpoint else arch.split(":")[-1])
+    name = p.name or (Path(p.checkpoint).stem if p.checkpoint else arch.split(":")[-1])
 
     # -- data ---------------------------------------------------------------------------------------
     spec = _data.open_dataset(p.dataset, split=p.split, root=p.root)
@@ -314,8 +322,10 @@ def run(params: CacheParams) -> None:
         raise ConfigError(f"--top-k must be in [1, {C}] (the data set has {C} classes); got {p.top_k}")
 
     # -- teacher ------------------------------------------------------------------------------------
-    torch.manual_seed(0)  # a checkpoint-less teacher (module:callable with its own weights, or a smoke run) is reproducible
-    model = _models.build_model(arch, num_classes=C, in_channels=int(spec.in_channels), image_size=int(spec.image_size))
+    with torch.random.fork_rng(devices=[]):  # a checkpoint-less teacher is reproducible; the caller's RNG untouched
+        torch.manual_seed(0)
+        model = _models.build_model(arch, num_classes=C, in_channels=int(spec.in_channels),
+                                    image_size=int(spec.image_size))
     ckpt_sha = _models.load_checkpoint(model, p.checkpoint) if p.checkpoint else None
     if not p.checkpoint and ":" not in arch:  # a module:callable may bring its own weights
         log.warning("no --checkpoint: teacher %r runs with the weights its constructor gives it", arch)
@@ -326,8 +336,8 @@ def run(params: CacheParams) -> None:
     # -- store --------------------------------------------------------------------------------------
     V = max(1, p.views)
     augmenter = _augment.make_augmenter(AUGMENT_KIND, p.view_seed, int(spec.image_size)) if p.views else None
-    ch = p.chunk_rows or default_chunk_rows(C, 4 if p.logits_dtype != "float16" else 2)
-    ch = max(V, ch - ch % V)  # a chunk holds whole samples
+    ch = p.chunk_rows or _existing_chunk_rows(p.store) or default_chunk_rows(C)  # fp32-sized whatever the dtype,
+    ch = max(V, ch - ch % V)  # so teachers of any dtype share a store; a chunk holds whole samples
     info = StoreInfo(
         task="classification", num_samples=N, num_views=V, num_rows=N * V, num_classes=C, chunk_rows=ch,
         dataset={"name": p.dataset, "split": p.split, "fingerprint": spec.fingerprint,

@@ -169,7 +169,7 @@ def test_user_module_teacher_and_dataset(tmp_path):
 
 def test_two_teachers_share_one_store_and_info(tmp_path):
     run(toy(tmp_path))
-    run(toy(tmp_path, teacher="toy_cache_module:teacher_b", logits_dtype="none"))
+    run(toy(tmp_path, teacher="toy_cache_module:teacher_b", logits_dtype="none", chunk_rows=None))  # adopts 8
     store = LogitStore.open(str(tmp_path / "s.zarr"))
     assert store.teachers == ["teacher", "teacher_b"]
     b = store.teacher("teacher_b")

@@ -1,7 +1,144 @@
-"""`loca-pipe` commands of this group (filled in by its owner)."""
+"""`loca-pipe train-student` (stage three) and `loca-pipe report` (the comparison table and α plot)."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+
+from loca_pipe.pipeline.errors import ConfigError
+
+
+class Preset(str, enum.Enum):
+    short_cpu = "short-cpu"
+    paper_cifar = "paper-cifar"
+
+
+class Form(str, enum.Enum):
+    auto = "auto"
+    logits = "logits"
+    topk = "topk"
+
+
+class ViewPolicy(str, enum.Enum):
+    cycle = "cycle"
+    random = "random"
+
+
+class Augment(str, enum.Enum):
+    none = "none"
+    crop_flip = "crop-flip"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Metric(str, enum.Enum):
+    test_top1 = "test_top1"
+    test_top5 = "test_top5"
+    best_test_top1 = "best_test_top1"
+
+
+def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:
+    if text is None:
+        return None
+    try:
+        return [kind(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise ConfigError(f"{option} takes comma-separated values such as '0,1,2'; got {text!r}") from exc
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, enum.Enum) else v
+
+
+def train_student(
+    store: Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: its only teacher).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="Targets store from `loca-pipe calibrate` (instead of logits).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Loss: ce, kd, loca, dkd, loca_dkd, ls, loca_ls (the losses registry).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoCa α (0 < α < 1; paper: 0.9–0.99).")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="KD temperature τ.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="KD loss weight β.")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="CE loss weight γ.")] = None,
+    dkd_alpha: Annotated[Optional[float], typer.Option(help="DKD target-class weight.")] = None,
+    dkd_beta: Annotated[Optional[float], typer.Option(help="DKD non-target weight.")] = None,
+    form: Annotated[Optional[Form], typer.Option(help="Teacher signal: full logits, top-k (sparse, exact at stored τ), or auto.")] = None,
+    view_policy: Annotated[Optional[ViewPolicy], typer.Option(help="Cached views: cycle (epoch e → view e mod V) or random per sample.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model NAME (model zoo) or module:callable.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Data set NAME or module:callable.")] = None,
+    root: Annotated[Optional[str], typer.Option(help="Data set root folder.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Training split.")] = None,
+    eval_split: Annotated[Optional[str], typer.Option(help="Held-out split for top-1/top-5.")] = None,
+    augment: Annotated[Optional[Augment], typer.Option(help="Plain augmentation when the store has no cached views (mismatches un-augmented teacher logits).")] = None,
+    preset: Annotated[Optional[Preset], typer.Option(help="Optimisation recipe; the options below override it.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Initial learning rate (SGD).")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
+    milestones: Annotated[Optional[str], typer.Option(help="Comma-separated epochs where lr is multiplied by 0.1.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (model init and data order).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated seeds (one process, runs in turn).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated methods.")] = None,
+    alphas: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated α for the LoCa methods.")] = None,
+    device: Annotated[Optional[Device], typer.Option(help="Where the student trains.")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option(help="Folder of run folders (<out>/<method>[-a<α>]-s<seed>).")] = None,
+    online: Annotated[Optional[bool], typer.Option("--online/--offline", help="Run the live teacher instead of the store (A/B).")] = None,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the run's last checkpoint.")] = None,
+    memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
+) -> None:
+    """Train a student from cached teacher logits (or targets, or a live teacher); writes metrics, log, checkpoint."""
+    import json
+
+    from loca_pipe.stages import train_student as stage
+    from loca_pipe.stages.config import load_section
+
+    overrides = {
+        "store": store, "teacher": teacher, "targets": targets, "method": method, "alpha": alpha, "tau": tau,
+        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "form": _value(form),
+        "view_policy": _value(view_policy), "student": student, "dataset": dataset, "root": root, "split": split,
+        "eval_split": eval_split, "augment": _value(augment), "preset": _value(preset), "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
+        "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
+        "memory_limit_gb": memory_limit_gb, "progress": progress,
+    }
+    p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
+    runs = stage.expand(p, methods=_list(methods, str, "--methods"), alphas=_list(alphas, float, "--alphas"),
+                        seeds=_list(seeds, int, "--seeds"))
+    for r in runs:
+        m = stage.run(r)
+        typer.echo(json.dumps({k: m.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",
+                                                    "train_seconds")}))
+
+
+def report(
+    runs_dir: Annotated[Optional[str], typer.Option(help="Folder holding the run folders (*/metrics.json).")] = None,
+    out_dir: Annotated[Optional[str], typer.Option(help="Where report.md/.csv/.json and alpha.png go.")] = None,
+    metric: Annotated[Optional[Metric], typer.Option(help="Which accuracy to compare.")] = None,
+    teacher_top1: Annotated[Optional[float], typer.Option(help="Teacher accuracy to show (default: from the runs).")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'report' gives the defaults.")] = None,
+) -> None:
+    """Gather student runs into a Table-2-style comparison (mean ± std over seeds, Δ vs KD) and an α plot."""
+    from loca_pipe.stages import report as stage
+    from loca_pipe.stages.config import load_section
+
+    p = load_section(stage.ReportParams, "report", str(params) if params else {},
+                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1})
+    typer.echo(stage.run(p))
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("train-student")(train_student)
+    app.command("report")(report)

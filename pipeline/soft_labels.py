@@ -94,6 +94,24 @@ class PlainSource:
             yield Batch(sample_index=perm[i:i + batch_size])
 
 
+class TensorSource:
+    """Teacher logits held in memory as one (N, C) tensor indexed by data-set index — the floor any offline
+    reader is measured against (benchmarks), and a way to train from logits computed elsewhere."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self.num_samples = int(logits.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
+        perm = epoch_permutation(self.num_samples, seed, epoch)
+        for i in range(0, self.num_samples, batch_size):
+            idx = perm[i:i + batch_size]
+            yield Batch(sample_index=idx, teacher={"teacher_logits": self.logits[idx].float()})
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -347,4 +365,59 @@ def load_soft_labels(store_path: str, spec: Any, *, teacher: str | None = None, 
     if use == "topk" and sl.in_memory:
         # the lse column at τ is all the batch needs: slice once instead of per batch
         sl.tensors["lse"] = sl.tensors["lse"][:, tau_index].contiguous()
+    return sl
+
+
+# base loss method on precomputed targets: the targets already hold the (calibrated) teacher distribution
+TARGET_METHODS = {"kd": "kd", "loca": "kd", "dkd": "dkd", "loca_dkd": "dkd"}
+
+
+def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float, student_classes: int | None = None,
+                 teacher: str | None = None, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT, buffer_chunks: int = 8,
+                 view_policy: str = "cycle") -> SoftLabels:
+    """Precomputed targets (``loca-pipe calibrate``) for ``method`` at (α, τ), joined to data set ``spec``.
+
+    ``kd``/``dkd`` read the plain KD targets, ``loca``/``loca_dkd`` the LoCa targets at α; the returned
+    SoftLabels has ``.method`` = the loss to apply to them (``kd`` or ``dkd``: the calibration is already in
+    the targets). An α or τ the store was not built for is refused, naming the ones it holds.
+    """
+    from loca_pipe.pipeline.targets import TargetsStore
+
+    if method not in TARGET_METHODS:
+        raise ConfigError(f"method {method!r} cannot train from precomputed targets (they hold probabilities, not "
+                          f"logits); use one of {sorted(TARGET_METHODS)}, or train {method!r} from the logit store")
+    try:
+        ts = TargetsStore(path)
+    except IncompleteStoreError as exc:
+        raise IncompleteStoreError(f"cannot train from this targets store: {exc}") from exc
+    if not math.isclose(float(tau), ts.tau, rel_tol=1e-6):
+        raise StoreError(f"targets store {path!r} was built at τ={ts.tau:g}, this run asks τ={tau:g}; set "
+                         f"train_student.tau to {ts.tau:g}, or re-run `loca-pipe calibrate --tau {tau:g}`")
+    a = float(alpha) if method.startswith("loca") else None
+    if a is not None and not any(math.isclose(a, x, rel_tol=1e-9) for x in ts.alphas):
+        raise StoreError(f"targets store {path!r} holds LoCa targets for α in {list(ts.alphas)}, not α={a:g}; pick "
+                         f"one of those, or re-run `loca-pipe calibrate` with --alpha {a:g}")
+    tv = ts.teacher(teacher)
+    src = ts.attrs.get("source") or {}
+    classes = int(ts.attrs["num_classes"])
+    sample_id, label, view = ts["sample_id"][:], ts["label"][:], ts["view"][:]
+    check_join(path, "targets store", src.get("fingerprint"), spec,
+               classes, int(student_classes if student_classes is not None else spec.num_classes), sample_id, label)
+    if tv.form == "dense":
+        kind, arrays = "probs", {"probs": tv.dense(a)}
+    else:
+        if TARGET_METHODS[method] != "kd":
+            raise StoreError(f"targets of teacher {tv.name!r} in {path!r} are sparse (top-k); {method!r} needs dense "
+                             f"probabilities — use kd/loca, or calibrate from a store with full logits")
+        ids, probs, tail = tv.sparse(a)
+        kind, arrays = "sparse", {"ids": ids, "probs": probs, "tail": tail}
+    has_aug = "aug_params" in ts.group
+    sl = SoftLabels(source=path, teacher=tv.name, kind=kind, num_classes=classes,
+                    num_views=int(src.get("num_views") or 1), sample_id=sample_id, label=label, view=view,
+                    aug_params=ts["aug_params"] if has_aug else None, arrays=arrays,
+                    chunk_rows=int(ts.attrs.get("chunk_rows") or max(1, len(sample_id))), tau=tau,
+                    memory_limit_bytes=memory_limit_bytes, buffer_chunks=buffer_chunks, view_policy=view_policy,
+                    meta={"store": path, "teacher": tv.name, "dataset": src.get("dataset") or {},
+                          "provenance": (src.get("teachers") or {}).get(tv.name, {}), "alpha": a, "tau": ts.tau})
+    sl.method = TARGET_METHODS[method]
     return sl

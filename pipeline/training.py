@@ -80,8 +80,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-cifar": dict(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
                         milestones=(150, 180, 210), lr_decay=0.1),
-    "short-cpu": dict(epochs=4, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                      milestones=(3,), lr_decay=0.1),
+    "short-cpu": dict(epochs=5, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                      milestones=(4,), lr_decay=0.1),
 }
 SMALL_LR_ARCHS = ("mobilenet", "shufflenet", "shufflev")
 
@@ -336,12 +336,16 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                     teacher = {"teacher_logits": teacher_model(x).float()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = model(x)
-            loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
-            if not bool(torch.isfinite(loss)):
+            try:
+                loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
+                bad = None if bool(torch.isfinite(loss)) else f"loss is {float(loss.detach())}"
+            except NumericsError as exc:  # the loss library's own finiteness check
+                bad = str(exc)
+            if bad is not None:
                 last = f"{str(ckpt_path)!r} (after epoch {start_of(history)})" if ckpt_path and ckpt_path.exists() \
                     else "none (no epoch finished yet)"
                 raise NumericsError(
-                    f"loss is {float(loss.detach())} at epoch {epoch + 1}, step {step} (batch {step} of this epoch, sample ids "
+                    f"{bad} at epoch {epoch + 1}, step {step} (batch {step} of this epoch, sample ids "
                     f"{idx[:8].tolist()}{' …' if idx.numel() > 8 else ''}); training stopped, last good checkpoint: "
                     f"{last}. Lower the learning rate, check the teacher signal for NaN, or disable amp")
             opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from loca_pipe.pipeline.losses import LossConfig, compute_loss
 from loca_pipe.pipeline.errors import DataError, IncompleteStoreError, NumericsError, StoreError
 from loca_pipe.pipeline.soft_labels import PlainSource, SoftLabels, load_soft_labels, random_view
 from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
@@ -34,7 +35,7 @@ def kd_reference(method, student_logits, labels, *, teacher_logits=None, teacher
     return gamma * ce + beta * tau * tau * kl
 
 
-LCFG = SimpleNamespace(tau=4.0, beta=0.9, gamma=0.1)
+LCFG = LossConfig(tau=4.0, beta=0.9, gamma=0.1, alpha=0.9)
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -124,7 +125,7 @@ def write_store(path, ds, teacher, *, views=0, aug=None, fingerprint="fp-toy", t
 
 
 def run(ds, source, *, method="kd", epochs=2, seed=3, out=None, teacher=None, replay=None, hooks=None,
-        resume=False, lr=0.1, loss_fn=kd_reference, batch=32, ident=None):
+        resume=False, lr=0.1, loss_fn=None, batch=32, ident=None):
     model = make_model(seed)
     cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, milestones=(1,), seed=seed)
     res = train_student(model, images=ImageSet(ds, "cpu"), labels=ds.y, source=source, method=method,
@@ -251,7 +252,7 @@ def test_nan_loss_stops_with_epoch_step_and_keeps_last_good_checkpoint(tmp_path,
 
     def nan_at_second_epoch(method, s, y, **kw):
         calls["n"] += 1
-        loss = kd_reference(method, s, y, **kw)
+        loss = compute_loss(method, s, y, **kw)
         return loss * float("nan") if calls["n"] == steps + 3 else loss
 
     with pytest.raises(NumericsError, match=r"loss is nan at epoch 2, step 2 .*sample ids \[.*last good checkpoint.*"
@@ -290,3 +291,38 @@ def test_presets():
     assert preset_config("short-cpu", "mlp", lr=0.2).lr == 0.2
     with pytest.raises(Exception, match=r"unknown preset 'fast'.*\['paper-cifar', 'short-cpu'\]"):
         preset_config("fast")
+
+
+@pytest.mark.parametrize("method", ["kd", "loca"])
+def test_library_loss_from_store_matches_an_independent_reference(tmp_path, toy, method):
+    """The loop feeds compute_loss the store's logits; KD equals an F.kl_div reference on the live teacher."""
+    ds, teacher = toy
+    write_store(tmp_path / "s.zarr", ds, teacher)
+    sl = load_soft_labels(str(tmp_path / "s.zarr"), spec_of(ds))
+    got, want = [], []
+    run(ds, sl, method=method, epochs=1, hooks=Hooks(on_step=lambda e, s, b, l: got.append(float(l))))
+    run(ds, PlainSource(N), method=method, epochs=1, teacher=teacher, loss_fn=kd_reference if method == "kd" else None,
+        hooks=Hooks(on_step=lambda e, s, b, l: want.append(float(l))))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_topk_store_gives_exact_sparse_teacher(tmp_path, toy):
+    ds, teacher = toy
+    _, z = write_store(tmp_path / "k.zarr", ds, teacher, full=False, top_k=3)
+    sl = load_soft_labels(str(tmp_path / "k.zarr"), spec_of(ds), tau=1.0)
+    assert sl.kind == "topk"
+    b = next(sl.batches(0, 16, seed=0))
+    sd = b.teacher["teacher_sparse"]
+    p = torch.softmax(z[b.rows] / 1.0, dim=1)
+    torch.testing.assert_close(sd.probs[:, :3], p.gather(1, sd.ids[:, :3]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(sd.ids[:, 3], sl.label[b.rows])
+    torch.testing.assert_close(sd.tail + sd.probs.sum(1), torch.ones(16), rtol=0, atol=1e-5)
+    # training with a sparse teacher runs end to end
+    _, res = run(ds, sl, method="loca", epochs=1)
+    assert math.isfinite(res.metrics["train_loss"])
+
+
+def test_unknown_method_lists_the_valid_ones(toy):
+    ds, _ = toy
+    with pytest.raises(Exception, match=r"unknown loss method 'kdd'; valid methods: ce, kd, loca"):
+        run(ds, PlainSource(N), method="kdd", epochs=1)

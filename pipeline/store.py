@@ -230,6 +230,22 @@ def _same_identity(a: StoreInfo, b: StoreInfo) -> list[str]:
     return diffs
 
 
+_ROW_ARRAYS = ("sample_id", "label", "view", "aug_params", "rows_done")
+
+
+def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
+    R, ch = info.num_rows, info.chunk_rows
+    for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
+        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **_codecs(np.dtype(dt), True))
+    if info.aug_param_names:
+        P = len(info.aug_param_names)
+        group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
+                           fill_value=0.0, **_codecs(np.dtype(np.float32), True))
+    # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
+    group.create_array("rows_done", shape=(info.num_chunks,), chunks=(1,), dtype=np.uint8,
+                       fill_value=0, **_codecs(np.dtype(np.uint8), False))
+
+
 class LogitStore:
     """A logit store on local disk or any fsspec URL zarr understands."""
 
@@ -269,7 +285,9 @@ class LogitStore:
         except StoreError:
             try:
                 probe = zarr.open_group(path, mode="r")
-                if list(probe.keys()) or dict(probe.attrs):
+                # a creation killed before its attributes were written leaves only row arrays: redo it
+                interrupted = not dict(probe.attrs) and set(probe.keys()) <= set(_ROW_ARRAYS)
+                if (list(probe.keys()) or dict(probe.attrs)) and not interrupted:
                     if not overwrite:
                         raise StoreConflictError(f"{path!r} holds something that is not a loca-pipe store; "
                                                  f"choose another --store or pass --overwrite to replace it")
@@ -283,23 +301,9 @@ class LogitStore:
                     f"use another --store, or pass --overwrite to replace it (its teachers are deleted)")
             return existing
         group = zarr.open_group(path, mode="w")
-        group.attrs[ATTR] = info.to_attrs()
-        store = cls(group, path)
-        store._create_row_arrays()
-        return store
-
-    def _create_row_arrays(self) -> None:
-        R, ch = self.info.num_rows, self.info.chunk_rows
-        for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
-            self.group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1,
-                                    **_codecs(np.dtype(dt), True))
-        if self.info.aug_param_names:
-            P = len(self.info.aug_param_names)
-            self.group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
-                                    fill_value=0.0, **_codecs(np.dtype(np.float32), True))
-        # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
-        self.group.create_array("rows_done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8,
-                                fill_value=0, **_codecs(np.dtype(np.uint8), False))
+        _create_row_arrays(group, info)
+        group.attrs[ATTR] = info.to_attrs()  # last: a store with attributes has all its row arrays
+        return cls(group, path)
 
     # -- shared rows ----------------------------------------------------------------------------------
     def write_rows(self, c: int, sample_id: np.ndarray, label: np.ndarray, view: np.ndarray,

@@ -235,6 +235,14 @@ def test_interrupted_teacher_creation_is_redone(tmp_path):
     assert w.pending_chunks() == [0, 1, 2] and "topk_ids" in w.group
 
 
+def test_interrupted_store_creation_is_redone(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    g = zarr.open_group(path, mode="w")  # killed after the row arrays, before the attributes
+    g.create_array("sample_id", shape=(10,), dtype="i8")
+    store = LogitStore.create_or_open(path, _info())
+    assert store.info.num_rows == 10 and "rows_done" in store.group
+
+
 def test_describe(tmp_path):
     z, y = _batch(10)
     store = LogitStore.create_or_open(str(tmp_path / "s.zarr"), _info())

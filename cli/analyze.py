@@ -1,7 +1,122 @@
-"""`loca-pipe` commands of this group (filled in by its owner)."""
+"""`loca-pipe analyze` (mis-instruction statistics) and `loca-pipe calibrate` (precomputed LoCa/KD targets)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+
+from loca_pipe.pipeline.errors import ConfigError
+
+
+class Entropy(str, enum.Enum):
+    auto = "auto"
+    topk = "topk"
+
+
+class Form(str, enum.Enum):
+    auto = "auto"
+    dense = "dense"
+    sparse = "sparse"
+
+
+def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise ConfigError(f"{opt} takes comma-separated numbers such as '0.9,0.95'; got {text!r}") from exc
+
+
+def _names(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [t for t in text.replace(" ", "").split(",") if t]
+
+
+def _params(section: str, cls: type, params: Optional[Path], overrides: dict[str, Any]):
+    from loca_pipe.stages.config import load_section
+
+    return load_section(cls, section, str(params) if params else {}, overrides)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
+
+
+def analyze(
+    store: Annotated[Optional[str], typer.Argument(help="Logit store path (default: analyze.store of --params).")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", "-t", help="Comma-separated teacher names (default: all in the store).")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated LoCa α values for the scale statistics, each in (0, 1) (default 0.95).")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="Temperature τ of p = softmax(z/τ) (default 4; must be declared at cache time for top-k-only teachers).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder (default results/analysis).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (tcp://host:8786); default: local threads.")] = None,
+    bins: Annotated[Optional[int], typer.Option(help="Histogram bins.")] = None,
+    top_confusions: Annotated[Optional[int], typer.Option(help="(label → prediction) pairs kept per teacher.")] = None,
+    entropy: Annotated[Optional[Entropy], typer.Option(help="auto: exact entropy from full logits when stored; topk: top-k+tail bound, never read the full logits.")] = None,
+    samples: Annotated[Optional[bool], typer.Option("--samples/--no-samples", help="Write the per-sample Parquet table.")] = None,
+    figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace results of another store in the output folder.")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'analyze' gives the defaults (options override it).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.")] = False,
+) -> None:
+    """Mis-instruction statistics of every teacher in a logit store: ratios, confusions, confidences, figures."""
+    from loca_pipe.stages import analyze as stage
+
+    p = _params("analyze", stage.AnalyzeParams, params, {
+        "store": store, "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
+        "scheduler": scheduler, "bins": bins, "top_confusions": top_confusions,
+        "entropy": entropy.value if entropy else None, "samples": samples, "figures": figures, "overwrite": overwrite})
+    rep = stage.execute(p)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    typer.echo(f"store {p.store}  τ={p.tau:g}  α={list(p.alpha)}  ({rep['seconds']:.1f} s)\n")
+    typer.echo(rep["summary_markdown"])
+    for name, m in rep["teachers"].items():
+        conf = ", ".join(f"{c['label']}→{c['prediction']} ({c['count']})" for c in m["top_confusions"][:5])
+        worst = ", ".join(f"{c['class']} ({_pct(c['ratio'])})" for c in m["worst_classes"][:3])
+        typer.echo(f"{name}: top confusions {conf or '-'}; worst classes {worst or '-'}; entropy {m['entropy_kind']}")
+    typer.echo(f"\nresults in {p.out}/ (metrics.json, summary.md, *.csv, samples/, figures/)")
+
+
+def calibrate(
+    store: Annotated[Optional[str], typer.Argument(help="Logit store path (default: calibrate.store of --params).")] = None,
+    teachers: Annotated[Optional[str], typer.Option("--teachers", "-t", help="Comma-separated teacher names (default: all in the store).")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="Comma-separated LoCa α values; one loca_<α> target each (default 0.95).")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="Temperature τ of the targets (default 4).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Targets store path (a Zarr v3 folder).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Metrics JSON path (dvc metrics).")] = None,
+    form: Annotated[Optional[Form], typer.Option(help="auto: dense (R, C) for full-logit teachers, sparse top-k form otherwise.")] = None,
+    dense_max_classes: Annotated[Optional[int], typer.Option(help="With form auto, more classes than this → sparse.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address; default: local threads.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace targets made from another store or with other settings.")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'calibrate' gives the defaults.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Write precomputed KD and LoCa targets (validated against LoCa's invariants) for the students."""
+    from loca_pipe.stages import calibrate as stage
+
+    p = _params("calibrate", stage.CalibrateParams, params, {
+        "store": store, "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
+        "metrics": metrics, "form": form.value if form else None, "dense_max_classes": dense_max_classes,
+        "scheduler": scheduler, "overwrite": overwrite})
+    rep = stage.execute(p)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    typer.echo(f"targets {rep['path']}  τ={rep['tau']:g}  α={rep['alphas']}  ({rep['seconds']:.1f} s)")
+    for n, t in rep["teachers"].items():
+        arrays = ", ".join(f"{k} {tuple(v)}" for k, v in t["arrays"].items())
+        typer.echo(f"  {n}: {t['form']}; calibrated rows {t['calibrated_rows']:,} ({_pct(t['calibrated_ratio'])}); "
+                   f"invariant violations {sum(t['violations'].values())}; chunks written {t['chunks_written']}")
+        typer.echo(f"    arrays: {arrays}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("analyze")(analyze)
+    app.command("calibrate")(calibrate)

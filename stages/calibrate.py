@@ -1,0 +1,59 @@
+"""Stage ``calibrate``: precomputed KD and LoCa targets for the students (section ``calibrate``).
+
+Writes the targets store ``out`` (layout: :mod:`loca_pipe.pipeline.targets`, docs/analysis.md) and
+``metrics`` (a JSON file for dvc metrics: per teacher, the form, the calibrated share and the invariant
+violations — which must all be 0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loca_pipe.pipeline.analysis import connect
+from loca_pipe.pipeline.targets import write_targets
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    """Section ``calibrate`` of params.yaml."""
+
+    store: str = "data/logits/fashion-mnist-train.zarr"
+    teachers: tuple[str, ...] = ()  # empty: every teacher in the store
+    alpha: tuple[float, ...] = (0.95,)  # one loca_<α> target per value (paper: 0.9–0.999)
+    tau: float = 4.0  # temperature of the targets p = softmax(z/τ); students must use the same τ
+    out: str = "data/targets/fashion-mnist-train.zarr"
+    metrics: str = "results/calibrate.json"
+    form: Literal["auto", "dense", "sparse"] = "auto"  # auto: dense for full-logit teachers with C ≤ dense_max_classes
+    dense_max_classes: int = 4096
+    scheduler: str | None = None  # dask.distributed scheduler address; empty: local threads
+    overwrite: bool = False  # replace targets made from another store / other settings
+
+
+def execute(params: CalibrateParams) -> dict[str, Any]:
+    """Write (or resume) the targets; returns the report (what ``--json`` prints)."""
+    client = connect(params.scheduler)
+    try:
+        rep = write_targets(params.store, params.out, params.alpha, params.tau, teachers=params.teachers,
+                            form=params.form, dense_max_classes=params.dense_max_classes,
+                            overwrite=params.overwrite, client=client)
+    finally:
+        if client is not None:
+            client.close()
+    full = {"store": params.store, "params": asdict(params), **rep.to_dict()}
+    if params.metrics:
+        m = Path(params.metrics)
+        m.parent.mkdir(parents=True, exist_ok=True)
+        lean = {"violations": rep.violations,
+                "teachers": {n: {"form": t["form"], "calibrated_rows": t["calibrated_rows"],
+                                 "calibrated_ratio": t["calibrated_ratio"],
+                                 "violations": sum(t["violations"].values())} for n, t in rep.teachers.items()}}
+        m.write_text(json.dumps(lean, indent=1))
+    return full
+
+
+def run(params: CalibrateParams) -> None:
+    """DVC entry point."""
+    execute(params)

@@ -1,0 +1,100 @@
+"""Student epoch time: training from the logit store vs the in-memory floor, CE, and online KD.
+
+One process, real Fashion-MNIST, the default student (``mlp_small``) with the short-cpu batch size, the
+default teacher architecture (``cnn``, random init — the ratios do not depend on its accuracy). Prints:
+
+  store / in-memory KD   epoch from the Zarr store ÷ KD with the logits as one in-memory tensor (goal ≤ 1.05)
+  store / CE             ÷ a CE-only epoch (the KD loss itself costs something on a tiny student)
+  online / store         online KD (teacher forward every step) ÷ store epoch (speed-up; goal ≥ 10×)
+
+Epoch times are medians of interleaved repeats (the machine is shared and noisy). ``LOCA_BENCH_QUICK=1``
+uses 1,024 samples and one repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from loca_pipe.pipeline.data import open_dataset
+    from loca_pipe.pipeline.losses import LossConfig
+    from loca_pipe.pipeline.models import build_model
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource, load_soft_labels
+    from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows, summarize_logits
+    from loca_pipe.pipeline.training import ImageSet, TrainConfig, preset_config, train_student
+
+    quick = os.environ.get("LOCA_BENCH_QUICK") == "1"
+    threads = int(os.environ.get("LOCA_BENCH_THREADS", "1"))
+    torch.set_num_threads(threads)
+    repeats = 1 if quick else 3
+    spec = open_dataset("fashion-mnist", "train")
+    n = 1024 if quick else len(spec)
+    images = ImageSet(spec.dataset, "cpu")
+    images.images = images.images[:n]
+    labels = torch.as_tensor(spec.labels[:n], dtype=torch.int64)
+    C = spec.num_classes
+    short = preset_config("short-cpu", "mlp_small")
+    cfg = TrainConfig(epochs=1, batch_size=short.batch_size, lr=short.lr, milestones=(), seed=0)
+    loss_cfg = LossConfig()
+
+    torch.manual_seed(0)
+    teacher = build_model("cnn", C, spec.in_channels, spec.image_size).eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        z = torch.cat([teacher(images.images[i:i + 1024]) for i in range(0, n, 1024)])
+    t_teacher = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "store.zarr")
+        info = StoreInfo(task="classification", num_samples=n, num_views=1, num_rows=n, num_classes=C,
+                         chunk_rows=min(n, default_chunk_rows(C)),
+                         dataset={"name": "fashion-mnist", "split": "train", "fingerprint": spec.fingerprint})
+        store = LogitStore.create_or_open(path, info)
+        w = store.begin_teacher("cnn", {"teacher": "cnn"}, top_k=5, temperatures=(1.0, 4.0))
+        for c in range(info.num_chunks):
+            sl = info.chunk_slice(c)
+            store.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
+            arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], labels[sl], 5, (1.0, 4.0)).items()}
+            arrays["logits"] = z[sl].numpy()
+            w.write_chunk(c, arrays)
+        w.finalize()
+        t0 = time.perf_counter()
+        sl_store = load_soft_labels(path, spec, tau=4.0)
+        t_load = time.perf_counter() - t0
+
+        def epoch(source, method, teacher_model=None) -> float:
+            torch.manual_seed(1)
+            model = build_model("mlp_small", C, spec.in_channels, spec.image_size)
+            t = time.perf_counter()
+            train_student(model, images=images, labels=labels, source=source, method=method, loss_cfg=loss_cfg,
+                          cfg=cfg, teacher_model=teacher_model, do_eval=False)
+            return time.perf_counter() - t
+
+        times: dict[str, list[float]] = {"store": [], "memory": [], "ce": []}
+        for _ in range(repeats):
+            times["store"].append(epoch(sl_store, "kd"))
+            times["memory"].append(epoch(TensorSource(z), "kd"))
+            times["ce"].append(epoch(PlainSource(n), "ce"))
+        t_online = epoch(PlainSource(n), "kd", teacher_model=teacher)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"bench_train: Fashion-MNIST {n} samples, student mlp_small, teacher cnn (random init), batch "
+          f"{cfg.batch_size}, {threads} thread(s), median of {repeats}")
+    print(f"  teacher pass over the data (cache cost, no I/O): {t_teacher:.2f} s; store load into memory: {t_load:.3f} s")
+    print(f"  epoch seconds: store {med['store']:.2f}  in-memory KD {med['memory']:.2f}  CE {med['ce']:.2f}  "
+          f"online KD {t_online:.2f}")
+    print(f"  store / in-memory KD = {med['store'] / med['memory']:.3f}  (goal <= 1.05)")
+    print(f"  store / CE           = {med['store'] / med['ce']:.3f}")
+    print(f"  online / store       = {t_online / med['store']:.1f}x speed-up  (goal >= 10x)")
+    print(f"  samples/s from the store: {n / med['store']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

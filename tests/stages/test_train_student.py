@@ -223,3 +223,22 @@ def test_report_table_from_metrics_files(tmp_path):
     assert "| Δ vs KD | +1.17 |" in md
     with pytest.raises(ConfigError, match="no runs in"):
         report_stage.run(report_stage.ReportParams(runs_dir=str(tmp_path), out_dir=str(tmp_path / "x")))
+
+
+def test_targets_store_trains_like_calibrating_on_the_fly_and_refuses_other_alpha_tau(env, tmp_path):
+    from loca_pipe.pipeline.targets import write_targets
+
+    tmp, ck, teacher, store = env
+    targets = str(tmp_path / "targets.zarr")
+    write_targets(store, targets, alphas=(0.9,), tau=4.0)
+    a = run(params(tmp_path, store, method="loca", alpha=0.9, seed=1, out_dir=str(tmp_path / "a")))
+    b = run(params(tmp_path, None, targets=targets, method="loca", alpha=0.9, seed=1, out_dir=str(tmp_path / "b")))
+    assert b["loss_method"] == "kd" and b["form"] == "probs"
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=1.0)  # fp32 targets vs on-the-fly: tiny drift only
+    with pytest.raises(StoreError, match=r"holds LoCa targets for α in \[0.9\], not α=0.95.*--alpha 0.95"):
+        run(params(tmp_path, None, targets=targets, method="loca", alpha=0.95))
+    with pytest.raises(StoreError, match=r"was built at τ=4, this run asks τ=2.*train_student.tau to 4"):
+        run(params(tmp_path, None, targets=targets, method="kd", tau=2.0))
+    with pytest.raises(ConfigError, match=r"method 'ls' cannot train from precomputed targets"):
+        run(params(tmp_path, None, targets=targets, method="ls"))

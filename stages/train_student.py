@@ -35,7 +35,7 @@ MISMATCH_WARNING = (
 class TrainStudentParams:
     """The ``train_student`` section of params.yaml (every key optional)."""
 
-    store: str | None = "data/store"      # logit store from `loca-pipe cache-logits`
+    store: str | None = "data/logits/fashion-mnist-train.zarr"  # logit store from `loca-pipe cache-logits`
     teacher: str | None = None            # teacher name in the store (None: the store's only teacher)
     targets: str | None = None            # targets store from `loca-pipe calibrate` (instead of logits)
     method: str = "kd"                    # a name in loca_pipe.pipeline.losses.METHODS

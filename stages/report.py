@@ -105,8 +105,12 @@ def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: f
         if m.get(metric) is not None:
             g["values"].append(float(m[metric]))
             g["runs"].append(m.get("run"))
-    # the CE student has no teacher: show it in every pair with this student
-    pairs = sorted({p for p, _ in groups})
+    # a CE run has no teacher: it is the "Student" row of every pair with the same student, and a column of
+    # its own only when no distilled run uses that student
+    distilled = {p for (p, _), g in groups.items() if g["method"] != "ce"}
+    pairs = sorted(distilled | {p for (p, _), g in groups.items()
+                                if g["method"] == "ce" and not any(d.endswith(f"→ {p.split(' → ', 1)[1]}")
+                                                                   for d in distilled)})
     out: list[dict[str, Any]] = []
     for pair in pairs:
         student = pair.split(" → ", 1)[1]

@@ -126,7 +126,9 @@ def test_cli_sweep_then_report(env, tmp_path):
     acc = {r: json.loads((out / r / "metrics.json").read_text())["test_top1"] for r in runs}
     kd = [acc["kd-s0"], acc["kd-s1"]]
     lo = [acc["loca-a0.95-s0"], acc["loca-a0.95-s1"]]
-    js = json.loads((rep / "report.json").read_text())["mlp_small → mlp_small"]
+    js = json.loads((rep / "report.json").read_text())
+    assert list(js) == ["mlp_small → mlp_small"]
+    js = js["mlp_small → mlp_small"]
     assert js["KD"]["mean"] == pytest.approx(np.mean(kd), abs=1e-4)
     assert js["KD"]["std"] == pytest.approx(np.std(kd, ddof=1), abs=1e-4)
     assert js["LoCa-0.95"]["delta"] == pytest.approx(np.mean(lo) - np.mean(kd), abs=1e-4)
@@ -213,9 +215,11 @@ def test_report_table_from_metrics_files(tmp_path):
             d = tmp_path / "runs" / run_name(m, a or 0.9, s)
             d.mkdir(parents=True)
             (d / "metrics.json").write_text(json.dumps({"method": m, "alpha": a, "seed": s, "student": "mlp_small",
-                                                        "teacher": "cnn", "teacher_test_top1": 91.25,
+                                                        "teacher": None if m == "ce" else "cnn",
+                                                        "teacher_test_top1": None if m == "ce" else 91.25,
                                                         "test_top1": acc, "online": False}))
     md = report_stage.run(report_stage.ReportParams(runs_dir=str(tmp_path / "runs"), out_dir=str(tmp_path / "rep")))
+    assert md.splitlines()[2] == "| | cnn → mlp_small |"  # CE runs (no teacher) join the pair, no own column
     assert "| Teacher | 91.25 |" in md
     assert "| Student (CE) | 81.00 ± 1.00 (3) |" in md
     assert "| KD | 85.00 ± 1.00 (3) |" in md

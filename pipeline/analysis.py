@@ -131,7 +131,10 @@ def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.T
         in_top5 = None
     if logits is not None:
         # one pass, shifted by the stored lse: t = z/τ − lse, e = exp(t), S = Σe (≈ 1), H = log S − Σ e·t / S
-        t = torch.add(-lse[:, None], logits, alpha=1.0 / tau)
+        t = logits.to(torch.float32, copy=True)
+        if tau != 1.0:
+            t.mul_(1.0 / tau)
+        t.sub_(lse[:, None])
         e = torch.exp(t)
         S = e.sum(1)
         D = torch.bmm(e.unsqueeze(1), t.unsqueeze(2)).view(-1)
@@ -258,26 +261,51 @@ def hist_ranges(opts: AnalysisOptions, num_classes: int) -> dict[str, tuple[floa
     return r
 
 
-def _read_block(tv: TeacherView, sl: slice, opts: AnalysisOptions) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Read rows ``sl`` of a teacher and compute their per-row statistics."""
+# Rows of the small per-row arrays (labels, top-k, lse, …) read in one zarr call: each call has a fixed cost,
+# so reading them chunk by chunk would cost more than the compute on stores with many chunks.
+SMALL_BLOCK_ROWS = 1 << 16
+
+
+def _blocks(chunks: Sequence[int], chunk_rows: int) -> list[list[int]]:
+    """Runs of consecutive chunks holding at most SMALL_BLOCK_ROWS rows (at least one chunk)."""
+    per = max(1, SMALL_BLOCK_ROWS // max(1, chunk_rows))
+    out: list[list[int]] = []
+    for c in chunks:
+        if out and c == out[-1][-1] + 1 and len(out[-1]) < per:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out
+
+
+def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
+    """Yield (row slice, per-row statistics, row metadata) for each chunk; memory: one chunk of logits."""
     info = tv.store.info
-    labels = tv["label"][sl]
-    y = torch.from_numpy(labels)
+    stored = _tau_stored(tv, opts.tau)
     use_logits = tv.has_full_logits and opts.entropy != "topk"
-    z = torch.from_numpy(tv["logits"][sl]) if (use_logits or not _tau_stored(tv, opts.tau)) else None
-    if _tau_stored(tv, opts.tau):
-        t = tv.tau_index(opts.tau)
-        tl = torch.from_numpy(tv["topk_logits"][sl])
-        ti = torch.from_numpy(tv["topk_ids"][sl].astype(np.int64))
-        lse = torch.from_numpy(tv["lse"][sl, t])
-        zl = torch.from_numpy(tv["label_logit"][sl])
-    else:  # τ not declared at cache time, but full logits are stored: recompute the summary exactly
-        s = summarize_logits(z.float(), y, top_k=min(info.num_classes, max(5, tv.top_k)), temperatures=[opts.tau])
-        tl, ti, lse, zl = s["topk_logits"], s["topk_ids"], s["lse"][:, 0], s["label_logit"]
-    stats = row_stats(y, tl, ti, lse, zl, opts.tau, opts.alphas, logits=z if use_logits else None,
-                      num_classes=info.num_classes)
-    meta = {"label": labels, "view": tv["view"][sl], "sample_id": tv["sample_id"][sl]}
-    return stats, meta
+    t = tv.tau_index(opts.tau) if stored else -1
+    for blk in _blocks(chunks, info.chunk_rows):
+        bsl = slice(info.chunk_slice(blk[0]).start, info.chunk_slice(blk[-1]).stop)
+        small = {k: tv[k][bsl] for k in ("label", "view", "sample_id")}
+        if stored:
+            small.update(topk_logits=tv["topk_logits"][bsl], topk_ids=tv["topk_ids"][bsl].astype(np.int64),
+                         lse=tv["lse"][bsl, t], label_logit=tv["label_logit"][bsl])
+        for c in blk:
+            sl = info.chunk_slice(c)
+            loc = slice(sl.start - bsl.start, sl.stop - bsl.start)
+            part = {k: v[loc] for k, v in small.items()}
+            y = torch.from_numpy(part["label"])
+            z = torch.from_numpy(tv["logits"][sl]) if (use_logits or not stored) else None
+            if stored:
+                tl, ti = torch.from_numpy(part["topk_logits"]), torch.from_numpy(part["topk_ids"])
+                lse, zl = torch.from_numpy(part["lse"]), torch.from_numpy(part["label_logit"])
+            else:  # τ not declared at cache time, but full logits are stored: recompute the summary exactly
+                s = summarize_logits(z.float(), y, top_k=min(info.num_classes, max(5, tv.top_k)),
+                                     temperatures=[opts.tau])
+                tl, ti, lse, zl = s["topk_logits"], s["topk_ids"], s["lse"][:, 0], s["label_logit"]
+            stats = row_stats(y, tl, ti, lse, zl, opts.tau, opts.alphas, logits=z if use_logits else None,
+                              num_classes=info.num_classes)
+            yield sl, stats, {k: part[k] for k in ("label", "view", "sample_id")}
 
 
 def _tau_stored(tv: TeacherView, tau: float) -> bool:
@@ -314,9 +342,7 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
     writer = None
     tmp = f"{part_path}.tmp" if part_path else None
     try:
-        for c in chunks:
-            sl = info.chunk_slice(c)
-            stats, meta = _read_block(tv, sl, opts)
+        for sl, stats, meta in _iter_blocks(tv, chunks, opts):
             part.add(stats, meta["label"], meta["view"], ranges)
             if tmp:
                 table = _table(sl, meta, stats)

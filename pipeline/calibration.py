@@ -47,6 +47,8 @@ __all__ = [
     "sparse_from_topk",
 ]
 
+_TORCH_OK = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
 #: Tolerance on Σp = 1 when a caller hands in probabilities (fp16 storage rounds each entry).
 PROB_SUM_TOL = 1e-2
 
@@ -157,16 +159,17 @@ def _raise_nan(x: torch.Tensor, what: str) -> None:
 
 
 def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
-    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL."""
+    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL (two passes)."""
     if p.numel() == 0:
         return
-    if bool(torch.isnan(p).any()):
+    sums = p.sum(1)
+    if bool(torch.isnan(sums).any()):
         _raise_nan(p, what)
-    lo, hi = float(p.min()), float(p.max())
+    lo, hi = (float(v) for v in torch.aminmax(p))
     if lo < 0.0 or hi > 1.0:
         raise ConfigError(f"{what} must lie in [0, 1]; got values in [{lo:g}, {hi:g}]. If these are logits, "
                           f"use loca_from_logits(logits, labels, alpha, tau)")
-    dev = float((p.sum(1) - 1.0).abs().max())
+    dev = float((sums - 1.0).abs().max())
     if dev > PROB_SUM_TOL:
         raise ConfigError(f"{what} must sum to 1 over classes (within {PROB_SUM_TOL}); a row is off by "
                           f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau), or use loca_from_logits")
@@ -195,10 +198,13 @@ def _mask_and_scale(p_y: torch.Tensor, p_k: torch.Tensor, alpha: float) -> tuple
     return mis, s, new_py
 
 
-def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float) -> LocaResult:
+def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float, what: str = "probabilities") -> LocaResult:
     y = labels.view(-1, 1)
     p_y = p.gather(1, y)  # (B, 1)
     p_k = p.scatter(1, y, -1.0).amax(1, keepdim=True)  # (B, 1) max over i ≠ y
+    # amax propagates NaN, and softmax turns any NaN/+inf logit into a NaN row: an O(B) check suffices
+    if bool(torch.isnan(p_y).any() | torch.isnan(p_k).any()):
+        _raise_nan(p, what)
     mis, s, new_py = _mask_and_scale(p_y, p_k, alpha)
     out = (p * s).scatter_(1, y, new_py)  # × 1.0 on correct rows is exact
     return LocaResult(out, mis.view(-1), s.view(-1))
@@ -218,11 +224,11 @@ def mis_instruction_mask(logits_or_probs: torch.Tensor, labels: torch.Tensor) ->
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
     x = x.to(_compute_dtype(x))
-    if bool(torch.isnan(x).any()):
-        _raise_nan(x, "logits/probabilities")
     y = labels.view(-1, 1)
     x_y = x.gather(1, y).view(-1)
-    x_k = x.scatter(1, y, -math.inf).amax(1)
+    x_k = x.scatter(1, y, -math.inf).amax(1)  # amax propagates NaN
+    if bool(torch.isnan(x_y).any() | torch.isnan(x_k).any()):
+        _raise_nan(x, "logits/probabilities")
     return x_y <= x_k
 
 
@@ -252,12 +258,10 @@ def loca_from_logits(logits: torch.Tensor, labels: torch.Tensor, alpha: float, t
     t = _check_tau(tau)
     z, labels = _check_2d(logits, labels, "logits")
     p = torch.softmax(z.to(_compute_dtype(z)) / t, dim=1)
-    if p.numel() and bool(torch.isnan(p).any()):
-        _raise_nan(p, "teacher logits")
     if p.shape[0] == 0:
         return LocaResult(p, torch.zeros(0, dtype=torch.bool, device=p.device),
                           torch.zeros(0, dtype=p.dtype, device=p.device))
-    return _loca_dense(p, labels, a)
+    return _loca_dense(p, labels, a, "teacher logits")
 
 
 def loca_label_logit(logits: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float
@@ -400,7 +404,10 @@ def loca_calibrate_blocks(logits: Any, labels: Any, alpha: float, tau: float, *,
                 res = loca_from_logits(x, yb, a, t)
             else:
                 res = loca(x, yb, a)
-            out[start:stop] = res.probs.numpy().astype(out.dtype, copy=False)
+            if isinstance(out, np.ndarray) and out.dtype in _TORCH_OK:
+                torch.from_numpy(out[start:stop]).copy_(res.probs)  # cast + write in one pass
+            else:
+                out[start:stop] = res.probs.numpy().astype(out.dtype, copy=False)
             calibrated[start:stop] = res.calibrated.numpy()
             scale[start:stop] = res.scale.numpy()
     return calibrated, scale

@@ -212,13 +212,31 @@ def _kl_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tenso
     return (p * (lp - lq)).sum(1, keepdim=True)  # (B, 1)
 
 
-def _loca_kd_rows(p, lp, lq, y1, alpha, from_probs=False) -> torch.Tensor:
-    r = _loca_rows(p, lp, y1, alpha, from_probs=from_probs)
-    rows = _kl_rows(p, lp, lq)
+def _loca_kd_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, y1: torch.Tensor, alpha: float,
+                  from_probs: bool = False) -> torch.Tensor:
+    """(B, 1) rows of KL(LoCa(p) ‖ q) = s·KL(p‖q) + (s − 1)·log q_y + c0 (module docstring; s·p_y − p′_y = s − 1).
+
+    Written for few tensor ops (small batches are dominated by per-op overhead): the teacher-only terms
+    are computed once under no_grad, and correct rows get s = 1, c0 = 0, so their KL is KD's bit for bit.
+    """
     with torch.no_grad():
-        c1 = r.s * r.p_y - r.new_py
-        c0 = r.s * r.log_s * (1.0 - r.p_y) + r.new_py * r.log_new_py - (r.s * r.p_y) * lp.gather(1, y1)
-    return r.s * rows + c1 * lq.gather(1, y1) + c0
+        lp_y = lp.gather(1, y1)
+        if from_probs:
+            p_y = p.gather(1, y1)
+            p_k = p.scatter(1, y1, -1.0).amax(1, keepdim=True)
+        else:
+            p_y = lp_y.exp()
+            p_k = lp.scatter(1, y1, -math.inf).amax(1, keepdim=True).exp()
+        ok = p_y > p_k  # the label strictly wins: untouched
+        rest = 1.0 - p_y
+        s = (alpha / (rest + p_k)).masked_fill_(ok, 1.0)
+        new_py = 1.0 - s * rest
+        if alpha >= 1.0 and bool((new_py < 0).any()):
+            raise NumericsError(f"LoCa alpha={alpha} >= 1 makes the label's calibrated probability negative for "
+                                f"{int((new_py < 0).sum())} row(s); use alpha < 1")
+        c0 = (torch.xlogy(s, s) * rest + torch.xlogy(new_py, new_py) - s * p_y * lp_y).masked_fill_(ok, 0.0)
+        c1 = s - 1.0
+    return s * _kl_rows(p, lp, lq) + c1 * lq.gather(1, y1) + c0
 
 
 # ---------------------------------------------------------------------------------------------------

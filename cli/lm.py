@@ -1,7 +1,184 @@
-"""`loca-pipe` commands of this group (filled in by its owner)."""
+"""`loca-pipe lm-*`: the language-model path (issue 7), one command per stage of lm/dvc.yaml.
+
+Every command reads its section of ``--params`` (default ``params.yaml`` in the current folder; the LM
+pipeline keeps its own in ``lm/params.yaml``) plus ``lm_base``; options override single values.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
+
+from loca_pipe.pipeline.errors import ConfigError
+
+ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
+WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
+
+
+class Template(str, enum.Enum):
+    plain = "plain"
+    chat = "chat"
+
+
+class BadLine(str, enum.Enum):
+    skip = "skip"
+    error = "error"
+
+
+class Method(str, enum.Enum):
+    sft = "sft"
+    seqkd = "seqkd"
+    kd = "kd"
+    loca = "loca"
+
+
+class IdDtype(str, enum.Enum):
+    auto = "auto"
+    int16 = "int16"
+    int32 = "int32"
+    int64 = "int64"
+
+
+def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
+    return {"workdir": workdir, **kw}
+
+
+def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as exc:
+        raise ConfigError(f"{opt} takes comma-separated numbers such as '1,2'; got {text!r}") from exc
+
+
+def _echo(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=float))
+
+
+def lm_prepare(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    source: Annotated[Optional[str], typer.Option(help="'default' (World English Bible pairs) or a Dolly / prompt-response JSONL file.")] = None,
+    template: Annotated[Optional[Template], typer.Option(help="Prompt template.")] = None,
+    on_bad_line: Annotated[Optional[BadLine], typer.Option(help="A bad JSONL line: skip it (reported) or stop with its line number.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(help="Training examples (0 = all after val/test).")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Held-out examples for token accuracy / perplexity.")] = None,
+    test_size: Annotated[Optional[int], typer.Option(help="Held-out prompts for Rouge-L of greedy generations.")] = None,
+) -> None:
+    """Read instruction/response data and write the train/val/test splits."""
+    from loca_pipe.stages import lm_common, lm_prepare as stage
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+        "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
+        "val_size": val_size, "test_size": test_size}, _base(workdir, template=template.value if template else None))
+    rep = stage.run(base, p)
+    _echo({"sizes": rep["sizes"], "bad_lines": rep["read"]["bad"]})
+
+
+def lm_tokenizer(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary size (specials included).")] = None,
+    from_model: Annotated[Optional[str], typer.Option(help="Copy the tokenizer of this Hugging Face model folder instead of training one.")] = None,
+) -> None:
+    """Train a byte-level BPE on the training split (or copy a model's tokenizer)."""
+    from loca_pipe.stages import lm_common, lm_tokenizer as stage
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
+                             _base(workdir))
+    _echo(stage.run(base, p))
+
+
+def lm_train_teacher(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (0 = only evaluate init_from).")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this Hugging Face causal LM folder.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model)."""
+    from loca_pipe.stages import lm_common, lm_train_teacher as stage
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
+                             _base(workdir, threads=threads))
+    _echo(stage.run(base, p))
+
+
+def lm_cache(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher: a Hugging Face causal LM folder (default: the pipeline's teacher/).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k logits/ids kept per response token.")] = None,
+    temperatures: Annotated[Optional[str], typer.Option(help="Comma-separated τ list; logsumexp(z/τ) stored for each.")] = None,
+    id_dtype: Annotated[Optional[IdDtype], typer.Option(help="Token-id dtype check (auto = smallest that holds the vocabulary).")] = None,
+    sample_draws: Annotated[Optional[int], typer.Option(help="Sparse Logit Sampling draws per token (0 = off).")] = None,
+    greedy_max_new_tokens: Annotated[Optional[int], typer.Option(help="Cache the teacher's greedy responses up to N tokens (SeqKD; 0 = off).")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of other data / a teacher with other settings.")] = None,
+    max_chunks: Annotated[Optional[int], typer.Option(help="Write at most N chunks now (resume later).")] = None,
+) -> None:
+    """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
+    from loca_pipe.stages import lm_cache as stage, lm_common
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+        "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
+        "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
+        "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "max_chunks": max_chunks}, _base(workdir))
+    rep = stage.run(base, p)
+    _echo({k: v for k, v in rep.items() if k != "bytes"})
+
+
+def lm_analyze(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    tau: Annotated[Optional[float], typer.Option(help="Temperature of p (must have been cached).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoCa α for the calibration statistics.")] = None,
+) -> None:
+    """Token-level mis-instruction ratios (overall, by position, by token frequency) → analysis/."""
+    from loca_pipe.stages import lm_analyze as stage, lm_common
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
+    s = stage.run(base, p)
+    _echo({k: v for k, v in s.items() if k not in ("by_position", "by_frequency")})
+
+
+def lm_train_student(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    method: Annotated[Optional[Method], typer.Option(help="sft | seqkd | kd | loca.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Student seed (init and batch order).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="KD temperature (must have been cached).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoCa α in (0, 1).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Train one student from the token cache and evaluate it (Rouge-L, token accuracy, perplexity)."""
+    from loca_pipe.stages import lm_common, lm_train_student as stage
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+        "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
+        _base(workdir, threads=threads))
+    _echo(stage.run(base, p))
+
+
+def lm_report(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Mean ± std over seeds of every student method → report/table.md (printed) and report/results.json."""
+    from loca_pipe.stages import lm_common, lm_report as stage
+
+    base, p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    stage.run(base, p)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    for name, fn in (("lm-prepare", lm_prepare), ("lm-tokenizer", lm_tokenizer), ("lm-train-teacher", lm_train_teacher),
+                     ("lm-cache", lm_cache), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
+                     ("lm-report", lm_report)):
+        app.command(name)(fn)

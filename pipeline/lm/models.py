@@ -53,7 +53,9 @@ def build_lm(arch: str, vocab_size: int, d_model: int, n_layers: int, n_heads: i
 def load_lm(path: str | Path) -> torch.nn.Module:
     """Load a causal LM folder (``save_pretrained`` format) in eval mode, fp32, on CPU."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-load weight bar is noise in logs and CLI output
     path = Path(path)
     if not (path / "config.json").exists():
         raise ModelError(f"no causal LM at {str(path)!r} (no config.json); train one with `loca-pipe lm-train-teacher` "
@@ -194,8 +196,8 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
         opt.step()
         if step % log_every == 0 or step == steps - 1:
             dt = time.perf_counter() - t0
-            history.append({"step": step, "loss": float(loss), "tokens_per_s": tokens / max(dt, 1e-9)})
-            log.info("step %d loss %.4f (%.0f tok/s)", step, float(loss), tokens / max(dt, 1e-9))
+            history.append({"step": step, "loss": float(loss.detach()), "tokens_per_s": tokens / max(dt, 1e-9)})
+            log.info("step %d loss %.4f (%.0f tok/s)", step, float(loss.detach()), tokens / max(dt, 1e-9))
     model.eval()
     return history
 

@@ -44,3 +44,11 @@ def spread(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Modu
 @pytest.fixture(scope="session")
 def teacher(tok):
     return spread(models.build_lm("llama", len(tok), 32, 2, 2, 64, tok, seed=0), seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tok, enc):
+    """A teacher trained briefly on the fixture data, so it is right on some tokens and wrong on others."""
+    m = models.build_lm("llama", len(tok), 32, 2, 2, 64, tok, seed=0)
+    models.train_lm(m, enc, None, steps=40, batch_size=8, lr=1e-2, seed=0, pad_id=tok.pad_token_id, all_tokens=True)
+    return m.eval()

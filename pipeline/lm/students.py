@@ -1,0 +1,104 @@
+"""Student training for causal LMs from the token cache: SFT, SeqKD, token-level KD and LoCa-KD.
+
+- ``sft``: cross-entropy on the reference response tokens.
+- ``seqkd``: cross-entropy on the teacher's own greedy responses (cached at stage one) — the paper's
+  text-generation "KD" baseline (Kim & Rush 2016).
+- ``kd``: β · τ² · KL(p_T ‖ p_S) on the sparse teacher (top-k ∪ {label} ∪ tail, exact from the store's top-k
+  logits, lse at τ and label logit) + γ · CE. The student is normalised over the *full* vocabulary before
+  its probabilities are gathered at the kept ids (:func:`loca_pipe.pipeline.losses.sparse_kd_loss`).
+- ``loca``: the same with the sparse teacher calibrated by LoCa first
+  (:func:`loca_pipe.pipeline.calibration.loca_sparse`; only mis-instructed tokens change).
+
+Evaluation: Rouge-L of greedy generations against the reference responses, token accuracy and perplexity
+of the reference responses under teacher forcing (held-out data).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loca_pipe.pipeline.calibration import loca_sparse, sparse_from_topk
+from loca_pipe.pipeline.errors import ConfigError, StoreConflictError
+from loca_pipe.pipeline.lm.cache import LMTeacherCache
+from loca_pipe.pipeline.lm.tokenizer import Encoded
+from loca_pipe.pipeline.losses import sparse_kd_loss
+
+log = logging.getLogger(__name__)
+METHODS = ("sft", "seqkd", "kd", "loca")
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """Loss weights: L = β·L_KD + γ·CE (paper, ImageNet/LLM-style τ = 1, β = γ = 0.5 by default)."""
+
+    tau: float = 1.0
+    alpha: float = 0.9
+    beta: float = 0.5
+    gamma: float = 0.5
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"unknown student method {method!r}; valid methods are {list(METHODS)}")
+    return method
+
+
+def check_cache_matches(cache: LMTeacherCache, enc: Encoded) -> None:
+    """The cache's rows must be exactly this data's response tokens (same sequences, same order)."""
+    off = enc.offsets()
+    if len(cache.offsets) != len(off) or not np.array_equal(cache.offsets, off):
+        raise StoreConflictError(f"the teacher cache holds {cache.num_sequences} sequences / {int(cache.offsets[-1])} "
+                                 f"response tokens, this data {len(enc)} / {int(off[-1])}; re-cache the teacher on the "
+                                 f"same data, template, tokenizer and max_length")
+    labels = np.concatenate([s[p:] for s, p in zip(enc.ids, enc.prompt_len)])
+    if not np.array_equal(cache.label, labels):
+        bad = int(np.flatnonzero(cache.label != labels)[0])
+        raise StoreConflictError(f"the teacher cache's next-token labels differ from this data's response tokens "
+                                 f"(first at row {bad}); re-cache the teacher on the same data and tokenizer")
+
+
+def sparse_targets(cache: LMTeacherCache, rows: np.ndarray, labels: torch.Tensor, tau: float,
+                   alpha: float | None):
+    """Sparse teacher at τ for the given rows; LoCa-calibrated when ``alpha`` is given."""
+    t = cache.tau_index(tau)
+    sd = sparse_from_topk(torch.as_tensor(cache.topk_logits[rows]), torch.as_tensor(cache.topk_ids[rows].astype(np.int64)),
+                          torch.as_tensor(cache.lse[rows, t]), torch.as_tensor(cache.label_logit[rows]), labels, tau)
+    if alpha is not None:
+        sd, _ = loca_sparse(sd, labels, alpha)
+    return sd
+
+
+def make_loss(method: str, cache: LMTeacherCache | None, kd: KDSettings) -> Callable | None:
+    """The per-batch loss for ``train_lm`` (None = plain cross-entropy)."""
+    check_method(method)
+    if method in ("sft", "seqkd"):
+        return None
+    if cache is None:
+        raise ConfigError(f"method {method!r} needs a teacher cache (--store)")
+    cache.tau_index(kd.tau)  # fail before training when τ was not cached
+    alpha = kd.alpha if method == "loca" else None
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
+        rows = cache.rows(seq_idx)
+        sd = sparse_targets(cache, rows, labels, kd.tau, alpha)
+        return kd.beta * sparse_kd_loss(logits, sd, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
+
+    return loss
+
+
+def seqkd_encoding(enc: Encoded, greedy: list[np.ndarray], eos_id: int, max_length: int) -> Encoded:
+    """The training prompts with the teacher's greedy responses (+ eos) as targets."""
+    if len(greedy) != len(enc):
+        raise StoreConflictError(f"the cache holds {len(greedy)} greedy responses for {len(enc)} training prompts; "
+                                 f"re-cache the teacher on this data")
+    ids = []
+    for s, p, g in zip(enc.ids, enc.prompt_len, greedy):
+        seq = np.concatenate([s[:p], g.astype(np.int64), [eos_id]])[:max_length]
+        ids.append(seq)
+    return Encoded(ids, enc.prompt_len.copy())

@@ -1,0 +1,74 @@
+"""Stage `lm-cache`: run the teacher once over the training split's response tokens → store.zarr.
+
+Per response token: top-k logits and ids, logsumexp(z/τ) for each declared τ, the next token's logit;
+optionally the Sparse Logit Sampling form (``sample_draws`` ids drawn from p at ``sample_tau``) and the
+teacher's greedy responses for SeqKD (``greedy_max_new_tokens``). Resumable: re-running the same command
+after a crash continues from the first unwritten chunk. Writes ``cache_report.json`` next to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loca_pipe.pipeline.lm import cache, models, tokenizer
+from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
+
+log = logging.getLogger(__name__)
+SECTION = "lm_cache"
+
+
+@dataclass(frozen=True)
+class Params:
+    teacher: str = ""             # a Hugging Face causal LM folder; "" = this pipeline's teacher/
+    name: str = "teacher"
+    top_k: int = 20
+    temperatures: tuple[float, ...] = (1.0, 2.0)
+    logits_dtype: Literal["none", "float16", "float32"] = "none"   # full logits too (small vocabularies only)
+    id_dtype: Literal["auto", "int16", "int32", "int64"] = "auto"
+    sample_draws: int = 12
+    sample_tau: float = 1.0
+    greedy_max_new_tokens: int = 24
+    chunk_rows: int = 4096
+    batch_size: int = 64
+    overwrite: bool = False
+    max_chunks: int = 0           # > 0: write at most this many chunks in this run (time-sliced jobs)
+
+
+def run(base: LMBase, p: Params) -> dict[str, Any]:
+    set_threads(base)
+    teacher_dir = Path(p.teacher) if p.teacher else base.teacher_dir
+    tok = tokenizer.load_tokenizer(base.tokenizer_dir)
+    teacher_tok = tokenizer.load_tokenizer(teacher_dir) if (teacher_dir / "tokenizer.json").exists() or \
+        (teacher_dir / "tokenizer_config.json").exists() else tok
+    tokenizer.check_same_tokenizer(teacher_tok, tok, ("teacher", "pipeline"))
+    model = models.load_lm(teacher_dir)
+    models.check_vocab(model, tok)
+    examples, enc = encode_split(base, "train", tok)
+    dataset = {"name": "lm-train", "split": "train", "fingerprint": data_fingerprint(base, "train", examples, tok),
+               "template": base.template, "max_length": base.max_length, "truncated": enc.truncated,
+               "tokenizer": tokenizer.tokenizer_fingerprint(tok)}
+    prov = {"teacher_path": str(teacher_dir), "teacher_sha256": models.folder_sha256(teacher_dir),
+            "arch": getattr(model.config, "model_type", "?")}
+    t0 = time.perf_counter()
+    rep = cache.cache_teacher(str(base.store), p.name, model, enc, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                              top_k=p.top_k, temperatures=p.temperatures,
+                              dataset=dataset, provenance=prov, chunk_rows=p.chunk_rows, batch_size=p.batch_size,
+                              logits_dtype=None if p.logits_dtype == "none" else p.logits_dtype, id_dtype=p.id_dtype,
+                              sample_draws=p.sample_draws, sample_tau=p.sample_tau, seed=base.seed,
+                              greedy_max_new_tokens=p.greedy_max_new_tokens, overwrite=p.overwrite,
+                              max_chunks=p.max_chunks or None, progress=True)
+    out = {**rep.to_dict(), "wall_seconds": time.perf_counter() - t0, "truncated_sequences": enc.truncated,
+           "prompt_tokens_stored": 0, "bytes": cache.store_bytes(str(base.store))}
+    out["bytes_per_token"] = sum(out["bytes"].values()) / max(1, rep.rows)
+    write_json(base.root / "cache_report.json", out)
+    log.info("cache: %s", out)
+    return out
+
+
+def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
+    base, p = load(Params, SECTION, params, overrides)
+    return run(base, p)

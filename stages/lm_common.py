@@ -1,0 +1,106 @@
+"""Settings shared by every language-model stage (section ``lm_base`` of lm/params.yaml) and the paths they
+derive. Every output path of the LM pipeline is computed here, once, from ``workdir``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from loca_pipe.stages.config import load_section, read_params
+
+T = TypeVar("T")
+DEFAULT_PARAMS = "params.yaml"
+
+
+@dataclass(frozen=True)
+class LMBase:
+    """workdir: folder every output goes under; template: plain | chat; max_length: tokens per sequence
+    (longer ones are truncated and counted); threads: torch CPU threads (2 cores here)."""
+
+    workdir: str = "."
+    seed: int = 0
+    template: str = "plain"
+    max_length: int = 64
+    threads: int = 1
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.root / "teacher"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store.zarr"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def students_dir(self) -> Path:
+        return self.root / "students"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def split(self, name: str) -> Path:
+        return self.data_dir / f"{name}.jsonl"
+
+
+def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
+         overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> tuple[LMBase, T]:
+    """(lm_base, this stage's section) from one params file; ``overrides`` / ``base_overrides`` win."""
+    data = params if isinstance(params, dict) else read_params(params)
+    base = load_section(LMBase, "lm_base", data, base_overrides)
+    return base, load_section(cls, section, data, overrides)
+
+
+def set_threads(base: LMBase) -> None:
+    torch.set_num_threads(max(1, base.threads))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def encode_split(base: LMBase, name: str, tok):
+    """(examples, Encoded) of one prepared split under this base's template and max_length."""
+    from loca_pipe.pipeline.lm import text, tokenizer
+
+    examples, _ = text.read_jsonl(base.split(name), "dolly")
+    return examples, tokenizer.encode_examples(tok, examples, base.template, base.max_length)
+
+
+def data_fingerprint(base: LMBase, name: str, examples, tok) -> str:
+    """Identity of the cached token rows: examples + template + tokenizer + max_length (never paths)."""
+    import hashlib
+
+    from loca_pipe.pipeline.lm import text, tokenizer
+
+    h = hashlib.sha256(f"{text.fingerprint_examples(examples, base.template)}|{tokenizer.tokenizer_fingerprint(tok)}|"
+                       f"{base.max_length}|{name}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,39 @@
+"""Stage `lm-tokenizer`: a byte-level BPE trained on the training split (prompts and responses) → tokenizer/.
+
+``from_model`` instead copies the tokenizer of an existing Hugging Face model folder (bring-your-own teacher).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loca_pipe.pipeline.lm import text, tokenizer
+from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, write_json
+
+SECTION = "lm_tokenizer"
+
+
+@dataclass(frozen=True)
+class Params:
+    vocab_size: int = 1024
+    from_model: str = ""
+
+
+def run(base: LMBase, p: Params) -> dict[str, Any]:
+    if p.from_model:
+        tok = tokenizer.load_tokenizer(p.from_model)
+        tok.save_pretrained(str(base.tokenizer_dir))
+    else:
+        train, _ = text.read_jsonl(base.split("train"), "dolly")
+        corpus = [text.render_prompt(ex, base.template) + ex.response for ex in train]
+        tok = tokenizer.train_tokenizer(corpus, p.vocab_size, base.tokenizer_dir)
+    info = {"vocab": len(tok), "fingerprint": tokenizer.tokenizer_fingerprint(tok), "from_model": p.from_model}
+    write_json(base.tokenizer_dir / "loca_pipe.json", info)
+    return info
+
+
+def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
+    base, p = load(Params, SECTION, params, overrides)
+    return run(base, p)

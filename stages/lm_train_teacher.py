@@ -1,0 +1,71 @@
+"""Stage `lm-train-teacher`: a small causal LM trained from scratch on the training split → teacher/.
+
+The teacher learns every next token of the training sequences (prompt and response: it should learn the
+language, not only the task). Output: a ``save_pretrained`` folder with the tokenizer, ``loca_pipe.json``
+(settings) and ``metrics.json`` (held-out token accuracy, perplexity, Rouge-L of greedy generations).
+``init_from`` fine-tunes an existing Hugging Face causal LM folder instead (``steps: 0`` just evaluates it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loca_pipe.pipeline.lm import evaluation, models, tokenizer
+from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, encode_split, load, set_threads, write_json
+
+log = logging.getLogger(__name__)
+SECTION = "lm_train_teacher"
+
+
+@dataclass(frozen=True)
+class Params:
+    arch: Literal["llama", "gpt2"] = "llama"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-3
+    init_from: str = ""
+    max_new_tokens: int = 24
+
+
+def run(base: LMBase, p: Params) -> dict[str, Any]:
+    set_threads(base)
+    tok = tokenizer.load_tokenizer(base.tokenizer_dir)
+    _, train = encode_split(base, "train", tok)
+    _, val = encode_split(base, "val", tok)
+    test_ex, test = encode_split(base, "test", tok)
+    if p.init_from:
+        model = models.load_lm(p.init_from)
+        tokenizer.check_same_tokenizer(tokenizer.load_tokenizer(p.init_from), tok, ("init_from model", "pipeline"))
+    else:
+        model = models.build_lm(p.arch, len(tok), p.d_model, p.n_layers, p.n_heads, base.max_length, tok, seed=base.seed)
+    models.check_vocab(model, tok)
+    t0 = time.perf_counter()
+    hist = []
+    if p.steps:
+        hist = models.train_lm(model, train, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=base.seed,
+                               pad_id=tok.pad_token_id, all_tokens=True)
+    train_s = time.perf_counter() - t0
+    ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
+                           [ex.response for ex in test_ex], p.max_new_tokens)
+    metrics = {"params": sum(x.numel() for x in model.parameters()), "train_seconds": train_s,
+               "final_loss": hist[-1]["loss"] if hist else None,
+               "train_truncated": train.truncated, **{k: v for k, v in ev.items() if k != "samples"}}
+    models.save_lm(model, tok, base.teacher_dir, {"stage": SECTION, "params": dataclasses.asdict(p),
+                                                  "base": dataclasses.asdict(base), "history": hist})
+    write_json(base.teacher_dir / "metrics.json", metrics)
+    write_json(base.teacher_dir / "samples.json", ev["samples"])
+    log.info("teacher: %s", metrics)
+    return metrics
+
+
+def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
+    base, p = load(Params, SECTION, params, overrides)
+    return run(base, p)

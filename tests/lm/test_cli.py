@@ -1,0 +1,65 @@
+"""The lm-* commands end to end on a tiny configuration, through typer's CliRunner, plus user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from loca_pipe.cli.main import app
+
+TINY = {
+    "lm_base": {"workdir": "w", "seed": 0, "template": "chat", "max_length": 40, "threads": 1},
+    "lm_prepare": {"source": "default", "text_chars": 60000, "train_size": 40, "val_size": 8, "test_size": 8},
+    "lm_tokenizer": {"vocab_size": 300},
+    "lm_train_teacher": {"d_model": 32, "n_layers": 1, "n_heads": 2, "steps": 5, "batch_size": 8, "max_new_tokens": 5},
+    "lm_cache": {"top_k": 4, "temperatures": [1.0], "sample_draws": 4, "greedy_max_new_tokens": 5, "chunk_rows": 128},
+    "lm_analyze": {"tau": 1.0},
+    "lm_train_student": {"d_model": 32, "n_layers": 1, "n_heads": 2, "steps": 3, "batch_size": 8, "max_new_tokens": 5},
+}
+
+
+def _run(args, cwd):
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    return r
+
+
+@pytest.mark.slow
+def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    for cmd in (["lm-prepare"], ["lm-tokenizer"], ["lm-train-teacher"], ["lm-cache"], ["lm-analyze"],
+                ["lm-train-student", "--method", "loca", "--seed", "1"],
+                ["lm-train-student", "--method", "seqkd", "--seed", "0"], ["lm-report"]):
+        r = _run(cmd, tmp_path)
+        assert r.exit_code == 0, (cmd, r.output)
+    w = tmp_path / "w"
+    rep = json.loads((w / "cache_report.json").read_text())
+    assert rep["complete"] and rep["prompt_tokens_stored"] == 0 and rep["rows"] > 0
+    table = (w / "report" / "table.md").read_text()
+    assert "| loca | 1 |" in table and "| seqkd | 1 |" in table
+    assert json.loads((w / "analysis" / "metrics.json").read_text())["tokens"] == rep["rows"]
+    # a second lm-cache run finds everything written: nothing to redo
+    r = _run(["lm-cache"], tmp_path)
+    assert r.exit_code == 0 and json.loads(r.stdout)["chunks_written"] == 0
+
+
+def test_cli_user_errors(tmp_path, monkeypatch):
+    from loca_pipe.pipeline.errors import ConfigError, DataError
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY, "lm_prepare": {"source": str(bad), "val_size": 0,
+                                                                                 "test_size": 0}}))
+    with pytest.raises(DataError, match="bad.jsonl line 2: not valid JSON"):
+        _run(["lm-prepare"], tmp_path)
+    r = _run(["lm-prepare", "--on-bad-line", "skip"], tmp_path)
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"sizes": {"val": 0, "test": 0, "train": 1}, "bad_lines": 1}
+    with pytest.raises(ConfigError, match="--temperatures takes comma-separated numbers"):
+        _run(["lm-cache", "--temperatures", "1,x"], tmp_path)
+    (tmp_path / "p2.yaml").write_text(yaml.safe_dump({"lm_base": {"max_lenght": 3}}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_lenght'\]"):
+        _run(["lm-report", "--params", "p2.yaml"], tmp_path)

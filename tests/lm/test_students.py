@@ -1,0 +1,116 @@
+"""Student losses from the token cache against dense references on the live teacher's full logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
+from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer
+
+from .conftest import spread
+
+
+def _store(tmp_path, teacher, tok, enc, top_k, **kw):
+    cache.cache_teacher(str(tmp_path), "t", teacher, enc, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                        top_k=top_k, temperatures=(1.0, 2.0), dataset={"name": "x", "split": "train", "fingerprint": "f"},
+                        provenance={}, chunk_rows=128, batch_size=8, **kw)
+    return cache.open_lm_cache(str(tmp_path))
+
+
+def _live(teacher, enc, idx):
+    with torch.no_grad():
+        z, y = models.response_logits(teacher, [enc.ids[i] for i in idx], enc.prompt_len[idx], 0)
+    return z, y
+
+
+def _dense_loca(p: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Independent LoCa (paper Eq. 14-18) on full distributions, row by row."""
+    out = p.clone()
+    for r in range(p.shape[0]):
+        k = int(p[r].argmax())
+        if k == int(y[r]):
+            continue
+        s = alpha / (1 - p[r, y[r]] + p[r, k])
+        out[r] = s * p[r]
+        out[r, y[r]] = 1 - s * (1 - p[r, y[r]])
+    return out
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sparse_kd_with_full_vocab_equals_dense_kd(tmp_path, teacher, tok, enc, tau):
+    V = len(tok)
+    c = _store(tmp_path / "s", teacher, tok, enc, top_k=V)
+    idx = np.array([3, 0, 7, 11])
+    zt, y = _live(teacher, enc, idx)
+    student = spread(models.build_lm("llama", V, 32, 1, 2, 64, tok), seed=5, std=0.2)
+    zs, ys = models.response_logits(student, [enc.ids[i] for i in idx], enc.prompt_len[idx], tok.pad_token_id)
+    assert torch.equal(ys, y)
+    loss = students.make_loss("kd", c, students.KDSettings(tau=tau, beta=1.0, gamma=0.0))(zs, ys, idx)
+    ref = tau * tau * F.kl_div(F.log_softmax(zs / tau, 1), F.log_softmax(zt / tau, 1), log_target=True,
+                               reduction="batchmean")
+    torch.testing.assert_close(loss, ref, atol=2e-5, rtol=2e-5)
+    # with γ the CE term is added on the same rows
+    loss2 = students.make_loss("kd", c, students.KDSettings(tau=tau, beta=0.5, gamma=0.5))(zs, ys, idx)
+    torch.testing.assert_close(loss2, 0.5 * ref + 0.5 * F.cross_entropy(zs, ys), atol=2e-5, rtol=2e-5)
+    # LoCa-KD with k = V equals KD against the dense LoCa-calibrated teacher
+    p_loca = _dense_loca(torch.softmax(zt / tau, 1).double(), y, 0.9).float()
+    loss3 = students.make_loss("loca", c, students.KDSettings(tau=tau, alpha=0.9, beta=1.0, gamma=0.0))(zs, ys, idx)
+    ref3 = tau * tau * F.kl_div(F.log_softmax(zs / tau, 1), p_loca, reduction="batchmean")
+    torch.testing.assert_close(loss3, ref3, atol=5e-5, rtol=5e-5)
+
+
+def test_loca_sparse_equals_dense_on_kept_ids(tmp_path, trained_teacher, tok, enc):
+    teacher = trained_teacher
+    c = _store(tmp_path / "s", teacher, tok, enc, top_k=5)
+    idx = np.arange(len(enc))
+    zt, y = _live(teacher, enc, idx)
+    rows = c.rows(idx)
+    tau = 2.0
+    sd = students.sparse_targets(c, rows, y, tau, alpha=0.8)
+    dense = _dense_loca(torch.softmax(zt.double() / tau, 1), y, 0.8)
+    mis = zt.argmax(1) != y
+    assert 0 < int(mis.sum()) < len(y)  # both kinds of rows are present
+    ids = sd.ids
+    got = sd.probs.double()
+    want = dense.gather(1, ids)
+    in_top = (ids[:, :-1] == y.view(-1, 1)).any(1)
+    want[:, -1] = torch.where(in_top, torch.zeros_like(want[:, -1]), want[:, -1])  # label column: 0 when in top-k
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    kept = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, ids, True)
+    torch.testing.assert_close(sd.tail.double(), (dense * ~kept).sum(1), atol=1e-5, rtol=1e-4)
+    # correct rows are untouched by LoCa
+    plain = students.sparse_targets(c, rows, y, tau, alpha=None)
+    torch.testing.assert_close(sd.probs[~mis], plain.probs[~mis])
+
+
+def test_training_methods_and_checks(tmp_path, teacher, tok, enc):
+    c = _store(tmp_path / "s", teacher, tok, enc, top_k=8, greedy_max_new_tokens=6)
+    students.check_cache_matches(c, enc)
+    other = tokenizer.Encoded([s.copy() for s in enc.ids], enc.prompt_len.copy())
+    other.ids[2][-1] = (other.ids[2][-1] + 1) % 300
+    with pytest.raises(StoreConflictError, match="differ from this data's response tokens"):
+        students.check_cache_matches(c, other)
+    with pytest.raises(StoreConflictError, match="re-cache the teacher on the same data"):
+        students.check_cache_matches(c, tokenizer.Encoded(enc.ids[:5], enc.prompt_len[:5]))
+    with pytest.raises(ConfigError, match="unknown student method 'dkd'; valid methods are"):
+        students.make_loss("dkd", c, students.KDSettings())
+    with pytest.raises(StoreError, match="not declared at cache time"):
+        students.make_loss("kd", c, students.KDSettings(tau=4.0))
+    seq = students.seqkd_encoding(enc, c.greedy_responses(), tok.eos_token_id, 40)
+    g = c.greedy_responses()
+    for i in (0, 9):
+        P = enc.prompt_len[i]
+        assert seq.ids[i][:P].tolist() == enc.ids[i][:P].tolist()
+        assert seq.ids[i][P:].tolist() == (g[i].tolist() + [tok.eos_token_id])[:40 - P]
+    for method in students.METHODS:
+        m = models.build_lm("llama", len(tok), 32, 1, 2, 64, tok, seed=1)
+        data = seq if method == "seqkd" else enc
+        hist = models.train_lm(m, data, students.make_loss(method, c, students.KDSettings()), steps=3, batch_size=4,
+                               lr=1e-3, seed=0, pad_id=tok.pad_token_id, log_every=1)
+        assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+    ev = evaluation.evaluate(m, tok, enc, [s[:p] for s, p in zip(enc.ids[:4], enc.prompt_len[:4])],
+                             ["a", "b", "c", "d"], 4)
+    assert 0 <= ev["token_accuracy"] <= 1 and ev["perplexity"] > 1 and 0 <= ev["rouge_l"] <= 100

@@ -30,6 +30,8 @@ from loca_pipe.pipeline.errors import StoreConflictError
 from loca_pipe.pipeline.store import LogitStore
 
 MARKER = ".loca-source.json"
+OUTPUTS = (MARKER, "metrics.json", "analysis.json", "summary.md", "teachers.csv", "per_class.csv", "confusions.csv",
+           "per_view.csv", "histograms.csv", "samples", "figures")
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,13 @@ def claim_output(out: Path, store: LogitStore, overwrite: bool, what: str = "ana
             raise StoreConflictError(
                 f"output folder {str(out)!r} holds {what} of {who}, not of {store.path!r}; choose another --out or "
                 f"pass --overwrite to replace them")
-        if not same:
-            shutil.rmtree(out)
+        if not same:  # overwrite: remove what this stage writes, never anything else in the folder
+            for name in OUTPUTS:
+                f = out / name
+                if f.is_dir():
+                    shutil.rmtree(f)
+                elif f.exists():
+                    f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(mine, indent=1))
 

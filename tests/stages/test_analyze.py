@@ -83,8 +83,9 @@ def test_output_folder_of_another_store_is_refused(store3, tmp_path):
     path, *_ = store3
     other, *_ = make_store(tmp_path / "other.zarr", teachers=(("t", 3.0),), seed=7)
     out = tmp_path / "res"
-    analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False, samples=False))
+    analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False))
     analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False, samples=False))  # same: ok
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["mid", "strong", "weak"]
     with pytest.raises(StoreConflictError, match="holds analysis results of store .* \\(fingerprint 'fp0'\\), not of"):
         analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False))
     (tmp_path / "junk").mkdir()
@@ -94,6 +95,10 @@ def test_output_folder_of_another_store_is_refused(store3, tmp_path):
     analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False, overwrite=True))
     assert json.loads((out / ".loca-source.json").read_text())["fingerprint"] == "fp7"
     assert json.loads((out / "metrics.json").read_text()).keys() == {"t"}
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["t"]  # the old store's rows are gone
+    analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(tmp_path / "junk"), figures=False,
+                                                      samples=False, overwrite=True))
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"  # overwrite removes only our outputs
 
 
 def test_bad_params_are_refused_before_the_output_folder_is_touched(store3, tmp_path):

@@ -53,7 +53,7 @@ def cache_logits(
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per store chunk (default: ~4 MiB of logits, at most 8192).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Cache only the first N samples (quick runs).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of another data set, or this teacher if its checkpoint/settings differ.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of another data set, or this teacher if its checkpoint/settings differ (identical work is kept and resumed).")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'cache' gives the defaults (options override it).")] = None,
 ) -> None:

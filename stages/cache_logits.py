@@ -78,7 +78,7 @@ class CacheParams:
     amp: bool = True  # fp16 autocast, on CUDA only
     chunk_rows: int | None = None  # default: store.default_chunk_rows(C)
     max_samples: int | None = None  # first N samples only (tiny runs, tests)
-    overwrite: bool = False
+    overwrite: bool = False  # replace a conflicting store / teacher; identical work is kept and resumed
     progress: bool = True
 
 
@@ -361,9 +361,14 @@ def run(params: CacheParams) -> None:
                 "batch_size": p.batch_size, "sidecar": sidecar},
     }
     with io_guard(p.store, f"creating teacher {name!r}"):
-        writer = store.begin_teacher(name, provenance, p.top_k, p.temperatures,
-                                     None if p.logits_dtype == "none" else p.logits_dtype,
-                                     compress_logits=p.compress_logits, overwrite=p.overwrite)
+        args = (name, provenance, p.top_k, p.temperatures, None if p.logits_dtype == "none" else p.logits_dtype)
+        try:  # --overwrite replaces only what conflicts: an identical teacher is kept (and resumed)
+            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=False)
+        except StoreConflictError:
+            if not p.overwrite:
+                raise
+            log.warning("--overwrite: replacing teacher %r in %s", name, p.store)
+            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=True)
     pending = writer.pending_chunks()
     last_run.update(name=name, store=p.store, rows=0, resumed=len(pending) < store.info.num_chunks)
     if not pending:

@@ -291,26 +291,24 @@ def test_store_of_another_dataset_refused_unless_overwrite(tmp_path):
 
 
 def test_other_teacher_checkpoint_refused_unless_overwrite(tmp_path):
-    def ckpt(seed: int) -> str:
+    def ckpt(seed: int) -> str:  # two checkpoints of the toy teacher (its Linear is called fc)
         torch.manual_seed(seed)
         path = tmp_path / f"w{seed}" / "lin.pt"
         path.parent.mkdir()
-        torch.save(torch.nn.Linear(64, 5).state_dict(), path)
+        torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(64, 5).state_dict().items()}, path)
         return str(path)
 
-    class_ = "toy_cache_module:teacher"
-    run(toy(tmp_path, teacher=class_, checkpoint=None, name="t"))
-    # a checkpoint wrapper: the toy Linear has fc.*; write state dicts with that prefix
+    run(toy(tmp_path, name="t"))
     a, b = ckpt(1), ckpt(2)
-    for path in (a, b):
-        sd = torch.load(path)
-        torch.save({f"fc.{k}": v for k, v in sd.items()}, path)
     run(toy(tmp_path, checkpoint=a, name="lin"))
     run(toy(tmp_path, teacher="toy_cache_module:teacher_b", name="other"))  # a second teacher is added
     with pytest.raises(StoreConflictError, match=r"teacher 'lin' already in .*checkpoint_sha256: store has '[0-9a-f]+', this run has"):
         run(toy(tmp_path, checkpoint=b, name="lin"))
     run(toy(tmp_path, checkpoint=b, name="lin", overwrite=True))
     store = LogitStore.open(str(tmp_path / "s.zarr"))
+    finished = store.teacher_attrs("other")["finished"]
+    run(toy(tmp_path, teacher="toy_cache_module:teacher_b", name="other", overwrite=True))  # identical: kept
+    assert store.teacher_attrs("other")["finished"] == finished
     assert store.teachers == ["lin", "other", "t"] and all(store.is_complete(t) for t in store.teachers)
     assert store.teacher("lin").attrs["checkpoint_sha256"] == models.file_sha256(b)
 

@@ -39,7 +39,7 @@ Builder = Callable[[int, int, int], nn.Module]  # (num_classes, in_channels, ima
 # --------------------------------------------------------------------------- small models (Fashion-MNIST)
 
 def mlp_small(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    """One hidden layer of 32 units: the weak teacher (~84 % on Fashion-MNIST after 1 epoch)."""
+    """One hidden layer of 32 units."""
     d = in_channels * image_size * image_size
     return nn.Sequential(nn.Flatten(), nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, num_classes))
 
@@ -51,19 +51,23 @@ def mlp(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Modu
                          nn.Linear(128, num_classes))
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
+
+# The CNNs downsample with stride-2 convolutions rather than full-resolution convs + max-pooling: on a
+# 2-core CPU that is 3-4x faster per step for the same accuracy class (measured here), which keeps the
+# default teachers under a minute each.
 
 def cnn_small(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    """Two 3×3 conv layers (8, 16 channels) with max-pooling, then a linear classifier."""
-    return nn.Sequential(*_conv_bn(in_channels, 8), nn.MaxPool2d(2), *_conv_bn(8, 16), nn.MaxPool2d(2),
-                         nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(16 * 49, num_classes))
+    """Two stride-2 3×3 conv layers (16, 32 channels), then a linear classifier."""
+    return nn.Sequential(*_conv_bn(in_channels, 16, 2), *_conv_bn(16, 32, 2),
+                         nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(32 * 49, num_classes))
 
 
 def cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    """Two 3×3 conv layers (32, 64 channels) with max-pooling, a 128-unit hidden layer, a classifier."""
-    return nn.Sequential(*_conv_bn(in_channels, 32), nn.MaxPool2d(2), *_conv_bn(32, 64), nn.MaxPool2d(2),
+    """Two stride-2 3×3 conv layers (32, 64 channels), a 128-unit hidden layer, a linear classifier."""
+    return nn.Sequential(*_conv_bn(in_channels, 32, 2), *_conv_bn(32, 64, 2),
                          nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(64 * 49, 128), nn.ReLU(inplace=True),
                          nn.Linear(128, num_classes))
 

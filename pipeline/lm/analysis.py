@@ -70,7 +70,7 @@ def _group(keys: np.ndarray, mis: np.ndarray, names: list[str]) -> list[dict[str
         m = keys == k
         n = int(m.sum())
         out.append({"bucket": name, "tokens": n, "mis_instructed": int(mis[m].sum()),
-                    "mis_ratio": float(mis[m].mean()) if n else float("nan")})
+                    "mis_ratio": float(mis[m].mean()) if n else None})  # None, not NaN: valid JSON
     return out
 
 
@@ -85,9 +85,9 @@ def summarize(tab: dict[str, np.ndarray]) -> dict[str, Any]:
         "tokens": int(len(mis)), "sequences": int(len(np.unique(tab["sequence"]))),
         "mis_instructed": int(mis.sum()), "mis_ratio": float(mis.mean()),
         "mean_p_label": float(tab["p_label"].mean()), "mean_p_max": float(tab["p_max"].mean()),
-        "mean_p_label_mis": float(tab["p_label"][mis].mean()) if mis.any() else float("nan"),
+        "mean_p_label_mis": float(tab["p_label"][mis].mean()) if mis.any() else None,
         "loca_calibrated_share": float(tab["loca_calibrated"].mean()),
-        "mean_loca_scale_mis": float(tab["loca_scale"][mis].mean()) if mis.any() else float("nan"),
+        "mean_loca_scale_mis": float(tab["loca_scale"][mis].mean()) if mis.any() else None,
         "by_position": by_pos, "by_frequency": by_freq,
     }
 

@@ -154,11 +154,12 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
                   chunk_rows: int = 2048, batch_size: int = 32, logits_dtype: str | None = None,
                   id_dtype: str = "auto", sample_draws: int = 0, sample_tau: float = 1.0, seed: int = 0,
                   greedy_max_new_tokens: int = 0, greedy_chunk: int = 256, overwrite: bool = False,
-                  max_chunks: int | None = None, progress: bool = False) -> CacheReport:
+                  max_chunks: int | None = None, progress: bool = False, compress_logits: bool = False) -> CacheReport:
     """Cache teacher ``name`` over the response tokens of ``enc`` into the store at ``store_path`` (resumable).
 
     ``max_chunks`` writes at most that many row chunks in this call (a time-sliced job; the next call
     resumes). ``greedy_max_new_tokens`` > 0 also caches the teacher's greedy responses (SeqKD).
+    ``compress_logits`` puts zstd on the float arrays too (lossless; see docs/language-models.md for what it saves).
     """
     V = model_vocab(model)
     check_top_k(top_k, V)
@@ -180,7 +181,8 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
     _write_index(store, enc)
     prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
             "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
-    writer = store.begin_teacher(name, prov, top_k, temperatures, logits_dtype=logits_dtype, overwrite=overwrite)
+    writer = store.begin_teacher(name, prov, top_k, temperatures, logits_dtype=logits_dtype,
+                                 compress_logits=compress_logits, overwrite=overwrite)
     g = writer.group
     N = len(enc)
     if sample_draws and "sampled_ids" not in g:
@@ -198,7 +200,7 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
     todo = pending if max_chunks is None else pending[:max_chunks]
     model.eval()
     t0, rows_done = time.perf_counter(), 0
-    bar = _bar(len(todo), "cache", progress)
+    bar = _bar(sum(store.info.chunk_slice(c).stop - store.info.chunk_slice(c).start for c in todo), "cache", progress)
     for c in todo:
         sl = store.info.chunk_slice(c)
         i0, i1 = rows_of_sequences(offsets, sl.start, sl.stop)
@@ -213,7 +215,7 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         store.write_rows(c, sample_id=seq, label=out["label"], view=np.zeros(len(seq), np.int16))
         writer.write_chunk(c, out)
         rows_done += sl.stop - sl.start
-        bar.update(1)
+        bar.update(sl.stop - sl.start)
     bar.close()
     greedy_written = 0
     if greedy_max_new_tokens:
@@ -239,7 +241,7 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="chunk", disable=not enabled)
+    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)  # tokens/s and ETA
 
 
 # ----------------------------------------------------------------------------------------------------

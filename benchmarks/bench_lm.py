@@ -1,0 +1,218 @@
+"""Language-model token cache: bytes per stored token, caching overhead, sparse vs dense KD loss, layouts.
+
+All in one process, against baselines measured in the same run:
+
+1. bytes per stored response token (all arrays on disk, incl. offsets/position/labels) at k = 20 and
+   k = 128, with the float arrays raw and with zstd — lossless in the kept values (fp32 top-k logits);
+   DistillKit reports ~300 B/token at k = 128 with lossy packing;
+2. caching tokens/s vs teacher-forward tokens/s on the same batches (the ratio forward ÷ caching, i.e.
+   caching time ÷ forward time; goal ≤ 1.05);
+3. sparse-KD loss (k = 20 top-k from the cache arrays → SparseDist → sparse_kd_loss, forward + backward)
+   vs dense-KD loss (kd_loss on full teacher logits) at a 32k vocabulary;
+4. the ragged layout: the store's Zarr flat arrays + offsets vs an Arrow IPC file of list<fixed_size_list>
+   columns (the same values + offsets layout): bytes, full read, 200 random sequences.
+
+Teacher: a LLaMA-style model from a config (d = 256, 4 layers, 32,000-token vocabulary), random weights,
+random token sequences with 16-token prompts and 48-token responses. ``LOCA_BENCH_QUICK=1``: 4,000-token
+vocabulary, d = 64, 1 layer, few sequences (seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QUICK = os.environ.get("LOCA_BENCH_QUICK") == "1"
+
+
+def _setup():
+    from loca_pipe.pipeline.lm import models
+    from loca_pipe.pipeline.lm.tokenizer import Encoded
+
+    V, d, L, n = (4000, 64, 1, 24) if QUICK else (32000, 256, 4, 192)
+    P, Rlen = 16, 48
+    torch.manual_seed(0)
+    model = models.build_lm("llama", V, d, L, 4, P + Rlen + 1, None, seed=0).eval()
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, V, P + Rlen).astype(np.int64) for _ in range(n)]
+    return model, Encoded(ids, np.full(n, P, np.int64)), V
+
+
+def _cache(path, model, enc, k, compress=False, temps=(1.0, 2.0)):
+    from loca_pipe.pipeline.lm import cache
+
+    return cache.cache_teacher(str(path), "t", model, enc, pad_id=0, eos_id=2, top_k=k, temperatures=temps,
+                               dataset={"name": "bench", "split": "train", "fingerprint": "b"}, provenance={},
+                               chunk_rows=_chunk_rows(enc), batch_size=16, compress_logits=compress)
+
+
+def _chunk_rows(enc) -> int:
+    # whole chunks only: zarr stores an edge chunk at full size, which would inflate raw bytes per token
+    R = int(enc.response_len.sum())
+    return R if QUICK else R // 4
+
+
+@torch.inference_mode()
+def _forward_only(model, enc, batch_size=16):
+    from loca_pipe.pipeline.lm.models import response_logits
+
+    t0 = time.perf_counter()
+    n = 0
+    for s in range(0, len(enc), batch_size):
+        z, _ = response_logits(model, enc.ids[s:s + batch_size], enc.prompt_len[s:s + batch_size], 0)
+        n += z.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def bytes_per_token(tmp: Path, model, enc) -> None:
+    from loca_pipe.pipeline.lm.cache import store_bytes
+
+    print("\n[1] bytes per stored response token (whole store on disk; top-k logits fp32 = lossless)")
+    for k in (20, 128):
+        for compress in (False, True):
+            p = tmp / f"k{k}-{int(compress)}"
+            rep = _cache(p, model, enc, k, compress)
+            b = store_bytes(str(p))
+            tot = sum(b.values()) / rep.rows
+            top = (b.get("teachers/t/topk_logits", 0) + b.get("teachers/t/topk_ids", 0)) / rep.rows
+            print(f"  k={k:4d} float zstd={'on ' if compress else 'off'}: {tot:7.1f} B/token total, "
+                  f"{top:7.1f} B/token in top-k logits+ids (raw values: {k * 4} + {k * 2} B)"
+                  f"{'  — DistillKit ~300 B/token at k=128, lossy' if k == 128 and compress else ''}")
+            shutil.rmtree(p)
+
+
+def caching_overhead(tmp: Path, model, enc) -> None:
+    print("\n[2] caching tokens/s vs teacher forward tokens/s (same batches of 16 sequences)")
+    fwd = [_forward_only(model, enc)]
+    reps = []
+    for i in range(2):
+        p = tmp / f"speed{i}"
+        t0 = time.perf_counter()
+        rep = _cache(p, model, enc, 20)
+        reps.append(rep.rows / (time.perf_counter() - t0))
+        shutil.rmtree(p)
+        fwd.append(_forward_only(model, enc))
+    f, c = max(fwd), max(reps)
+    print(f"  forward {f:,.0f} tok/s (runs: {', '.join(f'{x:,.0f}' for x in fwd)}); caching k=20, 2 τ: {c:,.0f} tok/s "
+          f"(runs: {', '.join(f'{x:,.0f}' for x in reps)})")
+    print(f"  caching time ÷ forward time = {f / c:.3f}  (goal ≤ 1.05)")
+
+
+def loss_speed() -> None:
+    from loca_pipe.pipeline.calibration import sparse_from_topk
+    from loca_pipe.pipeline.losses import kd_loss, sparse_kd_loss
+
+    R, V, k, tau = (256, 4000, 20, 1.0) if QUICK else (1024, 32000, 20, 1.0)
+    print(f"\n[3] KD loss forward+backward, {R} tokens × {V} vocabulary, k={k}")
+    g = torch.Generator().manual_seed(0)
+    zt = torch.randn(R, V, generator=g) * 3
+    y = torch.randint(0, V, (R,), generator=g)
+    topv, topi = torch.topk(zt, k, 1)
+    lse = torch.logsumexp(zt / tau, 1)
+    zy = zt.gather(1, y.view(-1, 1)).squeeze(1)
+    zs0 = torch.randn(R, V, generator=g)
+
+    def dense():
+        zs = zs0.clone().requires_grad_(True)
+        kd_loss(zs, zt, tau, teacher_is="logits").backward()
+
+    def sparse():
+        zs = zs0.clone().requires_grad_(True)
+        sd = sparse_from_topk(topv, topi, lse, zy, y, tau)
+        sparse_kd_loss(zs, sd, tau).backward()
+
+    def best(fn, n=5 if not QUICK else 2):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    td, ts = best(dense), best(sparse)
+    print(f"  dense KD {td * 1e3:.1f} ms, sparse KD {ts * 1e3:.1f} ms → sparse ÷ dense = {ts / td:.2f}")
+    print(f"  teacher bytes read per token: dense fp32 {V * 4:,} B vs sparse k={k} {k * 6 + 12} B")
+
+
+def layouts(tmp: Path, model, enc) -> None:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    import zarr
+
+    from loca_pipe.pipeline.lm.cache import store_bytes
+
+    print("\n[4] ragged layout: Zarr flat + offsets (the store) vs Arrow list<fixed_size_list> (IPC file)")
+    p = tmp / "layout"
+    _cache(p, model, enc, 20)
+    g = zarr.open_group(str(p), mode="r")
+    t0 = time.perf_counter()
+    off = g["offsets"][:]
+    zl, zi = g["teachers/t/topk_logits"][:], g["teachers/t/topk_ids"][:]
+    t_zarr = time.perf_counter() - t0
+    K = zl.shape[1]
+    b = store_bytes(str(p))
+    zbytes = b["teachers/t/topk_logits"] + b["teachers/t/topk_ids"] + b["offsets"]
+    offsets32 = pa.array(off.astype(np.int32))
+    col_l = pa.ListArray.from_arrays(offsets32, pa.FixedSizeListArray.from_arrays(pa.array(zl.ravel()), K))
+    col_i = pa.ListArray.from_arrays(offsets32, pa.FixedSizeListArray.from_arrays(pa.array(zi.ravel()), K))
+    table = pa.table({"topk_logits": col_l, "topk_ids": col_i})
+    for comp in (None, "zstd"):
+        f = tmp / f"layout-{comp}.arrow"
+        with ipc.new_file(str(f), table.schema, options=ipc.IpcWriteOptions(compression=comp)) as w:
+            w.write_table(table)
+        t0 = time.perf_counter()
+        t = ipc.open_file(str(f)).read_all()
+        lv = t.column("topk_logits").combine_chunks().flatten().flatten().to_numpy().reshape(-1, K)
+        t_arrow = time.perf_counter() - t0
+        assert np.array_equal(lv, zl)
+        print(f"  Arrow IPC ({comp or 'raw'}): {f.stat().st_size / len(zl):6.1f} B/token, full read {t_arrow * 1e3:6.1f} ms")
+    print(f"  Zarr store            : {zbytes / len(zl):6.1f} B/token, full read {t_zarr * 1e3:6.1f} ms "
+          f"(top-k logits raw fp32, ids zstd, CRC32C per chunk)")
+    rng = np.random.default_rng(0)
+    seqs = rng.integers(0, len(off) - 1, 200)
+    t0 = time.perf_counter()
+    arr = g["teachers/t/topk_logits"]
+    for i in seqs:
+        arr[int(off[i]):int(off[i + 1])]
+    t_rz = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with pa.memory_map(str(tmp / "layout-None.arrow")) as src:
+        colt = ipc.open_file(src).read_all().column("topk_logits")  # zero-copy over the mapped file
+        for i in seqs:
+            colt[int(i)].values.flatten().to_numpy()
+    t_ra = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mem = g["teachers/t/topk_logits"][:]
+    for i in seqs:
+        mem[int(off[i]):int(off[i + 1])]
+    t_rm = time.perf_counter() - t0
+    print(f"  200 random sequences from disk: Zarr {t_rz * 1e3:.1f} ms (decodes a whole chunk per read), Arrow "
+          f"memory-mapped {t_ra * 1e3:.1f} ms; Zarr loaded whole first (what students do) {t_rm * 1e3:.1f} ms")
+    shutil.rmtree(p)
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("LOCA_BENCH_THREADS", "1")))
+    model, enc, V = _setup()
+    print(f"teacher: LLaMA-style, vocabulary {V}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"{len(enc)} sequences × {int(enc.response_len[0])} response tokens; torch threads {torch.get_num_threads()}"
+          f"{' (QUICK)' if QUICK else ''}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lm_"))
+    try:
+        bytes_per_token(tmp, model, enc)
+        caching_overhead(tmp, model, enc)
+        loss_speed()
+        layouts(tmp, model, enc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -132,7 +132,12 @@ def check_params(p: TrainStudentParams) -> None:
 
 
 def _teacher_accuracy(meta: dict[str, Any], checkpoint: str | None) -> float | None:
-    """The teacher's test top-1 as recorded by train-teacher, when it can be found."""
+    """The teacher's test top-1 in % as recorded by train-teacher (a fraction there), when it can be found."""
+    v = _teacher_accuracy_raw(meta, checkpoint)
+    return None if v is None else (100.0 * v if v <= 1.0 else v)
+
+
+def _teacher_accuracy_raw(meta: dict[str, Any], checkpoint: str | None) -> float | None:
     from loca_pipe.pipeline.models import read_sidecar
 
     prov = meta.get("provenance") or {}

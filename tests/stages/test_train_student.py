@@ -58,7 +58,7 @@ def make_store(tmp_path: Path, teacher: torch.nn.Module, *, fingerprint: str | N
     path = str(tmp_path / name)
     store = LogitStore.create_or_open(path, info)
     w = store.begin_teacher("mlp_small", {"teacher": "mlp_small", "run": {"checkpoint": None,
-                                                                          "sidecar": {"test_top1": 77.5}}},
+                                                                          "sidecar": {"test_top1": 0.775}}},
                             top_k=3, temperatures=(4.0,))
     with torch.no_grad():
         z = teacher(spec.dataset.x)

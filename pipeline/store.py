@@ -150,6 +150,26 @@ def io_guard(path: str, action: str) -> Iterator[None]:
 # Derived fields: one place computes everything stored from a batch of logits (device-agnostic).
 
 
+# Below this many elements a CPU op is cheaper on one thread: ATen still splits small reductions across
+# its OpenMP threads, and on a loaded machine each split waits for a descheduled thread. Measured on the
+# 2-core VM under load: summarize_logits on (256, 10) took ~20 ms with 2 threads, ~1.3 ms with 1.
+SMALL_OP_ELEMENTS = 1 << 18
+
+
+@contextlib.contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block's torch CPU ops on one intra-op thread (restores the previous count)."""
+    n = torch.get_num_threads()
+    if not enabled or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
                      temperatures: Iterable[float], row_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -161,6 +181,14 @@ def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
     """
     if logits.ndim != 2:
         raise StoreError(f"teacher output must be (batch, classes); got shape {tuple(logits.shape)}")
+    temperatures = list(temperatures)
+    small = logits.device.type == "cpu" and logits.numel() * max(1, len(temperatures)) < SMALL_OP_ELEMENTS
+    with one_thread(small):
+        return _summarize(logits, labels, top_k, temperatures, row_ids)
+
+
+def _summarize(logits: torch.Tensor, labels: torch.Tensor, top_k: int, temperatures: list[float],
+               row_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
     z = logits.float()
     bad = ~torch.isfinite(z).all(dim=1)
     if bool(bad.any()):

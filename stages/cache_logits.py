@@ -42,8 +42,10 @@ from loca_pipe.pipeline.store import (
     LogitStore,
     StoreInfo,
     TeacherWriter,
+    SMALL_OP_ELEMENTS,
     default_chunk_rows,
     io_guard,
+    one_thread,
     summarize_logits,
 )
 
@@ -433,14 +435,15 @@ def _cache(p: CacheParams, spec: Any, model: torch.nn.Module, device: torch.devi
                 raise ModelError(f"teacher output must have shape (batch, classes) = ({x.shape[0]}, {C}); got "
                                  f"{tuple(out.shape)}; check --teacher and that the data set has {C} classes")
             s = summarize_logits(out, y_rows.to(out.device), p.top_k, temps, row_ids=torch.from_numpy(row_sid))
-            z = out.float()
-            if p.logits_dtype == "float16" and bool((z.abs() > FP16_MAX).any()):
-                bad = torch.nonzero((z.abs() > FP16_MAX).any(dim=1)).flatten().cpu().numpy()
-                raise NumericsError(f"logits of sample ids {np.unique(row_sid[bad])[:20].tolist()} exceed the float16 "
-                                    f"range; cache with --logits-dtype float32")
-            part = {k: v.cpu().numpy() for k, v in s.items()}
-            if keep_logits:
-                part["logits"] = z.cpu().numpy()
+            with one_thread(out.device.type == "cpu" and out.numel() < SMALL_OP_ELEMENTS):
+                z = out.float()
+                if p.logits_dtype == "float16" and bool((z.abs() > FP16_MAX).any()):
+                    bad = torch.nonzero((z.abs() > FP16_MAX).any(dim=1)).flatten().cpu().numpy()
+                    raise NumericsError(f"logits of sample ids {np.unique(row_sid[bad])[:20].tolist()} exceed the "
+                                        f"float16 range; cache with --logits-dtype float32")
+                part = {k: v.cpu().numpy() for k, v in s.items()}
+                if keep_logits:
+                    part["logits"] = z.cpu().numpy()
             part["sample_id"], part["label"], part["view"] = row_sid, y_rows.numpy(), row_view
             if aug is not None:
                 part["aug_params"] = aug

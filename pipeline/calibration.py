@@ -390,8 +390,9 @@ def loca_calibrate_blocks(logits: Any, labels: Any, alpha: float, tau: float, *,
     if tuple(out.shape) != tuple(logits.shape):
         raise ConfigError(f"out must have the input's shape {tuple(logits.shape)}; got {tuple(out.shape)}")
     labels = np.asarray(labels)
-    if labels.shape != (N,):
-        raise ConfigError(f"labels must be ({N},) to match the array; got {labels.shape}")
+    if labels.shape != (N,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"labels must be ({N},) integer class ids to match the array; got {labels.shape} "
+                          f"{labels.dtype}")
     calibrated = np.zeros(N, dtype=bool)
     scale = np.ones(N, dtype=np.float32)
     with warnings.catch_warnings():
@@ -399,7 +400,7 @@ def loca_calibrate_blocks(logits: Any, labels: Any, alpha: float, tau: float, *,
         for start in range(0, N, block_rows):
             stop = min(N, start + block_rows)
             x = torch.from_numpy(np.ascontiguousarray(logits[start:stop]))
-            yb = torch.from_numpy(labels[start:stop])
+            yb = torch.from_numpy(labels[start:stop].astype(np.int64, copy=False))
             if inputs == "logits":
                 res = loca_from_logits(x, yb, a, t)
             else:

@@ -21,7 +21,7 @@ class LMBase:
     """workdir: folder every output goes under; template: plain | chat; max_length: tokens per sequence
     (longer ones are truncated and counted); threads: torch CPU threads (2 cores here)."""
 
-    workdir: str = "."
+    workdir: str = "lm-work"  # without an lm_base section: never write into the image pipeline's data/
     seed: int = 0
     template: str = "plain"
     max_length: int = 64

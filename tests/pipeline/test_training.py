@@ -182,6 +182,7 @@ def test_views_replay_exactly_the_pixels_the_teacher_saw(tmp_path, toy):
     assert not torch.equal(seen[:N:3], ds.x[:N:3])
 
 
+@pytest.mark.slow
 def test_random_view_policy_picks_one_view_per_sample(tmp_path, toy):
     ds, teacher = toy
     aug = ShiftFlip(seed=5)

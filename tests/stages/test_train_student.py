@@ -101,6 +101,7 @@ def test_run_names_and_sweep_expansion():
     assert "loca-a0.95-s2" in names and "kd-s1" in names
 
 
+@pytest.mark.slow
 def test_cli_sweep_then_report(env, tmp_path):
     tmp, ck, teacher, store = env
     out, rep = tmp_path / "runs", tmp_path / "report"
@@ -229,6 +230,7 @@ def test_report_table_from_metrics_files(tmp_path):
         report_stage.run(report_stage.ReportParams(runs_dir=str(tmp_path), out_dir=str(tmp_path / "x")))
 
 
+@pytest.mark.slow
 def test_targets_store_trains_like_calibrating_on_the_fly_and_refuses_other_alpha_tau(env, tmp_path):
     from loca_pipe.pipeline.targets import write_targets
 

@@ -260,6 +260,18 @@ MODELS.update({n: _torchvision(n) for n in _torchvision_names() if n not in MODE
 _WRN = re.compile(r"wrn_(\d+)_(\d+)$")
 
 
+def check_model_name(name: str) -> None:
+    """Raise ModelError (with close matches and the valid names) unless ``name`` can be built."""
+    if ":" in name or name in MODELS or _WRN.match(name):
+        return
+    close = difflib.get_close_matches(name, list(MODELS), n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ModelError(
+        f"unknown model {name!r}.{hint} Valid names: small {list(SMALL_MODELS)}; CIFAR zoo "
+        f"{list(ZOO_MODELS)} and any wrn_DEPTH_WIDTH; torchvision "
+        f"{[n for n in MODELS if n not in SMALL_MODELS and n not in ZOO_MODELS]}; or 'module:callable'")
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """Build architecture ``name`` with random weights: (B, in_channels, H, W) → logits (B, num_classes)."""
     if num_classes < 1 or in_channels < 1 or image_size < 1:
@@ -273,15 +285,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         return model
     if name in MODELS:
         return MODELS[name](num_classes, in_channels, image_size)
+    check_model_name(name)
     m = _WRN.match(name)
-    if m:
-        return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
-    close = difflib.get_close_matches(name, list(MODELS), n=3)
-    hint = f" Did you mean {close}?" if close else ""
-    raise ModelError(
-        f"unknown model {name!r}.{hint} Valid names: small {list(SMALL_MODELS)}; CIFAR zoo "
-        f"{[n for n in ZOO_MODELS]} and any wrn_DEPTH_WIDTH; torchvision "
-        f"{[n for n in MODELS if n not in SMALL_MODELS and n not in ZOO_MODELS]}; or 'module:callable'")
+    return WideResNet(int(m.group(1)), int(m.group(2)), num_classes, in_channels)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from loca_pipe.pipeline.augment import make_augmenter
 from loca_pipe.pipeline.data import DatasetSpec, get_batch, open_dataset
 from loca_pipe.pipeline.errors import ConfigError
-from loca_pipe.pipeline.models import build_model, file_sha256, resolve_device, sidecar_path
+from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
 
 log = logging.getLogger(__name__)
 SECTION = "train_teacher"
@@ -154,6 +154,7 @@ def run(p: TrainTeacherParams) -> dict[str, Any]:
     if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or (p.max_samples is not None and p.max_samples < 1):
         raise ConfigError(f"{SECTION}: epochs, batch_size, lr and max_samples must be positive; got epochs={p.epochs}, "
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
+    check_model_name(p.arch)  # before the data set is opened
     device = resolve_device(p.device)
     train = open_dataset(p.dataset, "train", p.root)
     test = open_dataset(p.dataset, "test", p.root)

@@ -7,14 +7,13 @@ default teacher architecture (``cnn``, random init — the ratios do not depend 
   store / CE             ÷ a CE-only epoch (the KD loss itself costs something on a tiny student)
   online / store         online KD (teacher forward every step) ÷ store epoch (speed-up; goal ≥ 10×)
 
-Epoch times are medians of interleaved repeats (the machine is shared and noisy). ``LOCA_BENCH_QUICK=1``
+Epoch times are the minimum of interleaved repeats (the machine is shared and noisy; noise only adds). ``LOCA_BENCH_QUICK=1``
 uses 1,024 samples and one repeat.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 
@@ -33,7 +32,7 @@ def main() -> None:
     quick = os.environ.get("LOCA_BENCH_QUICK") == "1"
     threads = int(os.environ.get("LOCA_BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     spec = open_dataset("fashion-mnist", "train")
     n = 1024 if quick else len(spec)
     images = ImageSet(spec.dataset, "cpu")
@@ -46,10 +45,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     teacher = build_model("cnn", C, spec.in_channels, spec.image_size).eval()
+    torch.set_num_threads(max(threads, torch.get_num_threads(), 2))  # the one-off teacher pass may use both cores
     t0 = time.perf_counter()
     with torch.no_grad():
         z = torch.cat([teacher(images.images[i:i + 1024]) for i in range(0, n, 1024)])
     t_teacher = time.perf_counter() - t0
+    torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "store.zarr")
@@ -77,16 +78,20 @@ def main() -> None:
                           cfg=cfg, teacher_model=teacher_model, do_eval=False)
             return time.perf_counter() - t
 
-        times: dict[str, list[float]] = {"store": [], "memory": [], "ce": []}
-        for _ in range(repeats):
-            times["store"].append(epoch(sl_store, "kd"))
-            times["memory"].append(epoch(TensorSource(z), "kd"))
-            times["ce"].append(epoch(PlainSource(n), "ce"))
-        t_online = epoch(PlainSource(n), "kd", teacher_model=teacher)
+        times: dict[str, list[float]] = {"store": [], "memory": [], "ce": [], "online": []}
+        runs = {"store": (sl_store, "kd", None), "memory": (TensorSource(z), "kd", None), "ce": (PlainSource(n), "ce", None)}
+        for r in range(repeats):
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))  # alternate order against drift
+            for k in order:
+                times[k].append(epoch(*runs[k]))
+            if r < (1 if quick else 2):
+                times["online"].append(epoch(PlainSource(n), "kd", teacher_model=teacher))
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    # min over repeats: the machine is shared, and noise only ever adds time (timeit's rule)
+    med = {k: min(v) for k, v in times.items()}
+    t_online = med["online"]
     print(f"bench_train: Fashion-MNIST {n} samples, student mlp_small, teacher cnn (random init), batch "
-          f"{cfg.batch_size}, {threads} thread(s), median of {repeats}")
+          f"{cfg.batch_size}, {threads} thread(s), min of {repeats} interleaved epochs (online: {len(times['online'])})")
     print(f"  teacher pass over the data (cache cost, no I/O): {t_teacher:.2f} s; store load into memory: {t_load:.3f} s")
     print(f"  epoch seconds: store {med['store']:.2f}  in-memory KD {med['memory']:.2f}  CE {med['ce']:.2f}  "
           f"online KD {t_online:.2f}")
@@ -94,6 +99,7 @@ def main() -> None:
     print(f"  store / CE           = {med['store'] / med['ce']:.3f}")
     print(f"  online / store       = {t_online / med['store']:.1f}x speed-up  (goal >= 10x)")
     print(f"  samples/s from the store: {n / med['store']:.0f}")
+    print("  all epoch times (s): " + "; ".join(f"{k} {[round(t, 2) for t in v]}" for k, v in times.items()))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from loca_pipe.pipeline.store import (
     default_chunk_rows,
     id_dtype,
     io_guard,
+    one_thread,
     summarize_logits,
 )
 
@@ -270,3 +271,16 @@ def test_dtypes_and_chunking():
     assert default_chunk_rows(10) == 8192  # capped: resume granularity for few classes
     assert default_chunk_rows(1000) == (4 << 20) // 4000
     assert default_chunk_rows(1_000_000) == 256
+
+
+def test_one_thread_restores_the_thread_count():
+    n = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with pytest.raises(RuntimeError):
+        with one_thread():
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == n
+    with one_thread(enabled=False):
+        assert torch.get_num_threads() == n

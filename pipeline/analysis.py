@@ -264,6 +264,9 @@ def hist_ranges(opts: AnalysisOptions, num_classes: int) -> dict[str, tuple[floa
 # Rows of the small per-row arrays (labels, top-k, lse, …) read in one zarr call: each call has a fixed cost,
 # so reading them chunk by chunk would cost more than the compute on stores with many chunks.
 SMALL_BLOCK_ROWS = 1 << 16
+# Full logits are read this many bytes per zarr call (whole chunks, at least one) and computed on chunk by
+# chunk: fewer calls amortise zarr's per-call cost (thread hand-offs, large under CPU contention).
+LOGITS_BLOCK_BYTES = 4 << 20
 
 
 def _blocks(chunks: Sequence[int], chunk_rows: int) -> list[list[int]]:
@@ -279,23 +282,36 @@ def _blocks(chunks: Sequence[int], chunk_rows: int) -> list[list[int]]:
 
 
 def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
-    """Yield (row slice, per-row statistics, row metadata) for each chunk; memory: one chunk of logits."""
+    """Yield (row slice, per-row statistics, row metadata) for each chunk.
+
+    Memory: one read block of logits (≤ LOGITS_BLOCK_BYTES, or one chunk) plus one chunk's fp32 temporaries.
+    """
     info = tv.store.info
     stored = _tau_stored(tv, opts.tau)
     use_logits = tv.has_full_logits and opts.entropy != "topk"
     t = tv.tau_index(opts.tau) if stored else -1
+    if tv.has_full_logits:
+        row_bytes = info.num_classes * tv["logits"].dtype.itemsize
+        per_read = max(1, LOGITS_BLOCK_BYTES // max(1, row_bytes * info.chunk_rows))
     for blk in _blocks(chunks, info.chunk_rows):
         bsl = slice(info.chunk_slice(blk[0]).start, info.chunk_slice(blk[-1]).stop)
         small = {k: tv[k][bsl] for k in ("label", "view", "sample_id")}
         if stored:
             small.update(topk_logits=tv["topk_logits"][bsl], topk_ids=tv["topk_ids"][bsl].astype(np.int64),
                          lse=tv["lse"][bsl, t], label_logit=tv["label_logit"][bsl])
-        for c in blk:
+        zblk, zsl = None, slice(0, 0)
+        for i, c in enumerate(blk):
             sl = info.chunk_slice(c)
             loc = slice(sl.start - bsl.start, sl.stop - bsl.start)
             part = {k: v[loc] for k, v in small.items()}
             y = torch.from_numpy(part["label"])
-            z = torch.from_numpy(tv["logits"][sl]) if (use_logits or not stored) else None
+            z = None
+            if use_logits or not stored:
+                if sl.start >= zsl.stop:  # next run of chunks: one zarr call for up to LOGITS_BLOCK_BYTES
+                    run = blk[i:i + per_read]
+                    zsl = slice(sl.start, info.chunk_slice(run[-1]).stop)
+                    zblk = tv["logits"][zsl]
+                z = torch.from_numpy(zblk[sl.start - zsl.start:sl.stop - zsl.start])  # a view: compute per chunk
             if stored:
                 tl, ti = torch.from_numpy(part["topk_logits"]), torch.from_numpy(part["topk_ids"])
                 lse, zl = torch.from_numpy(part["lse"]), torch.from_numpy(part["label_logit"])

@@ -407,20 +407,20 @@ def _wide_store(path, R, Cb=256, chunk=2048, seed=3):
 
 @pytest.mark.slow
 def test_analysis_memory_stays_below_a_cap_smaller_than_the_store(tmp_path):
-    R, Cb, chunk = 49_152, 256, 2048
+    R, Cb, chunk = 98_304, 256, 2048
     big, mis_total = _wide_store(tmp_path / "big.zarr", R, Cb, chunk)
     warm, _ = _wide_store(tmp_path / "warm.zarr", 4 * chunk, Cb, chunk, seed=4)  # same chunk shape
-    logits_mib = R * Cb * 4 / 2**20  # 48 MiB of logits (the whole store is larger)
-    # measured here: +16–21 MiB for both a 48 and a 96 MiB store (allocator arenas, a few 2 MiB chunks per
-    # thread, Parquet buffers) — bounded, nothing proportional to the store
-    cap_mib = 32.0
+    logits_mib = R * Cb * 4 / 2**20  # 96 MiB of logits (the whole store is larger)
+    # measured here (2 threads, 4 MiB read blocks): +37–47 MiB for both a 48 and a 96 MiB store — allocator
+    # arenas, read blocks and fp32 temporaries per thread, Parquet buffers; nothing proportional to the store
+    cap_mib = 48.0
     out = subprocess.run([sys.executable, "-c", MEM_CHILD, warm.path, big.path, str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew_mib = (r["peak_kib"] - r["base_kib"]) / 1024
     assert r["mis"] == mis_total
-    assert cap_mib < logits_mib
+    assert cap_mib <= logits_mib / 2
     assert grew_mib < cap_mib, f"analysis grew RSS by {grew_mib:.1f} MiB on a {logits_mib:.0f} MiB store"
 
 

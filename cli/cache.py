@@ -55,6 +55,8 @@ def cache_logits(
     max_samples: Annotated[Optional[int], typer.Option(help="Cache only the first N samples (quick runs).")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of another data set, or this teacher if its checkpoint/settings differ (identical work is kept and resumed).")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
+    shard: Annotated[Optional[int], typer.Option(help="This process caches chunks c with c % num_shards == shard (default: $RANK, else 0).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="Processes sharing the work on one store (default: $WORLD_SIZE, else 1).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'cache' gives the defaults (options override it).")] = None,
 ) -> None:
     """Run a teacher once over a data set and add its logits to a logit store (resumes after a crash)."""
@@ -66,7 +68,8 @@ def cache_logits(
         "logits_dtype": logits_dtype.value if logits_dtype else None, "compress_logits": compress_logits,
         "views": views, "view_seed": view_seed, "batch_size": batch_size, "num_workers": num_workers,
         "device": device.value if device else None, "amp": amp, "chunk_rows": chunk_rows,
-        "max_samples": max_samples, "overwrite": overwrite, "progress": progress,
+        "max_samples": max_samples, "overwrite": overwrite, "progress": progress, "shard": shard,
+        "num_shards": num_shards,
     }
     if params is not None:
         runs = stage.load_params(str(params), teacher_key=name, overrides=overrides)

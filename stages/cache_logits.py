@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,7 @@ from loca_pipe.pipeline.store import (
 log = logging.getLogger(__name__)
 
 AUGMENT_KIND = "crop-flip"
+SHARD_WAIT_SECONDS = 600.0  # how long shards > 0 wait for shard 0 to create the store and the teacher
 # Timings of the last run() in this process (rows cached, loop and total seconds): for logs and benchmarks.
 last_run: dict[str, Any] = {}
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -81,6 +82,8 @@ class CacheParams:
     chunk_rows: int | None = None  # default: store.default_chunk_rows(C)
     max_samples: int | None = None  # first N samples only (tiny runs, tests)
     overwrite: bool = False  # replace a conflicting store / teacher; identical work is kept and resumed
+    shard: int | None = None  # this process caches chunks c with c % num_shards == shard (default: $RANK)
+    num_shards: int | None = None  # processes sharing the work (default: $WORLD_SIZE, else 1)
     progress: bool = True
 
 
@@ -159,6 +162,39 @@ def _validate(p: CacheParams) -> None:
         v = getattr(p, key)
         if v is not None and v < lo:
             raise ConfigError(f"{key} must be at least {lo}; got {v}")
+    _shard(p)
+
+
+def _shard(p: CacheParams) -> tuple[int, int]:
+    """(shard, num_shards): from the params, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    n = p.num_shards if p.num_shards is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    k = p.shard if p.shard is not None else int(os.environ.get("RANK", "0") or 0)
+    if n < 1 or not 0 <= k < n:
+        raise ConfigError(f"shard must be in [0, num_shards) with num_shards >= 1; got shard {k} of {n}")
+    return k, n
+
+
+def _open_for_writing(p: CacheParams, info: StoreInfo, name: str,
+                      provenance: dict[str, Any]) -> tuple[LogitStore, TeacherWriter]:
+    """Create or reopen the store and the teacher; --overwrite replaces only what conflicts."""
+    with io_guard(p.store, "opening the store"):
+        try:
+            store = LogitStore.create_or_open(p.store, info, overwrite=False)
+        except StoreConflictError:
+            if not p.overwrite:
+                raise
+            log.warning("--overwrite: replacing store %s", p.store)
+            store = LogitStore.create_or_open(p.store, info, overwrite=True)
+    with io_guard(p.store, f"creating teacher {name!r}"):
+        args = (name, provenance, p.top_k, p.temperatures, None if p.logits_dtype == "none" else p.logits_dtype)
+        try:  # an identical teacher is kept (and resumed)
+            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=False)
+        except StoreConflictError:
+            if not p.overwrite:
+                raise
+            log.warning("--overwrite: replacing teacher %r in %s", name, p.store)
+            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=True)
+    return store, writer
 
 
 def _existing_chunk_rows(path: str) -> int | None:
@@ -348,43 +384,49 @@ def run(params: CacheParams) -> None:
                  "augment": AUGMENT_KIND if p.views else None, "view_seed": p.view_seed if p.views else None,
                  "root": str(p.root) if p.root else None},
         aug_param_names=tuple(augmenter.param_names) if augmenter is not None else ())
-    with io_guard(p.store, "opening the store"):
-        try:
-            store = LogitStore.create_or_open(p.store, info, overwrite=False)
-        except StoreConflictError:
-            if not p.overwrite:
-                raise
-            log.warning("--overwrite: replacing store %s", p.store)
-            store = LogitStore.create_or_open(p.store, info, overwrite=True)
     provenance = {
         "teacher": arch, "checkpoint_sha256": ckpt_sha, "weights_sha256": weights_sha256(model),
         "num_classes": C, "amp": amp, "dataset_fingerprint": spec.fingerprint,
         "run": {"checkpoint": str(p.checkpoint) if p.checkpoint else None, "device": str(device),
                 "batch_size": p.batch_size, "sidecar": sidecar},
     }
-    with io_guard(p.store, f"creating teacher {name!r}"):
-        args = (name, provenance, p.top_k, p.temperatures, None if p.logits_dtype == "none" else p.logits_dtype)
-        try:  # --overwrite replaces only what conflicts: an identical teacher is kept (and resumed)
-            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=False)
-        except StoreConflictError:
-            if not p.overwrite:
-                raise
-            log.warning("--overwrite: replacing teacher %r in %s", name, p.store)
-            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=True)
+    shard, num_shards = _shard(p)
+    if shard == 0:
+        store, writer = _open_for_writing(p, info, name, provenance)
+    else:  # shard 0 creates (or replaces) the store and the teacher; the others join what it made
+        deadline = time.monotonic() + SHARD_WAIT_SECONDS
+        while True:
+            try:
+                LogitStore.open(p.store)  # never create: StoreError while shard 0 has not made it yet
+                if not LogitStore.open(p.store).teacher_attrs(name):
+                    raise StoreError(f"teacher {name!r} is still being created")
+                store, writer = _open_for_writing(replace(p, overwrite=False), info, name, provenance)
+                break
+            except StoreError as exc:  # absent, or still the old (conflicting) one shard 0 will replace
+                if time.monotonic() > deadline:
+                    raise StoreError(f"shard {shard} of {num_shards} waited {SHARD_WAIT_SECONDS:.0f} s for shard 0 "
+                                     f"to create teacher {name!r} in {p.store!r} ({exc}); start shard 0 with the "
+                                     f"same params") from exc
+                time.sleep(0.5)
     pending = writer.pending_chunks()
-    last_run.update(name=name, store=p.store, rows=0, resumed=len(pending) < store.info.num_chunks)
+    resumed = len(pending) < store.info.num_chunks
+    pending = [c for c in pending if c % num_shards == shard]  # shards own disjoint, chunk-aligned row ranges
+    last_run.update(name=name, store=p.store, rows=0, resumed=resumed)
     if not pending:
         with io_guard(p.store, "finalising"):
-            writer.finalize()
-        log.info("teacher %r in %s is already complete; nothing to do", name, p.store)
+            complete = writer.finalize()
+        log.info("teacher %r in %s: nothing left for shard %d of %d%s", name, p.store, shard, num_shards,
+                 "" if complete else " (other shards still running)")
         return
     t_loop = time.perf_counter()
     rows = _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels)
     t_end = time.perf_counter()
     with io_guard(p.store, "finalising"):
-        if not writer.finalize():
-            raise StoreError(f"teacher {name!r} still has chunks {writer.pending_chunks()[:10]} pending after the "
-                             f"run; run the same command again")
+        complete = writer.finalize()  # the last shard to finish marks the teacher complete
+    left = writer.pending_chunks()
+    if not complete and (num_shards == 1 or any(c % num_shards == shard for c in left)):
+        raise StoreError(f"teacher {name!r} still has chunks {left[:10]} pending after the run; run the same "
+                         f"command again")
     last_run.update(rows=rows, seconds_loop=t_end - t_loop, seconds_total=time.perf_counter() - t_start)
     log.info("teacher %r: %d rows in %.1f s (%.0f rows/s) -> %s", name, rows, t_end - t_loop,
              rows / max(t_end - t_loop, 1e-9), p.store)

@@ -231,6 +231,30 @@ def test_load_params_per_teacher_overrides(tmp_path):
     assert load_params({"cache": {"teacher": "mlp"}}, overrides={"temperatures": [2.0]})[0].temperatures == (2.0,)
 
 
+def test_shards_fill_one_store_identically(tmp_path, monkeypatch):
+    from loca_pipe.stages import cache_logits as stage
+
+    monkeypatch.setattr(stage, "SHARD_WAIT_SECONDS", 0.3)
+    sharded = toy(tmp_path, store=str(tmp_path / "sh.zarr"), num_shards=2)
+    with pytest.raises(StoreError, match=r"shard 1 of 2 waited 0 s for shard 0 to create teacher 'teacher'"):
+        run(replace(sharded, shard=1))  # shard 0 has not created the store: never created by shard 1
+    assert not (tmp_path / "sh.zarr").exists()
+    run(replace(sharded, shard=0))
+    store = LogitStore.open(sharded.store)
+    assert store.pending_chunks("teacher") == [1, 3] and not store.is_complete("teacher")
+    monkeypatch.setenv("RANK", "1")  # torchrun's variables are the defaults
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run(replace(sharded, num_shards=None))
+    assert store.is_complete("teacher")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    run(toy(tmp_path))
+    for k in TEACHER_ARRAYS:
+        assert np.array_equal(store.teacher("teacher")[k][:], LogitStore.open(str(tmp_path / "s.zarr")).teacher("teacher")[k][:]), k
+    with pytest.raises(ConfigError, match=r"shard must be in \[0, num_shards\).*got shard 2 of 2"):
+        run(replace(sharded, shard=2))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Bad input: a clear LocaError each, and nothing already written lost
 

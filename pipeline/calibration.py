@@ -198,15 +198,24 @@ def _mask_and_scale(p_y: torch.Tensor, p_k: torch.Tensor, alpha: float) -> tuple
     return mis, s, new_py
 
 
-def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float, what: str = "probabilities") -> LocaResult:
+def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float, what: str = "probabilities",
+                inplace: bool = False) -> LocaResult:
+    """LoCa on validated fp32/fp64 probabilities. ``inplace`` (only for a p this module owns) saves two
+    full-size copies, which matters for offline calibration of large arrays."""
     y = labels.view(-1, 1)
     p_y = p.gather(1, y)  # (B, 1)
-    p_k = p.scatter(1, y, -1.0).amax(1, keepdim=True)  # (B, 1) max over i ≠ y
+    if inplace:
+        p_k = p.scatter_(1, y, -1.0).amax(1, keepdim=True)  # (B, 1) max over i ≠ y; label restored below
+    else:
+        p_k = p.scatter(1, y, -1.0).amax(1, keepdim=True)
     # amax propagates NaN, and softmax turns any NaN/+inf logit into a NaN row: an O(B) check suffices
     if bool(torch.isnan(p_y).any() | torch.isnan(p_k).any()):
+        if inplace:
+            p.scatter_(1, y, p_y)
         _raise_nan(p, what)
     mis, s, new_py = _mask_and_scale(p_y, p_k, alpha)
-    out = (p * s).scatter_(1, y, new_py)  # × 1.0 on correct rows is exact
+    out = p.mul_(s) if inplace else p * s  # × 1.0 on correct rows is exact
+    out.scatter_(1, y, new_py)  # correct rows get their own p_y back, bit for bit
     return LocaResult(out, mis.view(-1), s.view(-1))
 
 
@@ -257,11 +266,14 @@ def loca_from_logits(logits: torch.Tensor, labels: torch.Tensor, alpha: float, t
     a = check_alpha(alpha)
     t = _check_tau(tau)
     z, labels = _check_2d(logits, labels, "logits")
-    p = torch.softmax(z.to(_compute_dtype(z)) / t, dim=1)
+    dt = _compute_dtype(z)
+    zf = z.to(dt)
+    zf = zf.div_(t) if zf is not z else zf / t  # divide in place when the cast already copied
+    p = torch.softmax(zf, dim=1)
     if p.shape[0] == 0:
         return LocaResult(p, torch.zeros(0, dtype=torch.bool, device=p.device),
                           torch.zeros(0, dtype=p.dtype, device=p.device))
-    return _loca_dense(p, labels, a, "teacher logits")
+    return _loca_dense(p, labels, a, "teacher logits", inplace=True)
 
 
 def loca_label_logit(logits: torch.Tensor, labels: torch.Tensor, alpha: float, tau: float

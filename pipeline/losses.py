@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -213,32 +212,6 @@ def _kl_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tenso
     return (p * (lp - lq)).sum(1, keepdim=True)  # (B, 1)
 
 
-#: Compute LoCa's per-row teacher terms with numpy for CPU tensors (a few (B,)-sized numpy operations cost
-#: far less than the equivalent torch dispatches, which dominate small batches). Tests flip it to cover both.
-NUMPY_ROW_MATH = True
-
-
-def _row_terms_numpy(ok: np.ndarray, p_y: np.ndarray, p_k: np.ndarray, lp_y: np.ndarray, alpha: float
-                     ) -> np.ndarray:
-    """(3, B, 1) float64 [s, s − 1, c0]; s = 1, 0, 0 on correct rows (``ok``)."""
-    out = np.zeros((3, ok.shape[0], 1))
-    out[0] = 1.0
-    mis = ~ok
-    if mis.any():
-        py, pk, ly = p_y[mis].astype(np.float64), p_k[mis].astype(np.float64), lp_y[mis].astype(np.float64)
-        rest = 1.0 - py
-        s = alpha / (rest + pk)
-        new_py = 1.0 - s * rest
-        if alpha >= 1.0 and (new_py < 0).any():
-            _negative_label_prob(alpha, int((new_py < 0).sum()))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            xlogx = np.where(new_py > 0, new_py * np.log(np.where(new_py > 0, new_py, 1.0)), 0.0)
-        out[0, mis, 0] = s
-        out[1, mis, 0] = s - 1.0
-        out[2, mis, 0] = s * np.log(s) * rest + xlogx - s * py * ly
-    return out
-
-
 def _negative_label_prob(alpha: float, n: int) -> None:
     raise NumericsError(f"LoCa alpha={alpha} >= 1 makes the label's calibrated probability negative for {n} "
                         f"row(s) (s·(1 − p_y) > 1 when p_k is small); use alpha < 1")
@@ -262,24 +235,14 @@ def _loca_kd_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, y1: torch
         else:
             lp_k = lp.scatter(1, y1, -math.inf).amax(1, keepdim=True)
             ok = lp_y > lp_k
-        if NUMPY_ROW_MATH and lp.device.type == "cpu":
-            okn = ok.numpy().ravel()
-            if from_probs:
-                pyn, pkn = p_y.numpy().ravel(), p_k.numpy().ravel()
-            else:
-                pyn, pkn = np.exp(lp_y.numpy().ravel().astype(np.float64)), np.exp(lp_k.numpy().ravel().astype(np.float64))
-            terms = _row_terms_numpy(okn, pyn, pkn, lp_y.numpy().ravel(), alpha)
-            s, c1, c0 = torch.from_numpy(terms.astype(np.float32 if lp.dtype == torch.float32 else np.float64)).unbind(0)
-        else:
-            if not from_probs:
-                p_y, p_k = lp_y.exp(), lp_k.exp()
-            rest = 1.0 - p_y
-            s = (alpha / (rest + p_k)).masked_fill_(ok, 1.0)
-            new_py = 1.0 - s * rest
-            if alpha >= 1.0 and bool((new_py < 0).any()):
-                _negative_label_prob(alpha, int((new_py < 0).sum()))
-            c0 = (torch.xlogy(s, s) * rest + torch.xlogy(new_py, new_py) - s * p_y * lp_y).masked_fill_(ok, 0.0)
-            c1 = s - 1.0
+            p_y, p_k = lp_y.exp(), lp_k.exp()
+        rest = 1.0 - p_y
+        s = (alpha / (rest + p_k)).masked_fill_(ok, 1.0)
+        new_py = 1.0 - s * rest
+        if alpha >= 1.0 and bool((new_py < 0).any()):
+            _negative_label_prob(alpha, int((new_py < 0).sum()))
+        c0 = (torch.xlogy(s, s) * rest + torch.xlogy(new_py, new_py) - s * p_y * lp_y).masked_fill_(ok, 0.0)
+        c1 = s - 1.0
     return torch.addcmul(torch.addcmul(c0, c1, lq.gather(1, y1)), s, _kl_rows(p, lp, lq))
 
 

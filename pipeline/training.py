@@ -386,7 +386,7 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
     metrics = {**identity, "epochs": cfg.epochs, "train_loss": last.get("train_loss"),
                "train_top1": last.get("train_top1"), "test_top1": last.get("test_top1"),
                "test_top5": last.get("test_top5"),
-               "best_test_top1": max((r.get("test_top1", float("nan")) for r in history), default=None),
+               "best_test_top1": max((r["test_top1"] for r in history if "test_top1" in r), default=None),
                "train_seconds": t_total}
     if out is not None:
         atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

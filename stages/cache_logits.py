@@ -365,6 +365,10 @@ def run(params: CacheParams) -> None:
         model = _models.build_model(arch, num_classes=C, in_channels=int(spec.in_channels),
                                     image_size=int(spec.image_size))
     ckpt_sha = _models.load_checkpoint(model, p.checkpoint) if p.checkpoint else None
+    if ckpt_sha and sidecar.get("sha256") and sidecar["sha256"] != ckpt_sha:
+        raise ModelError(f"the sidecar of checkpoint {p.checkpoint!r} describes another file (sha256 "
+                         f"{str(sidecar['sha256'])[:12]}…, the checkpoint has {ckpt_sha[:12]}…); the checkpoint was "
+                         f"replaced without its .json — retrain or restore the matching pair")
     if not p.checkpoint and ":" not in arch:  # a module:callable may bring its own weights
         log.warning("no --checkpoint: teacher %r runs with the weights its constructor gives it", arch)
     device = _models.resolve_device(p.device)

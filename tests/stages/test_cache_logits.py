@@ -287,6 +287,21 @@ def test_bad_input(tmp_path, kw, err, match):
         run(toy(tmp_path, **kw))
 
 
+def test_checkpoint_sidecar_must_describe_the_checkpoint(tmp_path):
+    ck = tmp_path / "lin.pt"
+    torch.save(_toy_live("teacher")[0].state_dict(), ck)
+    Path(f"{ck}.json").write_text(json.dumps({"arch": "toy_cache_module:teacher", "num_classes": 5, "sha256": "0" * 64}))
+    with pytest.raises(ModelError, match=r"sidecar of checkpoint .* describes another file \(sha256 000000000000…"):
+        run(toy(tmp_path, teacher=None, checkpoint=str(ck)))
+    Path(f"{ck}.json").write_text(json.dumps({"arch": "toy_cache_module:teacher", "num_classes": 4}))
+    with pytest.raises(ModelError, match=r"is for 4 classes but data set .* has 5"):
+        run(toy(tmp_path, teacher=None, checkpoint=str(ck)))
+    Path(f"{ck}.json").write_text(json.dumps({"arch": "toy_cache_module:teacher", "num_classes": 5,
+                                              "sha256": models.file_sha256(ck)}))
+    run(toy(tmp_path, teacher=None, checkpoint=str(ck)))
+    assert LogitStore.open(str(tmp_path / "s.zarr")).teacher("lin").attrs["teacher"] == "toy_cache_module:teacher"
+
+
 @pytest.mark.parametrize("teacher, dtype, err, match", [
     ("nan_teacher", "float32", NumericsError, r"NaN or inf logits for 1 row\(s\) \[11\]"),
     ("huge_teacher", "float16", NumericsError, r"sample ids \[11\] exceed the float16 range; cache with --logits-dtype float32"),

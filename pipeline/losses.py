@@ -222,27 +222,27 @@ def _loca_kd_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, y1: torch
     """(B, 1) rows of KL(LoCa(p) ‖ q) = s·KL(p‖q) + (s − 1)·log q_y + c0 (module docstring; s·p_y − p′_y = s − 1).
 
     Written for few tensor ops (small batches are dominated by per-op overhead): the teacher-only terms
-    are computed once without autograd, and correct rows get s = 1, c0 = 0, so their KL is KD's bit for bit.
+    are computed once (no autograd graph: p, lp are detached), and correct rows get s = 1, c0 = 0, so their KL is KD's bit for bit.
     The mask: for a logits teacher the label must strictly win in log p (the numbers this loss uses); for
     given probabilities, in p itself (exactly :func:`loca`'s rule).
     """
-    with torch.no_grad():
-        lp_y = lp.gather(1, y1)
-        if from_probs:
-            p_y = p.gather(1, y1)
-            p_k = p.scatter(1, y1, -1.0).amax(1, keepdim=True)
-            ok = p_y > p_k
-        else:
-            lp_k = lp.scatter(1, y1, -math.inf).amax(1, keepdim=True)
-            ok = lp_y > lp_k
-            p_y, p_k = lp_y.exp(), lp_k.exp()
-        rest = 1.0 - p_y
-        s = (alpha / (rest + p_k)).masked_fill_(ok, 1.0)
-        new_py = 1.0 - s * rest
-        if alpha >= 1.0 and bool((new_py < 0).any()):
-            _negative_label_prob(alpha, int((new_py < 0).sum()))
-        c0 = (torch.xlogy(s, s) * rest + torch.xlogy(new_py, new_py) - s * p_y * lp_y).masked_fill_(ok, 0.0)
-        c1 = s - 1.0
+    # p, lp are teacher-only (built under no_grad and detached): these ops record no autograd graph
+    lp_y = lp.gather(1, y1)
+    if from_probs:
+        p_y = p.gather(1, y1)
+        p_k = p.scatter(1, y1, -1.0).amax(1, keepdim=True)
+        ok = p_y > p_k
+    else:
+        lp_k = lp.scatter(1, y1, -math.inf).amax(1, keepdim=True)
+        ok = lp_y > lp_k
+        p_y, p_k = lp_y.exp(), lp_k.exp()
+    rest = 1.0 - p_y
+    s = (alpha / (rest + p_k)).masked_fill_(ok, 1.0)
+    new_py = 1.0 - s * rest
+    if alpha >= 1.0 and bool((new_py < 0).any()):
+        _negative_label_prob(alpha, int((new_py < 0).sum()))
+    c0 = (torch.xlogy(s, s) * rest + torch.xlogy(new_py, new_py) - s * p_y * lp_y).masked_fill_(ok, 0.0)
+    c1 = s - 1.0
     return torch.addcmul(torch.addcmul(c0, c1, lq.gather(1, y1)), s, _kl_rows(p, lp, lq))
 
 

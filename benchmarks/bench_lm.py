@@ -35,7 +35,7 @@ def _setup():
     from loca_pipe.pipeline.lm import models
     from loca_pipe.pipeline.lm.tokenizer import Encoded
 
-    V, d, L, n = (4000, 64, 1, 24) if QUICK else (32000, 256, 4, 192)
+    V, d, L, n = (4000, 64, 1, 24) if QUICK else (32000, 256, 4, 128)
     P, Rlen = 16, 48
     torch.manual_seed(0)
     model = models.build_lm("llama", V, d, L, 4, P + Rlen + 1, None, seed=0).eval()

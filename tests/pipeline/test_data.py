@@ -108,6 +108,45 @@ def test_bad_data_set_requests(name, split, root, match, tmp_path):
         open_dataset(name, split, str(tmp_path) if root == "EMPTY" else root)
 
 
+# --------------------------------------------------------------------------- CIFAR (layout of the python version)
+
+def _write_cifar10(base: Path, seed: int = 0) -> np.ndarray:
+    """Fake CIFAR-10 python batches (2 images each); returns the test batch's raw rows (n, 3072)."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    base.mkdir(parents=True)
+    rows = None
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": [3, 7]}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return rows
+
+
+def test_cifar10_reader_layout_and_fingerprint(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # fake files have other md5s
+    rows = _write_cifar10(tmp_path / "a" / "cifar-10-batches-py")
+    train = open_dataset("cifar10", "train", str(tmp_path / "a"))
+    test = open_dataset("cifar10", "test", str(tmp_path / "a"))
+    assert (len(train), len(test), test.num_classes, test.in_channels, test.image_size) == (10, 2, 10, 3, 32)
+    assert test.labels.tolist() == [3, 7]
+    # a row is channel-major: R plane, G plane, B plane, each 32×32 row by row
+    mean, std = D.NORMALIZATION["cifar10"]
+    x, _ = test.dataset[1]
+    for c, r, w in ((0, 0, 0), (1, 5, 31), (2, 31, 7)):
+        ref = (rows[1, c * 1024 + r * 32 + w] / 255 - mean[c]) / std[c]
+        assert x[c, r, w].item() == pytest.approx(ref, abs=1e-5)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert open_dataset("cifar10", "test", str(tmp_path / "b")).fingerprint == test.fingerprint
+    _write_cifar10(tmp_path / "c" / "cifar-10-batches-py", seed=1)
+    assert open_dataset("cifar10", "test", str(tmp_path / "c")).fingerprint != test.fingerprint
+
+
 # --------------------------------------------------------------------------- ImageFolder
 
 def _write_folder(root: Path) -> None:

@@ -62,6 +62,7 @@ def train_teacher(
     out: Annotated[Optional[str], typer.Option(help="Checkpoint path (sidecar OUT.json and metrics OUT-with-.metrics.json next to it).")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (in-memory data sets use a faster batch path).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N train and N test samples (quick runs).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: one per core; 1 is faster for tiny models on a busy machine).")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_teacher' (and its teachers.<name> entry) gives the defaults; options override it.")] = None,
 ) -> None:
@@ -73,7 +74,7 @@ def train_teacher(
         "optimizer": optimizer.value if optimizer else None, "momentum": momentum, "weight_decay": weight_decay,
         "schedule": schedule.value if schedule else None, "augment": augment.value if augment else None,
         "seed": seed, "device": device, "out_dir": out_dir, "out": out, "num_workers": num_workers,
-        "max_samples": max_samples, "progress": progress,
+        "max_samples": max_samples, "threads": threads, "progress": progress,
     }
     p = stage.load_params(str(params) if params else {}, name=name, overrides=overrides)
     metrics = stage.run(p)

@@ -61,6 +61,7 @@ class TrainTeacherParams:
     num_workers: int = 0  # DataLoader workers for data sets without an in-memory batch path
     max_samples: int | None = None  # use only the first N train and N test samples (tiny runs)
     eval_batch_size: int = 1000
+    threads: int | None = None  # torch CPU threads for this run (None: torch's default, one per core)
     progress: bool = True
 
     @property
@@ -151,6 +152,19 @@ def _versions() -> dict[str, str]:
 
 def run(p: TrainTeacherParams) -> dict[str, Any]:
     """Train, evaluate and write checkpoint + sidecar + metrics; returns the metrics dict."""
+    if p.threads is None:
+        return _run(p)
+    if p.threads < 1:
+        raise ConfigError(f"{SECTION}.threads must be ≥ 1 or null, got {p.threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(p.threads)
+    try:
+        return _run(p)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(p: TrainTeacherParams) -> dict[str, Any]:
     if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or (p.max_samples is not None and p.max_samples < 1):
         raise ConfigError(f"{SECTION}: epochs, batch_size, lr and max_samples must be positive; got epochs={p.epochs}, "
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
@@ -210,7 +224,7 @@ def run(p: TrainTeacherParams) -> dict[str, Any]:
         "final_train_loss": loss_sum / max(loss_n, 1), "train_seconds": round(seconds, 3),
         "train_cpu_seconds": round(cpu_seconds, 3),  # all threads; a fairer measure on a busy machine
         "samples_per_second": round(p.epochs * n_train / max(seconds, 1e-9), 1), "num_train": n_train,
-        "num_test": n_test, "epochs": p.epochs,
+        "num_test": n_test, "epochs": p.epochs, "threads": torch.get_num_threads(),
     }
     sidecar = {
         "arch": p.arch, "num_classes": train.num_classes, "in_channels": train.in_channels,

@@ -35,7 +35,7 @@ def root(tmp_path_factory) -> Path:
 
 def _train(root: Path, out: Path, *extra: str):
     return runner.invoke(app, ["train-teacher", "--arch", "mlp_small", "--root", str(root), "--epochs", "1",
-                               "--batch-size", "64", "--max-samples", "300", "--device", "cpu", "--no-progress",
+                               "--batch-size", "64", "--max-samples", "300", "--device", "cpu", "--no-progress", "--threads", "1",
                                "--out", str(out), *extra])
 
 
@@ -47,6 +47,7 @@ def test_prepare_data_records_fingerprints(root):
 
 def test_train_teacher_writes_checkpoint_sidecar_and_metrics(root, tmp_path):
     out = tmp_path / "t" / "weak.pt"
+    threads_before = torch.get_num_threads()
     result = _train(root, out, "--seed", "3")
     assert result.exit_code == 0, result.output
     side = json.loads(Path(f"{out}.json").read_text())
@@ -69,6 +70,7 @@ def test_train_teacher_writes_checkpoint_sidecar_and_metrics(root, tmp_path):
         acc = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert side["test_top1"] == metrics["test_top1"] == pytest.approx(acc, abs=1e-6)
     assert metrics["train_mis_instruction"] == pytest.approx(1 - metrics["train_top1"])
+    assert metrics["threads"] == 1 and torch.get_num_threads() == threads_before  # restored after the run
     assert 0.3 < acc < 1.0  # 300 samples, one epoch: far better than chance (0.1)
 
 
@@ -104,6 +106,7 @@ def test_train_teacher_reads_one_teacher_entry_of_params(root, tmp_path):
     ([], {"epochs": "two"}, ConfigError, r"train_teacher.epochs: expected an integer, got 'two'"),
     ([], {"learning_rate": 0.1}, ConfigError, r"unknown key\(s\) \['learning_rate'\]"),
     (["--epochs", "0"], {}, ConfigError, r"must be positive; got epochs=0"),
+    (["--threads", "0"], {}, ConfigError, r"train_teacher.threads must be ≥ 1 or null, got 0"),
 ])
 def test_train_teacher_bad_input(args, params, error, match, root, tmp_path):
     path = tmp_path / "params.yaml"

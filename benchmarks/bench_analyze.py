@@ -123,7 +123,7 @@ def zarr_read(path: Path) -> float:
 
 
 CHILD = textwrap.dedent("""
-    import json, re, sys, time
+    import json, re, resource, sys, time
     from loca_pipe.pipeline.analysis import AnalysisOptions, analyze
     from loca_pipe.pipeline.targets import write_targets
 
@@ -132,6 +132,7 @@ CHILD = textwrap.dedent("""
 
     what, store, out, entropy = sys.argv[1:5]
     base = status("VmRSS")
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if what == "analyze":
         (rep,) = analyze(store, None, AnalysisOptions(tau=%(tau)r, alphas=(%(alpha)r,), entropy=entropy),
@@ -142,7 +143,9 @@ CHILD = textwrap.dedent("""
         rep = write_targets(store, out, [%(alpha)r], %(tau)r)
         extra = {"violations": rep.violations, "calibrated_rows": rep.teachers["synthetic_r50"]["calibrated_rows"]}
     dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "base_rss": base, "peak_rss": status("VmHWM"), **extra}))
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "base_rss": base, "peak_rss": status("VmHWM"), **extra}))
 """) % {"tau": TAU, "alpha": ALPHA}
 
 
@@ -196,16 +199,20 @@ def main() -> None:
             print(f"  analysis ({name} cache, exact entropy from full logits): {a['seconds']:.2f} s = "
                   f"{gbps(a['seconds']):.2f} GB/s, {R / a['seconds']:,.0f} rows/s; ratio to raw {name} read "
                   f"{t_raw / a['seconds']:.2f} (goal ≥ 0.5); peak RSS {a['peak_rss'] / 2**30:.2f} GiB "
-                  f"(+{(a['peak_rss'] - a['base_rss']) / 2**20:.0f} MiB over the post-import baseline; goal ≤ 2 GB)")
+                  f"(+{(a['peak_rss'] - a['base_rss']) / 2**20:.0f} MiB over the post-import baseline; goal ≤ 2 GB); "
+                  f"CPU time {a['cpu_seconds']:.1f} s")
         print(f"  analysis from the summary arrays only (entropy=topk, logits not read): {a_topk['seconds']:.2f} s = "
-              f"{R / a_topk['seconds']:,.0f} rows/s; peak RSS {a_topk['peak_rss'] / 2**30:.2f} GiB")
+              f"{R / a_topk['seconds']:,.0f} rows/s; peak RSS {a_topk['peak_rss'] / 2**30:.2f} GiB; "
+              f"CPU time {a_topk['cpu_seconds']:.1f} s")
+        print(f"  (load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores — wall times scale "
+              f"with it; the CPU times do not)")
         print(f"  mis-instruction ratio {a_warm['ratio']:.4f}, teacher top-5 {a_warm['top5']:.4f}")
         tg = child("targets", store, work / "targets.zarr")
         tbytes = sum(f.stat().st_size for f in _files(work / "targets.zarr"))
         print(f"  LoCa targets for one α ({ALPHA}, τ={TAU:g}; dense kd + loca, validated): {tg['seconds']:.1f} s, "
               f"{_gb(tbytes)} written ({tbytes / tg['seconds'] / 1e9:.2f} GB/s), {R / tg['seconds']:,.0f} rows/s; "
               f"violations {tg['violations']}; calibrated rows {tg['calibrated_rows']:,}; "
-              f"peak RSS {tg['peak_rss'] / 2**30:.2f} GiB")
+              f"peak RSS {tg['peak_rss'] / 2**30:.2f} GiB; CPU time {tg['cpu_seconds']:.1f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -350,6 +350,7 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
     """One dask task: stream ``chunks`` of ``teacher``, write their rows to ``part_path`` (Parquet), return aggregates."""
     import pyarrow.parquet as pq
 
+    _one_torch_thread()
     store = LogitStore.open(store_path)
     tv = store.teacher(teacher)
     info = store.info
@@ -371,6 +372,13 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
     if tmp and writer is not None:
         os.replace(tmp, part_path)  # a part file exists only once whole
     return part
+
+
+def _one_torch_thread() -> None:
+    # A task is one unit of parallelism (a dask thread or a distributed worker thread); torch's own
+    # intra-op threads on top of it only add hand-offs, which are very costly on a busy machine.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def chunk_groups(num_chunks: int, num_tasks: int) -> list[list[int]]:

@@ -44,7 +44,8 @@ import torch
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-from loca_pipe.pipeline.analysis import alpha_key, check_alpha_tau, chunk_groups, cluster_threads, resolve_teachers, run_tasks
+from loca_pipe.pipeline.analysis import (_one_torch_thread, alpha_key, check_alpha_tau, chunk_groups, cluster_threads,
+                                         resolve_teachers, run_tasks)
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
 from loca_pipe.pipeline.store import ATTR, LogitStore, id_dtype, now, versions
@@ -218,6 +219,7 @@ def _create_teacher(root: zarr.Group, name: str, form: str, tv, alphas: Sequence
 def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: float,
                  alphas: Sequence[float]) -> int:
     """One dask task: compute, validate and write ``chunks`` of one teacher's targets; returns chunks written."""
+    _one_torch_thread()
     store = LogitStore.open(src)
     tv = store.teacher(teacher)
     info = store.info

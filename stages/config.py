@@ -8,6 +8,7 @@ wrong types with a message that names the key and the file, like nanoGPT's confi
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,36 @@ from loca_pipe.pipeline.errors import ConfigError
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
+# A whole value `${section.key}` refers to another key of the same params file (DVC's own syntax), so a
+# sweep value such as `analyze.alpha` is written once and read by every stage that needs it; dvc.yaml
+# lists the referenced key in those stages' `params`, so `dvc exp run -S analyze.alpha=...` re-runs them.
+_REF = re.compile(r"^\$\{\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*\}$")
+
+
+def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any]:
+    """Replace every value that is exactly ``${a.b.c}`` by the value at that key (refs may chain)."""
+
+    def lookup(dotted: str, seen: tuple[str, ...]) -> Any:
+        if dotted in seen:
+            raise ConfigError(f"{where}: reference cycle {' -> '.join(seen + (dotted,))}")
+        node: Any = params
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"{where}: reference ${{{dotted}}} names no key of the params file")
+            node = node[part]
+        return walk(node, seen + (dotted,))
+
+    def walk(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, str):
+            m = _REF.match(node)
+            return lookup(m.group(1), seen) if m else node
+        if isinstance(node, dict):
+            return {k: walk(v, seen) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, seen) for v in node]
+        return node
+
+    return walk(params, ())
 
 
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -32,7 +63,7 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ConfigError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"params file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+    return resolve_refs(data, str(path))
 
 
 def _check(value: Any, tp: Any, where: str) -> Any:

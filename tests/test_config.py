@@ -38,3 +38,30 @@ def test_bad_values_name_the_key(values, message):
     with pytest.raises(ConfigError) as exc:
         build(_Section, values, "s")
     assert message in str(exc.value)
+
+
+def test_references_resolve_to_the_named_key(tmp_path):
+    from loca_pipe.stages.config import read_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text("analyze:\n  alpha: [0.9, 0.95]\n  tau: 4\n"
+                    "calibrate:\n  alpha: ${analyze.alpha}\n  tau: '${ analyze.tau }'\n  note: 'a ${analyze.tau} b'\n"
+                    "train:\n  alphas: ${calibrate.alpha}\n")
+    p = read_params(path)
+    assert p["calibrate"]["alpha"] == [0.9, 0.95]
+    assert p["calibrate"]["tau"] == 4
+    assert p["calibrate"]["note"] == "a ${analyze.tau} b"  # only whole values are references
+    assert p["train"]["alphas"] == [0.9, 0.95]  # chains resolve
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a:\n  x: ${b.y}\n", r"reference \$\{b.y\} names no key"),
+    ("a:\n  x: ${a.y}\n  y: ${a.x}\n", "reference cycle"),
+])
+def test_bad_references(tmp_path, text, message):
+    from loca_pipe.stages.config import read_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_params(path)

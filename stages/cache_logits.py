@@ -48,6 +48,8 @@ from loca_pipe.pipeline.store import (
     one_thread,
     summarize_logits,
 )
+from loca_pipe.pipeline import distributed as _dist
+from loca_pipe.pipeline.distributed import WriterLease
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,9 @@ def _open_for_writing(p: CacheParams, info: StoreInfo, name: str,
                 raise
             log.warning("--overwrite: replacing store %s", p.store)
             store = LogitStore.create_or_open(p.store, info, overwrite=True)
+    with io_guard(p.store, f"taking the writer lease of teacher {name!r}"):
+        lease = WriterLease(p.store, name)
+        lease.acquire()  # a second job writing this teacher refuses here (ranks of one job share the lease)
     with io_guard(p.store, f"creating teacher {name!r}"):
         args = (name, provenance, p.top_k, p.temperatures, None if p.logits_dtype == "none" else p.logits_dtype)
         try:  # an identical teacher is kept (and resumed)
@@ -395,8 +400,20 @@ def run(params: CacheParams) -> None:
                 "batch_size": p.batch_size, "sidecar": sidecar},
     }
     shard, num_shards = _shard(p)
+    # under torchrun (MASTER_ADDR set, WORLD_SIZE > 1) the ranks join a process group: rank 0 creates the
+    # store and teacher before a barrier, and finalises after one; without a group, shards poll the store.
+    group = num_shards > 1 and p.shard is None and _dist.init_from_env(device.type)
+    if group and _dist.world() != (shard, num_shards):
+        group = False  # explicit --shard/--num-shards that differ from the group's ranks: poll instead
     if shard == 0:
-        store, writer = _open_for_writing(p, info, name, provenance)
+        try:
+            store, writer = _open_for_writing(p, info, name, provenance)
+        finally:
+            if group:
+                _dist.barrier()  # the others open what rank 0 made (or fail fast if it failed)
+    elif group:
+        _dist.barrier()
+        store, writer = _open_for_writing(replace(p, overwrite=False), info, name, provenance)
     else:  # shard 0 creates (or replaces) the store and the teacher; the others join what it made
         deadline = time.monotonic() + SHARD_WAIT_SECONDS
         while True:
@@ -416,17 +433,31 @@ def run(params: CacheParams) -> None:
     resumed = len(pending) < store.info.num_chunks
     pending = [c for c in pending if c % num_shards == shard]  # shards own disjoint, chunk-aligned row ranges
     last_run.update(name=name, store=p.store, rows=0, resumed=resumed)
-    if not pending:
+    lease = WriterLease(p.store, name)
+    if not pending and not group:
         with io_guard(p.store, "finalising"):
             complete = writer.finalize()
+        if complete:
+            lease.release()
         log.info("teacher %r in %s: nothing left for shard %d of %d%s", name, p.store, shard, num_shards,
                  "" if complete else " (other shards still running)")
         return
     t_loop = time.perf_counter()
-    rows = _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels)
+    try:
+        rows = _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels) if pending else 0
+    except BaseException:
+        if num_shards == 1:
+            lease.release()  # one process: nobody else is writing; finished chunks stay done
+        raise
     t_end = time.perf_counter()
+    if group:
+        _dist.barrier()  # every rank's chunks are written
     with io_guard(p.store, "finalising"):
-        complete = writer.finalize()  # the last shard to finish marks the teacher complete
+        complete = writer.finalize() if (shard == 0 or not group) else writer.pending_chunks() == []
+        if complete and (shard == 0 or not group):
+            lease.release()  # the last shard to finish (rank 0 after the barrier) marks the teacher complete
+    if group:
+        _dist.barrier()  # nobody returns before the teacher is marked complete
     left = writer.pending_chunks()
     if not complete and (num_shards == 1 or any(c % num_shards == shard for c in left)):
         raise StoreError(f"teacher {name!r} still has chunks {left[:10]} pending after the run; run the same "

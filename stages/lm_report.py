@@ -3,7 +3,6 @@ seeds per method), with the teacher's and the cache's numbers; prints the table.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

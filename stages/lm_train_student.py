@@ -65,7 +65,7 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok, seed=p.seed)
     t0 = time.perf_counter()
     hist = models.train_lm(model, train, loss, steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=p.seed,
-                           pad_id=tok.pad_token_id)
+                           pad_id=tok.pad_token_id, progress=True)
     train_s = time.perf_counter() - t0
     ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
                              [ex.response for ex in test_ex], p.max_new_tokens)

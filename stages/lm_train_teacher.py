@@ -51,7 +51,7 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     hist = []
     if p.steps:
         hist = models.train_lm(model, train, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=base.seed,
-                               pad_id=tok.pad_token_id, all_tokens=True)
+                               pad_id=tok.pad_token_id, all_tokens=True, progress=True)
     train_s = time.perf_counter() - t0
     ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
                            [ex.response for ex in test_ex], p.max_new_tokens)

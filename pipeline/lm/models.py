@@ -161,12 +161,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 
 def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_size: int, lr: float, seed: int,
              pad_id: int, all_tokens: bool = False, warmup: int = 20, log_every: int = 50,
-             weight_decay: float = 0.01) -> list[dict]:
+             weight_decay: float = 0.01, progress: bool = False) -> list[dict]:
     """AdamW on random batches of sequences; returns a loss log.
 
     ``loss_fn(response_logits (R, V), labels (R,), seq_index (B,)) -> scalar`` sees only response positions
     (default: cross-entropy). ``all_tokens`` trains on every next-token prediction instead (CE only; used
-    for the teacher, which should learn the language, not only the task).
+    for the teacher, which should learn the language, not only the task). ``progress``: a bar with loss,
+    tokens/s and the ETA.
     """
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"steps and batch_size must be positive; got {steps}, {batch_size}")
@@ -175,6 +176,9 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     model.train()
     history, t0, tokens = [], time.perf_counter(), 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
@@ -194,10 +198,14 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         if step % log_every == 0 or step == steps - 1:
             dt = time.perf_counter() - t0
             history.append({"step": step, "loss": float(loss.detach()), "tokens_per_s": tokens / max(dt, 1e-9)})
             log.info("step %d loss %.4f (%.0f tok/s)", step, float(loss.detach()), tokens / max(dt, 1e-9))
+    bar.close()
     model.eval()
     return history
 

@@ -503,6 +503,111 @@ class TeacherWriter:
         return True
 
 
+def _is_checksum_error(exc: BaseException) -> bool:
+    return isinstance(exc, ValueError) and "checksum" in str(exc).lower()
+
+
+def chunk_key(arr: zarr.Array, c: int) -> str:
+    """The store key of row chunk ``c`` of ``arr`` (default v3 chunk-key encoding: ``c/<i>/<j>…``)."""
+    return f"{arr.path}/c/" + "/".join([str(c)] + ["0"] * (arr.ndim - 1))
+
+
+def read_checked(arr: zarr.Array, rows: Any = None) -> np.ndarray:
+    """``arr[rows]`` (None: all; a slice; or row indices) that turns a CRC32C mismatch into a StoreError.
+
+    zarr raises a bare ValueError ("Stored and computed checksum do not match") without saying where; this
+    re-reads the touched row chunks one by one and names the array, the chunk, its rows and its file.
+    """
+    if isinstance(arr, CheckedArray):
+        arr = arr.zarr
+    if rows is None:
+        return _checked(arr, lambda: arr[...], None)
+    if isinstance(rows, slice):
+        return _checked(arr, lambda: arr[rows], rows)
+    idx = np.asarray(rows, dtype=np.int64)
+    return _checked(arr, lambda: arr.oindex[idx], idx)
+
+
+def _checked(arr: zarr.Array, read: Any, rows: Any) -> np.ndarray:
+    try:
+        return read()
+    except ValueError as exc:
+        if not _is_checksum_error(exc):
+            raise
+        ch, n = arr.chunks[0], arr.shape[0]
+        if rows is None:
+            chunks = range(math.ceil(n / ch))
+        elif isinstance(rows, slice):
+            r = range(*rows.indices(n))
+            chunks = sorted({i // ch for i in r}) if len(r) else []
+        else:
+            chunks = sorted({int(i) // ch for i in np.asarray(rows).ravel()})
+        bad = []
+        for c in chunks:
+            try:
+                arr[c * ch:min(n, (c + 1) * ch)]
+            except ValueError as e2:
+                if _is_checksum_error(e2):
+                    bad.append(c)
+        where = bad[0] if bad else None
+        names = ", ".join(f"chunk {c} (rows {c * ch}..{min(n, (c + 1) * ch) - 1}, file {chunk_key(arr, c)!r})"
+                          for c in bad[:5]) or "a chunk"
+        raise StoreError(
+            f"array {arr.path!r} of the logit store: {names} failed its CRC32C checksum — the file is corrupted "
+            f"(disk or copy error), so its numbers cannot be trusted; re-cache that teacher (delete the store's "
+            f"teachers/<name> folder or run cache-logits with --overwrite) or restore the store from a copy") from exc \
+            if where is not None else exc
+
+
+class CheckedArray:
+    """A zarr array whose reads (``a[sel]``, ``a.oindex[idx]``) turn a CRC32C mismatch into a StoreError naming
+    the array, the row chunk and its file; every other attribute is the zarr array's (``.zarr`` is the array)."""
+
+    def __init__(self, arr: zarr.Array):
+        self.zarr = arr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.zarr, name)
+
+    def __len__(self) -> int:
+        return self.zarr.shape[0]
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        return _checked(self.zarr, lambda: self.zarr[sel], _rows_of(sel, self.zarr.shape[0]))
+
+    def __setitem__(self, sel: Any, value: Any) -> None:
+        self.zarr[sel] = value
+
+    @property
+    def oindex(self) -> "_CheckedOIndex":
+        return _CheckedOIndex(self.zarr)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+class _CheckedOIndex:
+    def __init__(self, arr: zarr.Array):
+        self.arr = arr
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        return _checked(self.arr, lambda: self.arr.oindex[sel], _rows_of(sel, self.arr.shape[0]))
+
+
+def _rows_of(sel: Any, n: int) -> Any:
+    """The row selection (first axis) of an index expression: None (all), a slice, or indices."""
+    first = sel[0] if isinstance(sel, tuple) and sel else sel
+    if first is Ellipsis or (isinstance(sel, tuple) and not sel):
+        return None
+    if isinstance(first, slice):
+        return first
+    if isinstance(first, (int, np.integer)):
+        i = int(first) % max(1, n)
+        return slice(i, i + 1)
+    return np.asarray(first).ravel()
+
+
 class TeacherView:
     """Read access to one complete teacher: zarr arrays plus exact probabilities at any stored τ."""
 
@@ -513,12 +618,17 @@ class TeacherView:
         self.top_k: int = int(self.attrs["top_k"])
         self.has_full_logits: bool = "logits" in group
 
-    def __getitem__(self, key: str) -> zarr.Array:
+    def __getitem__(self, key: str) -> "CheckedArray":
+        """Array ``key`` (a zarr array wrapper whose reads name a chunk that fails its CRC32C)."""
         if key in ("sample_id", "label", "view", "aug_params"):
-            return self.store.group[key]
+            return CheckedArray(self.store.group[key])
         if key not in self.group:
             raise StoreError(f"teacher {self.name!r} has no array {key!r}; it has {sorted(self.group.array_keys())}")
-        return self.group[key]
+        return CheckedArray(self.group[key])
+
+    def read(self, key: str, rows: Any = None) -> np.ndarray:
+        """Rows of array ``key`` (all, a slice or indices); a chunk failing its CRC32C raises a StoreError naming it."""
+        return read_checked(self[key].zarr, rows)
 
     def tau_index(self, tau: float) -> int:
         for i, t in enumerate(self.temperatures):
@@ -533,11 +643,7 @@ class TeacherView:
     # -- exact probabilities ------------------------------------------------------------------------
     @staticmethod
     def _read(arr: zarr.Array, rows: Any) -> np.ndarray:
-        if rows is None:
-            return arr[...]
-        if isinstance(rows, slice):
-            return arr[rows]
-        return arr.oindex[np.asarray(rows, dtype=np.int64)]
+        return read_checked(arr, rows)
 
     def lse(self, tau: float, rows: Any = None) -> np.ndarray:
         """logsumexp(z/τ) per row (n,) float64: stored when τ was declared, else from the full logits."""

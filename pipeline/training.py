@@ -271,8 +271,16 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
     cfg = cfg.validate()
     compute_loss = loss_fn or _loss_fn()
     device = images.device
+    # DDP (under torchrun, once a process group is initialised): rank r trains on rows r, r+W, … of every
+    # global batch of cfg.batch_size, the gradient is averaged to the global-batch mean, rank 0 evaluates
+    # and writes checkpoint / log / metrics (docs/scale-out.md lists the differences to one process).
+    from loca_pipe.pipeline import distributed as _dist
+
+    ddp = _dist.active()
+    rank, world = _dist.world() if ddp else (0, 1)
+    main = rank == 0
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
     identity = json.loads(json.dumps(identity or {}, default=str))
     model.to(device)
@@ -299,6 +307,11 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         set_rng_state(ck["rng"])
         history, start = list(ck["history"]), int(ck["epoch"])
         log.info("resuming %s from epoch %d", out, start)
+    net: nn.Module = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if teacher_model is not None:
         teacher_model.to(device).eval()
     if labels.device != device and device.type == "cuda":
@@ -308,7 +321,7 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
     n_train = len(source)
     t_total = sum(r.get("seconds", 0.0) for r in history)
     for epoch in range(start, cfg.epochs):
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -320,6 +333,9 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             bar = tqdm(total=n_train, unit="sample", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        leave=False)
         for step, batch in enumerate(source.batches(epoch, cfg.batch_size, cfg.seed)):
+            global_b = int(batch.sample_index.numel())
+            if ddp:
+                batch = shard_batch(batch, rank, world)
             idx = batch.sample_index
             x = images.get(idx)
             y = labels_dev[idx.to(labels_dev.device)].to(device)
@@ -335,9 +351,12 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     teacher = {"teacher_logits": teacher_model(x).float()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
+                logits = net(x)
             try:
-                loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
+                if idx.numel() == 0:  # DDP, a last batch smaller than the world: no rows here, zero gradient
+                    loss = logits.float().sum() * 0.0
+                else:
+                    loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
                 bad = None if bool(torch.isfinite(loss)) else f"loss is {float(loss.detach())}"
             except NumericsError as exc:  # the loss library's own finiteness check
                 bad = str(exc)
@@ -349,7 +368,10 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                     f"{idx[:8].tolist()}{' …' if idx.numel() > 8 else ''}); training stopped, last good checkpoint: "
                     f"{last}. Lower the learning rate, check the teacher signal for NaN, or disable amp")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages gradients over W ranks; weighting rank r's batch mean by W·b_r/b makes that average
+            # the mean over the whole global batch of b rows, also when b is not a multiple of W
+            scaled = loss * (world * idx.numel() / max(1, global_b)) if ddp else loss
+            scaler.scale(scaled).backward()
             scaler.step(opt)
             scaler.update()
             if hooks and hooks.on_step:
@@ -362,18 +384,23 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                 bar.update(b)
         if bar is not None:
             bar.close()
+        if ddp:  # train loss / accuracy over every rank's rows
+            tot = torch.stack([loss_sum.double(), correct.double(),
+                               torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            torch.distributed.all_reduce(tot)
+            loss_sum, correct, seen = tot[0], tot[1], int(tot[2].item())
         lr = opt.param_groups[0]["lr"]
         sched.step()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(1, seen),
                                "train_top1": 100.0 * float(correct) / max(1, seen)}
         train_s = time.perf_counter() - t0
-        if do_eval and eval_images is not None and eval_labels is not None:
+        if do_eval and main and eval_images is not None and eval_labels is not None:
             ev = evaluate(model, eval_images, eval_labels, cfg.eval_batch_size, amp=use_amp)
             row.update(test_loss=ev["loss"], test_top1=ev["top1"], test_top5=ev["top5"])
         row.update(seconds=train_s, samples_per_s=seen / max(train_s, 1e-9))
         t_total += train_s
         history.append(row)
-        if out is not None:
+        if out is not None and main:
             atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                          "history": history, "identity": identity, "config": asdict(cfg)}, ckpt_path)
@@ -388,9 +415,29 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                "test_top5": last.get("test_top5"),
                "best_test_top1": max((r["test_top1"] for r in history if "test_top1" in r), default=None),
                "train_seconds": t_total}
-    if out is not None:
+    if ddp:
+        metrics["world_size"] = world
+    if out is not None and main:
         atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return TrainResult(metrics=metrics, history=history)
+
+
+def shard_batch(batch: Any, rank: int, world: int) -> Any:
+    """Rows rank, rank+world, … of a batch (its sample indices, aug params, rows and teacher tensors)."""
+    n = int(batch.sample_index.numel())
+    sel = torch.arange(rank, n, world)
+
+    def take(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n:
+            return v[sel.to(v.device)]
+        if isinstance(v, tuple) and hasattr(v, "_fields"):
+            return type(v)(*(take(t) for t in v))
+        return v
+
+    return replace(batch, sample_index=batch.sample_index[sel],
+                   aug_params=None if batch.aug_params is None else batch.aug_params[sel],
+                   rows=None if batch.rows is None else batch.rows[sel],
+                   teacher={k: take(v) for k, v in batch.teacher.items()})
 
 
 def start_of(history: list[dict[str, Any]]) -> int:

@@ -167,6 +167,9 @@ def run(p: TrainStudentParams) -> dict[str, Any]:
 
     check_params(p)
     device = resolve_device(p.device)
+    from loca_pipe.pipeline.distributed import init_from_env
+
+    init_from_env(device.type)  # under torchrun: DDP over the ranks (pipeline.training), else one process
     threads = p.threads if p.threads is not None else (1 if p.preset == "short-cpu" and device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(int(threads))

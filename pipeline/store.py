@@ -274,6 +274,25 @@ def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
                        fill_value=0, **_codecs(np.dtype(np.uint8), False))
 
 
+def open_zarr_group(path: str, mode: str) -> zarr.Group:
+    """``zarr.open_group`` on a local path or an fsspec URL (``s3://``, ``gs://``, ``memory://``…).
+
+    An unknown protocol or a missing fsspec back-end (s3fs, gcsfs) becomes a StoreError saying what to install;
+    credentials and endpoints come from the back-end's usual sources (for S3: AWS_* variables such as
+    AWS_ENDPOINT_URL, ~/.aws, or fsspec's config files).
+    """
+    try:
+        return zarr.open_group(path, mode=mode)
+    except ImportError as exc:
+        raise StoreError(f"cannot open logit store {path!r}: its URL needs an fsspec back-end that is not installed "
+                         f"({exc}); install it (s3:// → s3fs, gs:// → gcsfs, az:// → adlfs)") from exc
+    except ValueError as exc:
+        if "protocol" not in str(exc).lower():
+            raise
+        raise StoreError(f"cannot open logit store {path!r}: {exc}; use a local path or an fsspec URL such as "
+                         f"s3://bucket/name.zarr or memory://name.zarr") from exc
+
+
 class LogitStore:
     """A logit store on local disk or any fsspec URL zarr understands."""
 
@@ -294,7 +313,7 @@ class LogitStore:
     def open(cls, path: str, mode: str = "r") -> "LogitStore":
         """Open an existing store (mode 'r' or 'r+'); a missing or foreign path raises StoreError."""
         try:
-            group = zarr.open_group(str(path), mode=mode)
+            group = open_zarr_group(str(path), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise StoreError(f"no logit store at {str(path)!r}; create one with `loca-pipe cache-logits --store {path}`") from exc
         return cls(group, str(path))
@@ -312,7 +331,7 @@ class LogitStore:
             existing = cls.open(path, mode="r+")
         except StoreError:
             try:
-                probe = zarr.open_group(path, mode="r")
+                probe = open_zarr_group(path, mode="r")
                 # a creation killed before its attributes were written leaves only row arrays: redo it
                 interrupted = not dict(probe.attrs) and set(probe.keys()) <= set(_ROW_ARRAYS)
                 if (list(probe.keys()) or dict(probe.attrs)) and not interrupted:
@@ -328,7 +347,7 @@ class LogitStore:
                     f"store {path!r} belongs to another data set or layout ({'; '.join(diffs)}); "
                     f"use another --store, or pass --overwrite to replace it (its teachers are deleted)")
             return existing
-        group = zarr.open_group(path, mode="w")
+        group = open_zarr_group(path, mode="w")
         _create_row_arrays(group, info)
         group.attrs[ATTR] = info.to_attrs()  # last: a store with attributes has all its row arrays
         return cls(group, path)

@@ -175,14 +175,26 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         raise StoreError("no response tokens to cache")
     info = StoreInfo(task=TASK, num_samples=len(enc), num_views=1, num_rows=R, num_classes=V,
                      chunk_rows=int(chunk_rows), dataset=dataset)
-    store = LogitStore.create_or_open(store_path, info, overwrite=overwrite)
+    # --overwrite replaces only what conflicts: an identical store / teacher is kept and resumed (safe for a
+    # DVC stage whose store persists between runs)
+    try:
+        store = LogitStore.create_or_open(store_path, info)
+    except StoreConflictError:
+        if not overwrite:
+            raise
+        store = LogitStore.create_or_open(store_path, info, overwrite=True)
     if store.info.task != TASK:
         raise StoreError(f"store {store_path!r} is a {store.info.task!r} store; the language-model path needs {TASK!r}")
     _write_index(store, enc)
     prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
             "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
-    writer = store.begin_teacher(name, prov, top_k, temperatures, logits_dtype=logits_dtype,
-                                 compress_logits=compress_logits, overwrite=overwrite)
+    kw = dict(logits_dtype=logits_dtype, compress_logits=compress_logits)
+    try:
+        writer = store.begin_teacher(name, prov, top_k, temperatures, **kw)
+    except StoreConflictError:
+        if not overwrite:
+            raise
+        writer = store.begin_teacher(name, prov, top_k, temperatures, overwrite=True, **kw)
     g = writer.group
     N = len(enc)
     if sample_draws and "sampled_ids" not in g:

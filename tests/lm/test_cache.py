@@ -133,3 +133,19 @@ def test_bad_inputs(tmp_path, teacher, tok, enc):
         _cache(tmp_path / "c", teacher, tok, enc, dataset={"name": "x", "split": "train", "fingerprint": "fp1"})
     with pytest.raises(StoreError, match="not declared at cache time"):
         cache.open_lm_cache(str(tmp_path / "c")).tau_index(4.0)
+
+
+def test_overwrite_replaces_only_what_conflicts(tmp_path, teacher, tok, enc):
+    p = tmp_path / "s"
+    assert _cache(p, teacher, tok, enc, max_chunks=2).chunks_written == 2
+    # identical settings + overwrite: the half-written teacher is kept and resumed, not restarted
+    rep = _cache(p, teacher, tok, enc, overwrite=True)
+    assert rep.complete and rep.chunks_skipped == 2
+    with pytest.raises(StoreConflictError, match="already in .* with other settings.*top_k"):
+        _cache(p, teacher, tok, enc, top_k=7)
+    rep = _cache(p, teacher, tok, enc, top_k=7, overwrite=True)
+    assert rep.complete and rep.chunks_skipped == 0
+    assert cache.open_lm_cache(str(p)).topk_ids.shape[1] == 7
+    # other data + overwrite: the whole store is replaced
+    rep = _cache(p, teacher, tok, enc, overwrite=True, dataset={"name": "y", "split": "train", "fingerprint": "f2"})
+    assert rep.complete and cache.open_lm_cache(str(p), expect_fingerprint="f2").topk_ids.shape[1] == 5

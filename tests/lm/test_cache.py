@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, StoreConflictError, StoreError
+from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, ModelError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm import cache, models
 
 TAUS = (1.0, 2.0)
@@ -149,3 +149,27 @@ def test_overwrite_replaces_only_what_conflicts(tmp_path, teacher, tok, enc):
     # other data + overwrite: the whole store is replaced
     rep = _cache(p, teacher, tok, enc, overwrite=True, dataset={"name": "y", "split": "train", "fingerprint": "f2"})
     assert rep.complete and cache.open_lm_cache(str(p), expect_fingerprint="f2").topk_ids.shape[1] == 5
+
+
+def test_any_hf_folder_gpt2_roundtrip(tmp_path, tok, enc):
+    from .conftest import spread
+
+    g = spread(models.build_lm("gpt2", len(tok), 32, 1, 2, 64, tok, seed=0), seed=2)
+    models.save_lm(g, tok, tmp_path / "gpt2")
+    loaded = models.load_lm(tmp_path / "gpt2")
+    assert loaded.config.model_type == "gpt2" and models.model_vocab(loaded) == len(tok)
+    few = tokenizer_subset(enc, 6)
+    _cache(tmp_path / "s", loaded, tok, few)
+    c = cache.open_lm_cache(str(tmp_path / "s"))
+    with torch.no_grad():
+        z = g(input_ids=torch.as_tensor(few.ids[0])[None]).logits[0]
+    P = int(few.prompt_len[0])
+    np.testing.assert_array_equal(c.topk_ids[:c.offsets[1]], torch.topk(z[P - 1:-1], 5, 1).indices.numpy())
+    with pytest.raises(ModelError, match="no causal LM at"):
+        models.load_lm(tmp_path / "nothing")
+
+
+def tokenizer_subset(enc, n):
+    from loca_pipe.pipeline.lm.tokenizer import Encoded
+
+    return Encoded(enc.ids[:n], enc.prompt_len[:n])

@@ -60,6 +60,7 @@ def analyze(
     samples: Annotated[Optional[bool], typer.Option("--samples/--no-samples", help="Write the per-sample Parquet table.")] = None,
     figures: Annotated[Optional[bool], typer.Option("--figures/--no-figures", help="Write the PNG figures.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace results of another store in the output folder.")] = None,
+    scale: Annotated[Optional[bool], typer.Option("--scale/--no-scale", help="LoCa scale statistics for each α (--no-scale ignores α; `calibrate` reports them too).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'analyze' gives the defaults (options override it).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.")] = False,
 ) -> None:
@@ -69,12 +70,14 @@ def analyze(
     p = _params("analyze", stage.AnalyzeParams, params, {
         "store": store, "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
         "scheduler": scheduler, "bins": bins, "top_confusions": top_confusions,
-        "entropy": entropy.value if entropy else None, "samples": samples, "figures": figures, "overwrite": overwrite})
+        "entropy": entropy.value if entropy else None, "samples": samples, "figures": figures, "overwrite": overwrite,
+        "scale": scale})
     rep = stage.execute(p)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
         return
-    typer.echo(f"store {p.store}  τ={p.tau:g}  α={list(p.alpha)}  ({rep['seconds']:.1f} s)\n")
+    alphas = f"  α={list(p.alpha)}" if p.scale else ""
+    typer.echo(f"store {p.store}  τ={p.tau:g}{alphas}  ({rep['seconds']:.1f} s)\n")
     typer.echo(rep["summary_markdown"])
     for name, m in rep["teachers"].items():
         conf = ", ".join(f"{c['label']}→{c['prediction']} ({c['count']})" for c in m["top_confusions"][:5])

@@ -29,6 +29,7 @@ def prepare_data(
     dataset: Annotated[Optional[str], typer.Option(help="Data set NAME (fashion-mnist, cifar10, cifar100, imagefolder) or module:callable.")] = None,
     root: Annotated[Optional[str], typer.Option(help="Data set root folder (fashion-mnist default: data/fashion-mnist).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Folder holding the Fashion-MNIST .gz files (the Debian package's by default).")] = None,
+    record: Annotated[Optional[str], typer.Option(help="Where to write the fingerprint record (default: ROOT/fingerprints.json).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'prepare_data' gives the defaults (options override it).")] = None,
 ) -> None:
     """Copy + gunzip the Debian Fashion-MNIST files where torchvision reads them; record the data fingerprints."""
@@ -36,7 +37,7 @@ def prepare_data(
     from loca_pipe.stages.config import load_section
 
     p = load_section(stage.PrepareDataParams, stage.SECTION, str(params) if params else {},
-                     {"dataset": dataset, "root": root, "source": source})
+                     {"dataset": dataset, "root": root, "source": source, "record": record})
     out = stage.run(p)
     for split, s in out["splits"].items():
         typer.echo(f"{out['dataset']} {split}: {s['num_samples']} samples, {s['num_classes']} classes, "

@@ -53,9 +53,11 @@ def alpha_key(alpha: float) -> str:
     return repr(float(alpha)) if not float(alpha).is_integer() else f"{float(alpha):.1f}"
 
 
-def check_alpha_tau(alphas: Sequence[float], tau: float) -> tuple[tuple[float, ...], float]:
-    """Validate α list and τ (α ≤ 0 or τ ≤ 0 is an error; α ≥ 1 is allowed with a loud warning, DESIGN §2)."""
-    if not alphas:
+def check_alpha_tau(alphas: Sequence[float], tau: float, allow_empty: bool = False) -> tuple[tuple[float, ...], float]:
+    """Validate α list and τ (α ≤ 0 or τ ≤ 0 is an error; α ≥ 1 is allowed with a loud warning, DESIGN §2).
+
+    ``allow_empty``: no α at all is valid (statistics without LoCa scales)."""
+    if not alphas and not allow_empty:
         raise ConfigError("alpha: give at least one LoCa α in (0, 1), e.g. 0.95")
     alphas = tuple(check_alpha(a) for a in alphas)  # α ≤ 0 → ConfigError, α ≥ 1 → LocaWarning
     if len(set(alphas)) != len(alphas):
@@ -520,7 +522,7 @@ def analyze(store_path: str, teachers: Sequence[str] | None, opts: AnalysisOptio
     """
     store = LogitStore.open(str(store_path))
     names = resolve_teachers(store, teachers)
-    alphas, tau = check_alpha_tau(opts.alphas, opts.tau)
+    alphas, tau = check_alpha_tau(opts.alphas, opts.tau, allow_empty=True)  # empty: no LoCa scale statistics
     if opts.bins < 1 or opts.top_confusions < 0:
         raise ConfigError(f"bins must be ≥ 1 and top_confusions ≥ 0; got bins={opts.bins}, top_confusions={opts.top_confusions}")
     if opts.entropy not in ("auto", "topk"):

@@ -340,11 +340,14 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
         total += int(viol.sum())
         a = dict(g.attrs[ATTR])
         mis = int(g["mis_instructed"][:].astype(np.int64).sum())
+        sigma = _mean_sigma_mis(g, root["label"], forms[n], info.chunk_rows)
         a.update(violations=counts, calibrated_rows=mis, complete=not viol.any(), finished=now())
         g.attrs[ATTR] = a
         report[n] = {"form": forms[n], "arrays": {k: list(g[k].shape) for k in a["arrays"]},
                      "dtypes": {k: str(g[k].dtype) for k in a["arrays"]}, "violations": counts,
                      "calibrated_rows": mis, "calibrated_ratio": mis / max(1, info.num_rows),
+                     "mean_sigma_mis": sigma,
+                     "mean_scale_mis": {alpha_key(al): None if sigma is None else al * sigma for al in alphas},
                      "chunks_written": int(sum(w for (_, _, tn, *_), w in zip(args, written) if tn == n))}
     ra = dict(root.attrs[ATTR])
     ra.update(complete=total == 0, violations=total, finished=now(), versions=versions())
@@ -355,6 +358,37 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
         raise NumericsError(f"LoCa targets in {str(out)!r} violate the invariants ({bad}); the store is left "
                             f"incomplete so no student reads it — report this with the store's provenance")
     return rep
+
+
+def _mean_sigma_mis(g: zarr.Group, labels: zarr.Array, form: str, block: int) -> float | None:
+    """Mean σ = 1/(1 − p_y + p_k) over the calibrated rows, from the stored plain-KD targets.
+
+    s = α·σ and σ does not depend on α, so the mean LoCa scale of every α is α times this (metrics only).
+    """
+    total, count = 0.0, 0
+    R = labels.shape[0]
+    for start in range(0, R, block):
+        sl = slice(start, min(R, start + block))
+        mis = g["mis_instructed"][sl].astype(bool)
+        if not mis.any():
+            continue
+        y = labels[sl][mis]
+        rows = np.arange(len(y))
+        if form == "dense":
+            p = g["kd"][sl][mis].astype(np.float64)
+            p_y = p[rows, y]
+        else:
+            ids = g["ids"][sl][mis].astype(np.int64)
+            p = g["kd_probs"][sl][mis].astype(np.float64)
+            is_y = ids == y[:, None]
+            p_y = np.where(is_y, p, 0.0).sum(1)  # the label's mass sits in one column (the other is 0)
+            p = np.where(is_y, -1.0, p)
+        if form == "dense":
+            p[rows, y] = -1.0
+        p_k = p.max(1)
+        total += float((1.0 / (1.0 - p_y + p_k)).sum())
+        count += len(y)
+    return total / count if count else None  # no calibrated row: nothing to average
 
 
 def _open_or_create(out: str, meta: dict[str, Any], overwrite: bool) -> zarr.Group:

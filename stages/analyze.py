@@ -50,6 +50,7 @@ class AnalyzeParams:
     entropy: Literal["auto", "topk"] = "auto"  # auto: exact from full logits when stored; topk: never read them
     samples: bool = True  # write the per-sample Parquet table
     figures: bool = True  # write the PNG figures
+    scale: bool = True  # LoCa scale statistics for each α; off: α is ignored (a DVC stage then need not track it)
 
 
 def source_marker(store: LogitStore) -> dict[str, Any]:
@@ -128,13 +129,14 @@ def execute(params: AnalyzeParams) -> dict[str, Any]:
     t0 = time.perf_counter()
     store = LogitStore.open(params.store)
     out = Path(params.out)
-    opts = AnalysisOptions(tau=params.tau, alphas=tuple(params.alpha), bins=params.bins,
+    alphas = tuple(params.alpha) if params.scale else ()
+    opts = AnalysisOptions(tau=params.tau, alphas=alphas, bins=params.bins,
                            top_confusions=params.top_confusions, entropy=params.entropy)
     # validate everything (teachers, α, τ) before touching the output folder
     from loca_pipe.pipeline.analysis import check_alpha_tau, resolve_teachers
 
     names = resolve_teachers(store, params.teachers)
-    check_alpha_tau(opts.alphas, opts.tau)
+    check_alpha_tau(opts.alphas, opts.tau, allow_empty=not params.scale)
     claim_output(out, store, params.overwrite)
     client = connect(params.scheduler)
     try:

@@ -49,6 +49,7 @@ def execute(params: CalibrateParams) -> dict[str, Any]:
         lean = {"violations": rep.violations,
                 "teachers": {n: {"form": t["form"], "calibrated_rows": t["calibrated_rows"],
                                  "calibrated_ratio": t["calibrated_ratio"],
+                                 "mean_scale_mis": t["mean_scale_mis"],
                                  "violations": sum(t["violations"].values())} for n, t in rep.teachers.items()}}
         m.write_text(json.dumps(lean, indent=1))
     return full

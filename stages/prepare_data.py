@@ -2,7 +2,7 @@
 
 For ``fashion-mnist`` the four IDX files of the Debian package ``dataset-fashion-mnist`` are copied and
 gunzipped into ``<root>/FashionMNIST/raw/`` (torchvision's layout). For every data set both splits are then
-opened once (which checks the files) and ``<root>/fingerprints.json`` records name, size, classes and the
+opened once (which checks the files) and ``<root>/fingerprints.json`` (or ``record``) records name, size, classes and the
 content fingerprint of each split — a small DVC output that changes exactly when the data does.
 """
 
@@ -26,6 +26,7 @@ class PrepareDataParams:
     dataset: str = "fashion-mnist"
     root: str | None = None  # fashion-mnist default: data/fashion-mnist
     source: str = str(DEBIAN_FASHION_MNIST)  # where the Debian package puts the Fashion-MNIST .gz files
+    record: str | None = None  # where to write the fingerprint record; default <root>/fingerprints.json
 
 
 def fingerprints_path(root: str | Path) -> Path:
@@ -45,7 +46,7 @@ def run(p: PrepareDataParams) -> dict[str, Any]:
         out["splits"][split] = {"num_samples": len(spec), "num_classes": spec.num_classes,
                                 "in_channels": spec.in_channels, "image_size": spec.image_size,
                                 "fingerprint": spec.fingerprint, "transform": spec.transform}
-    path = fingerprints_path(root)
+    path = Path(p.record) if p.record else fingerprints_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

@@ -79,6 +79,22 @@ def test_stage_writes_every_output(store3, tmp_path):
     assert json.loads((out / "analysis.json").read_text())["teachers"]["weak"]["top_confusions"]
 
 
+def test_no_scale_ignores_alpha(store3, tmp_path):
+    """`--no-scale` (the DVC stage's form) reads no α at all: even an invalid one is not looked at."""
+    path, labels, logits = store3
+    out = tmp_path / "res"
+    p = load_section(analyze_stage.AnalyzeParams, "analyze",
+                     {"analyze": {"store": path, "out": str(out), "alpha": [-1.0], "tau": 4, "scale": False,
+                                  "figures": False, "samples": False}})
+    analyze_stage.execute(p)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weak"]["mis_instructed"] == int((logits["weak"].argmax(1) != labels).sum())
+    assert not metrics["weak"].get("mean_scale_mis")
+    with pytest.raises(ConfigError, match="alpha"):
+        analyze_stage.execute(load_section(analyze_stage.AnalyzeParams, "analyze", {"analyze": {
+            "store": path, "out": str(tmp_path / "r2"), "alpha": [-1.0], "tau": 4}}))
+
+
 def test_output_folder_of_another_store_is_refused(store3, tmp_path):
     path, *_ = store3
     other, *_ = make_store(tmp_path / "other.zarr", teachers=(("t", 3.0),), seed=7)
@@ -116,7 +132,18 @@ def test_calibrate_stage_metrics(store3, tmp_path):
                                         alpha=(0.95,), teachers=("weak",))
     rep = calibrate_stage.execute(p)
     m = json.loads((tmp_path / "m.json").read_text())
-    mis = int((logits["weak"].argmax(1) != labels).sum())
+    mis_rows = logits["weak"].argmax(1) != labels
+    mis = int(mis_rows.sum())
+    # independent reference for the mean LoCa scale s = α / (1 − p_y + p_k) over calibrated rows
+    z = logits["weak"][mis_rows].astype(np.float64) / 4.0
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = labels[mis_rows]
+    p_y = p[np.arange(mis), y]
+    p[np.arange(mis), y] = -1
+    s_ref = float(np.mean(0.95 / (1 - p_y + p.max(1))))
+    s_got = m["teachers"]["weak"].pop("mean_scale_mis")
+    assert s_got.keys() == {"0.95"} and s_got["0.95"] == pytest.approx(s_ref, rel=1e-5)
     assert m == {"violations": 0, "teachers": {"weak": {"form": "dense", "calibrated_rows": mis,
                                                          "calibrated_ratio": mis / len(labels), "violations": 0}}}
     assert rep["teachers"]["weak"]["arrays"] == {"kd": [len(labels), C], "loca_0.95": [len(labels), C],

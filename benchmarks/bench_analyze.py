@@ -12,7 +12,8 @@ Generates 1,281,167 × 1,000 fp16 full logits (≈ 2.6 GB; random normal logits 
 - the same with ``entropy="topk"`` (summary arrays only, never the full logits);
 - writing the LoCa targets for one α (dense kd + loca_0.95, validated) in a child process.
 
-``LOCA_BENCH_QUICK=1`` shrinks the store to 20,000 rows.
+``LOCA_BENCH_QUICK=1`` shrinks the store to 20,000 rows and measures in-process (RSS figures then include the
+benchmark's own memory; the cold analysis is not repeated).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,8 +36,12 @@ TAU = 1.0  # the paper's ImageNet temperature
 ALPHA = 0.95
 
 
+def _quick() -> bool:
+    return os.environ.get("LOCA_BENCH_QUICK") == "1"
+
+
 def _rows() -> int:
-    return 20_000 if os.environ.get("LOCA_BENCH_QUICK") == "1" else 1_281_167
+    return 20_000 if _quick() else 1_281_167
 
 
 def build_store(path: Path, R: int) -> dict:
@@ -122,36 +126,45 @@ def zarr_read(path: Path) -> float:
     return time.perf_counter() - t0
 
 
-CHILD = textwrap.dedent("""
-    import json, re, resource, sys, time
+def _status(key: str) -> int:
+    import re
+
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def measure(what: str, store: str, out: str, entropy: str = "auto") -> dict:
+    """Run the analysis (``what`` = "analyze") or the target writing once; time, CPU time, RSS of this process."""
+    import resource
+
     from loca_pipe.pipeline.analysis import AnalysisOptions, analyze
     from loca_pipe.pipeline.targets import write_targets
 
-    def status(key):
-        return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-    what, store, out, entropy = sys.argv[1:5]
-    base = status("VmRSS")
+    base = _status("VmRSS")
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if what == "analyze":
-        (rep,) = analyze(store, None, AnalysisOptions(tau=%(tau)r, alphas=(%(alpha)r,), entropy=entropy),
-                         samples_dir=out)
+        (rep,) = analyze(store, None, AnalysisOptions(tau=TAU, alphas=(ALPHA,), entropy=entropy), samples_dir=out)
         extra = {"mis": rep.metrics["mis_instructed"], "ratio": rep.metrics["mis_instruction_ratio"],
                  "top5": rep.metrics["top5"]}
     else:
-        rep = write_targets(store, out, [%(alpha)r], %(tau)r)
+        rep = write_targets(store, out, [ALPHA], TAU)
         extra = {"violations": rep.violations, "calibrated_rows": rep.teachers["synthetic_r50"]["calibrated_rows"]}
     dt = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "base_rss": base, "peak_rss": status("VmHWM"), **extra}))
-""") % {"tau": TAU, "alpha": ALPHA}
+    return {"seconds": dt, "cpu_seconds": cpu, "base_rss": base, "peak_rss": _status("VmHWM"), **extra}
+
+
+CHILD = "import json, sys; from benchmarks.bench_analyze import measure; print(json.dumps(measure(*sys.argv[1:5])))"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def child(what: str, store: Path, out: Path, entropy: str = "auto") -> dict:
+    """``measure`` in a fresh process (its peak RSS is the analysis's own); in-process when quick."""
+    if _quick():
+        return measure(what, str(store), str(out), entropy)
     r = subprocess.run([sys.executable, "-c", CHILD, what, str(store), str(out), entropy], capture_output=True,
-                       text=True)
+                       text=True, cwd=REPO)
     if r.returncode:
         raise RuntimeError(f"benchmark child failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -187,7 +200,7 @@ def main() -> None:
         drop_cache(store)
         _, t_raw_cold = raw_read(store)
         drop_cache(store)
-        a_cold = child("analyze", store, work / "samples_cold")
+        a_cold = a_warm if _quick() else child("analyze", store, work / "samples_cold")  # quick: skip repeats
         a_topk = child("analyze", store, work / "samples_topk", entropy="topk")
         assert a_warm["mis"] == built["mis_numpy"] == a_cold["mis"], (a_warm, built)
         gbps = lambda t: nbytes / t / 1e9  # noqa: E731

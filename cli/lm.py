@@ -34,6 +34,7 @@ class Method(str, enum.Enum):
     seqkd = "seqkd"
     kd = "kd"
     loca = "loca"
+    kd_sampled = "kd_sampled"
 
 
 class IdDtype(str, enum.Enum):
@@ -149,7 +150,7 @@ def lm_analyze(
 def lm_train_student(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
-    method: Annotated[Optional[Method], typer.Option(help="sft | seqkd | kd | loca.")] = None,
+    method: Annotated[Optional[Method], typer.Option(help="sft | seqkd | kd | loca | kd_sampled (Sparse Logit Sampling targets).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Student seed (init and batch order).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature (must have been cached).")] = None,

@@ -12,7 +12,7 @@ from loca_pipe.pipeline.errors import DataError
 from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, read_json, write_json
 
 SECTION = "lm_report"
-ORDER = ("sft", "seqkd", "kd", "loca")
+ORDER = ("sft", "seqkd", "kd", "loca", "kd_sampled")
 COLUMNS = (("rouge_l", "Rouge-L", 2), ("token_accuracy", "token acc", 4), ("perplexity", "ppl", 2))
 
 

@@ -24,7 +24,7 @@ SECTION = "lm_train_student"
 
 @dataclass(frozen=True)
 class Params:
-    method: Literal["sft", "seqkd", "kd", "loca"] = "sft"
+    method: Literal["sft", "seqkd", "kd", "loca", "kd_sampled"] = "sft"
     seed: int = 0
     name: str = "teacher"          # teacher inside the store
     arch: Literal["llama", "gpt2"] = "llama"

@@ -8,6 +8,9 @@
   its probabilities are gathered at the kept ids (:func:`loca_pipe.pipeline.losses.sparse_kd_loss`).
 - ``loca``: the same with the sparse teacher calibrated by LoCa first
   (:func:`loca_pipe.pipeline.calibration.loca_sparse`; only mis-instructed tokens change).
+- ``kd_sampled``: β · τ² · KL(p̂_T ‖ p_S) + γ · CE with p̂_T = counts / S from the Sparse Logit Sampling form
+  (S ids drawn from p_T at the cached ``sample_tau`` with replacement; an unbiased estimate of p_T,
+  Anshumann et al. 2025); τ must equal ``sample_tau``. The student is normalised over the full vocabulary.
 
 Evaluation: Rouge-L of greedy generations against the reference responses, token accuracy and perplexity
 of the reference responses under teacher forcing (held-out data).
@@ -30,7 +33,7 @@ from loca_pipe.pipeline.lm.tokenizer import Encoded
 from loca_pipe.pipeline.losses import sparse_kd_loss
 
 log = logging.getLogger(__name__)
-METHODS = ("sft", "seqkd", "kd", "loca")
+METHODS = ("sft", "seqkd", "kd", "loca", "kd_sampled")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def make_loss(method: str, cache: LMTeacherCache | None, kd: KDSettings) -> Call
         return None
     if cache is None:
         raise ConfigError(f"method {method!r} needs a teacher cache (--store)")
+    if method == "kd_sampled":
+        return _sampled_loss(cache, kd)
     cache.tau_index(kd.tau)  # fail before training when τ was not cached
     alpha = kd.alpha if method == "loca" else None
 
@@ -88,6 +93,36 @@ def make_loss(method: str, cache: LMTeacherCache | None, kd: KDSettings) -> Call
         rows = cache.rows(seq_idx)
         sd = sparse_targets(cache, rows, labels, kd.tau, alpha)
         return kd.beta * sparse_kd_loss(logits, sd, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
+
+    return loss
+
+
+def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ² · mean_rows Σ_j p̂_j (log p̂_j − log q_j), p̂ = counts / counts.sum(1), q = softmax(z_S/τ) over the
+    full vocabulary gathered at the sampled ids (unused slots: count 0, id -1)."""
+    lq = F.log_softmax(student_logits.float() / tau, dim=1)  # (R, V)
+    valid = counts > 0
+    c = counts.float()
+    ph = c / c.sum(1, keepdim=True)  # (R, S)
+    lq_ids = lq.gather(1, ids.clamp_min(0).long())
+    ent = torch.where(valid, ph * ph.clamp_min(1e-30).log(), 0.0).sum(1)
+    cross = torch.where(valid, ph * lq_ids, 0.0).sum(1)
+    return tau * tau * (ent - cross).mean()
+
+
+def _sampled_loss(cache: LMTeacherCache, kd: KDSettings) -> Callable:
+    if cache.sampled_ids is None or cache.sampled_counts is None:
+        raise ConfigError("method 'kd_sampled' needs the sampled form in the cache; re-cache with sample_draws > 0")
+    st = float(cache.attrs.get("sample_tau", 1.0))
+    if abs(st - kd.tau) > 1e-6:
+        raise ConfigError(f"method 'kd_sampled' trains at the temperature the ids were drawn at (sample_tau={st}); "
+                          f"got tau={kd.tau}")
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
+        rows = cache.rows(seq_idx)
+        ids = torch.as_tensor(cache.sampled_ids[rows])
+        cnt = torch.as_tensor(cache.sampled_counts[rows].astype(np.int64))
+        return kd.beta * sampled_kd(logits, ids, cnt, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss
 

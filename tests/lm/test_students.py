@@ -87,7 +87,7 @@ def test_loca_sparse_equals_dense_on_kept_ids(tmp_path, trained_teacher, tok, en
 
 
 def test_training_methods_and_checks(tmp_path, teacher, tok, enc):
-    c = _store(tmp_path / "s", teacher, tok, enc, top_k=8, greedy_max_new_tokens=6)
+    c = _store(tmp_path / "s", teacher, tok, enc, top_k=8, greedy_max_new_tokens=6, sample_draws=6)
     students.check_cache_matches(c, enc)
     other = tokenizer.Encoded([s.copy() for s in enc.ids], enc.prompt_len.copy())
     other.ids[2][-1] = (other.ids[2][-1] + 1) % 300
@@ -114,3 +114,26 @@ def test_training_methods_and_checks(tmp_path, teacher, tok, enc):
     ev = evaluation.evaluate(m, tok, enc, [s[:p] for s, p in zip(enc.ids[:4], enc.prompt_len[:4])],
                              ["a", "b", "c", "d"], 4)
     assert 0 <= ev["token_accuracy"] <= 1 and ev["perplexity"] > 1 and 0 <= ev["rouge_l"] <= 100
+
+
+def test_sampled_kd_against_dense_estimate(tmp_path, teacher, tok, enc):
+    c = _store(tmp_path / "s", teacher, tok, enc, top_k=4, sample_draws=12, sample_tau=1.0)
+    idx = np.array([1, 4])
+    rows = c.rows(idx)
+    student = spread(models.build_lm("llama", len(tok), 32, 1, 2, 64, tok), seed=6, std=0.2)
+    zs, ys = models.response_logits(student, [enc.ids[i] for i in idx], enc.prompt_len[idx], tok.pad_token_id)
+    got = students.make_loss("kd_sampled", c, students.KDSettings(tau=1.0, beta=1.0, gamma=0.0))(zs, ys, idx)
+    # dense reference: scatter counts/12 into a full-vocabulary target and take KL(p̂ ‖ q) with F.kl_div
+    ph = torch.zeros(len(rows), len(tok))
+    for r, row in enumerate(rows):
+        for i, n in zip(c.sampled_ids[row], c.sampled_counts[row]):
+            if n:
+                ph[r, i] += n / 12
+    torch.testing.assert_close(ph.sum(1), torch.ones(len(rows)))
+    ref = F.kl_div(F.log_softmax(zs, 1), ph, reduction="batchmean")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="sample_tau=1.0"):
+        students.make_loss("kd_sampled", c, students.KDSettings(tau=2.0))
+    c2 = _store(tmp_path / "s2", teacher, tok, enc, top_k=4)
+    with pytest.raises(ConfigError, match="sample_draws > 0"):
+        students.make_loss("kd_sampled", c2, students.KDSettings())

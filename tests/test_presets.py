@@ -1,0 +1,39 @@
+"""The paper presets are valid params files for the same dvc.yaml: every section loads into its stage's
+dataclass (unknown keys and wrong types would be refused) and carries the paper's settings."""
+
+from pathlib import Path
+
+import pytest
+
+from loca_pipe.stages import analyze, cache_logits, calibrate, prepare_data, report, train_student, train_teacher
+from loca_pipe.stages.config import load_section, read_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "presets/cifar100.yaml", "presets/imagenet.yaml"])
+def test_every_section_loads(path):
+    p = read_params(ROOT / path)
+    load_section(prepare_data.PrepareDataParams, "prepare_data", p)
+    for key in p["train_teacher"]["teachers"]:
+        train_teacher.load_params(p, name=key)
+    assert cache_logits.load_params(p)
+    load_section(analyze.AnalyzeParams, "analyze", p)
+    load_section(calibrate.CalibrateParams, "calibrate", p)
+    load_section(train_student.TrainStudentParams, "train_student", p)
+    load_section(report.ReportParams, "report", p)
+    # the keys dvc.yaml interpolates exist
+    for key in ("prepared", "teachers_dir", "store", "targets"):
+        assert p["base"][key]
+    assert p["train_student"]["teacher"] in p["cache"]["teachers"]
+
+
+@pytest.mark.parametrize("path, teacher, student, tau, beta, gamma", [
+    ("presets/cifar100.yaml", "resnet32x4", "resnet8x4", 4.0, 0.9, 0.1),
+    ("presets/imagenet.yaml", "resnet34", "resnet18", 1.0, 0.5, 0.5),
+])
+def test_paper_settings(path, teacher, student, tau, beta, gamma):
+    p = read_params(ROOT / path)
+    s = load_section(train_student.TrainStudentParams, "train_student", p)
+    assert (s.teacher, s.student, s.tau, s.beta, s.gamma) == (teacher, student, tau, beta, gamma)
+    assert load_section(calibrate.CalibrateParams, "calibrate", p).tau == tau

@@ -23,6 +23,7 @@ Layout (docs/analysis.md is the reader's reference)::
         # both forms
         mis_instructed  (R,)     uint8     1 where LoCa changed the row (label not the strict winner)
         violations      (n_chunks, n_checks) int64   invariant violations found in each chunk
+        sigma_sum       (n_chunks,) float64  Σ σ = 1/(1 − p_y + p_k) over each chunk's calibrated rows (metrics)
         done            (n_chunks,) uint8  completion record, one flag per row chunk
 
 ``<a>`` is :func:`~loca_pipe.pipeline.analysis.alpha_key` (shortest round-trip text: 0.95 → ``0.95``).
@@ -210,6 +211,10 @@ def _create_teacher(root: zarr.Group, name: str, form: str, tv, alphas: Sequence
     g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **_codecs(u8))
     g.create_array("violations", shape=(n, len(CHECKS)), chunks=(1, len(CHECKS)), dtype=np.int64, fill_value=0,
                    **_codecs(np.dtype(np.int64)))
+    # Σσ over the chunk's calibrated rows (σ = s/α = 1/(1 − p_y + p_k)): the mean LoCa scale per α for the metrics
+    # without reading the targets again
+    g.create_array("sigma_sum", shape=(n,), chunks=(1,), dtype=np.float64, fill_value=0.0,
+                   **_codecs(np.dtype(np.float64)))
     g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **_codecs(u8))
     g.attrs[ATTR] = {"form": form, "tau": tau, "alphas": list(alphas), "alpha_keys": [alpha_key(a) for a in alphas],
                      "arrays": names + ["mis_instructed"], "checks": list(CHECKS), "top_k": tv.top_k,
@@ -268,6 +273,8 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
                     g[tn][sl] = new.tail.float().numpy()
             g["mis_instructed"][sl] = res.calibrated.numpy().astype(np.uint8)
             g["violations"][c] = counts
+            if "sigma_sum" in g:
+                g["sigma_sum"][c] = float((res.scale[res.calibrated].double() / alphas[-1]).sum())
             g["done"][c] = 1
             written += 1
     return written
@@ -340,7 +347,10 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
         total += int(viol.sum())
         a = dict(g.attrs[ATTR])
         mis = int(g["mis_instructed"][:].astype(np.int64).sum())
-        sigma = _mean_sigma_mis(g, root["label"], forms[n], info.chunk_rows)
+        if "sigma_sum" in g:
+            sigma = float(g["sigma_sum"][:].sum()) / mis if mis else None
+        else:  # a store begun by an older loca-pipe: recompute from the kd targets
+            sigma = _mean_sigma_mis(g, root["label"], forms[n], info.chunk_rows)
         a.update(violations=counts, calibrated_rows=mis, complete=not viol.any(), finished=now())
         g.attrs[ATTR] = a
         report[n] = {"form": forms[n], "arrays": {k: list(g[k].shape) for k in a["arrays"]},

@@ -212,6 +212,14 @@ def test_targets_equal_live_calibration(tmp_path):
     np.testing.assert_allclose(probs[:], kept, atol=2e-6)
     with pytest.raises(StoreError, match="no LoCa targets for alpha=0.8"):
         k.sparse(0.8)
+    # the mean LoCa scale in the report: per-chunk Σσ written with the targets = σ recomputed from the kd targets
+    from loca_pipe.pipeline.targets import _mean_sigma_mis
+
+    for name, form in (("d", "dense"), ("k", "sparse")):
+        g = ts.group["teachers"][name]
+        again = _mean_sigma_mis(g, ts["label"], form, 64)
+        assert rep.teachers[name]["mean_sigma_mis"] == pytest.approx(again, rel=1e-6)
+        assert rep.teachers[name]["mean_scale_mis"]["0.95"] == pytest.approx(0.95 * again, rel=1e-6)
 
 
 def test_invariant_checks_catch_known_bugs():

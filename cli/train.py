@@ -116,8 +116,12 @@ def train_student(
     p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
     runs = stage.expand(p, methods=_list(methods, str, "--methods"), alphas=_list(alphas, float, "--alphas"),
                         seeds=_list(seeds, int, "--seeds"))
+    from loca_pipe.pipeline.distributed import world
+
     for r in runs:
         m = stage.run(r)
+        if world()[0] != 0:
+            continue  # under torchrun only rank 0 reports (it also writes the run folder)
         typer.echo(json.dumps({k: m.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",
                                                     "train_seconds")}))
 

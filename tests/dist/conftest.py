@@ -44,7 +44,7 @@ def reliability(request):
 
     def record(key: str, tried: str, seen: str, kept: str) -> None:
         SESSION_ROWS[key] = {"tried": tried, "seen": normalise(seen), "kept": kept,
-                             "test": f"{Path(request.node.fspath).name}::{request.node.name}"}
+                             "test": f"{Path(request.node.fspath).name}::{request.node.originalname}"}
 
     return record
 

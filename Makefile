@@ -7,9 +7,11 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export DVC_NO_ANALYTICS := 1
+# dvc.yaml's commands call `loca-pipe`: the venv's scripts must be on PATH for the stages dvc runs.
+export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup repro test bench clean
+.PHONY: setup repro repro-lm test bench clean
 
 setup: $(STAMP) $(FMNIST)
 
@@ -27,6 +29,11 @@ $(FMNIST):
 repro: setup
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+
+## The language-model pipeline (docs/language-models.md).
+repro-lm: setup
+	$(BIN)/dvc repro lm/dvc.yaml
+	cat lm/report/table.md
 
 ## The test suite.
 test: setup

@@ -20,14 +20,15 @@ from loca_pipe.pipeline.errors import ConfigError
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
-# A whole value `${section.key}` refers to another key of the same params file (DVC's own syntax), so a
-# sweep value such as `analyze.alpha` is written once and read by every stage that needs it; dvc.yaml
-# lists the referenced key in those stages' `params`, so `dvc exp run -S analyze.alpha=...` re-runs them.
-_REF = re.compile(r"^\$\{\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*\}$")
+# A whole value `=section.key` refers to another key of the same params file, so a sweep value such as
+# `analyze.alpha` is written once and read by every stage that needs it; dvc.yaml lists the referenced key
+# in those stages' `params`, so `dvc exp run -S analyze.alpha=...` re-runs them. (Not DVC's `${...}`:
+# `dvc exp run -S` would resolve those in place and every stage would look changed.)
+_REF = re.compile(r"^=\s*([A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*)\s*$")
 
 
 def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any]:
-    """Replace every value that is exactly ``${a.b.c}`` by the value at that key (refs may chain)."""
+    """Replace every value that is exactly ``=a.b.c`` by the value at that key (refs may chain)."""
 
     def lookup(dotted: str, seen: tuple[str, ...]) -> Any:
         if dotted in seen:
@@ -35,7 +36,7 @@ def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any
         node: Any = params
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"{where}: reference ${{{dotted}}} names no key of the params file")
+                raise ConfigError(f"{where}: reference ={dotted} names no key of the params file")
             node = node[part]
         return walk(node, seen + (dotted,))
 

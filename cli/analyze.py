@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.cli.options import comma_list
 
 
 class Entropy(str, enum.Enum):
@@ -25,16 +25,11 @@ class Form(str, enum.Enum):
 
 
 def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise ConfigError(f"{opt} takes comma-separated numbers such as '0.9,0.95'; got {text!r}") from exc
+    return comma_list(text, opt, float)
 
 
 def _names(text: Optional[str]) -> Optional[list[str]]:
-    return None if text is None else [t for t in text.replace(" ", "").split(",") if t]
+    return comma_list(text, "--teachers")
 
 
 def _params(section: str, cls: type, params: Optional[Path], overrides: dict[str, Any]):

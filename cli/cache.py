@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.cli.options import comma_list
 
 
 class LogitsDtype(str, enum.Enum):
@@ -25,12 +25,7 @@ class Device(str, enum.Enum):
 
 
 def _temperatures(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise ConfigError(f"--temperatures takes comma-separated numbers such as '1,4'; got {text!r}") from exc
+    return comma_list(text, "--temperatures", float, "'1,4'")
 
 
 def cache_logits(

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.cli.options import comma_list
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
@@ -49,12 +49,7 @@ def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
 
 
 def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise ConfigError(f"{opt} takes comma-separated numbers such as '1,2'; got {text!r}") from exc
+    return comma_list(text, opt, float, "'1,2'")
 
 
 def _echo(obj: Any) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.cli.options import comma_list
 
 
 class Preset(str, enum.Enum):
@@ -45,12 +45,8 @@ class Metric(str, enum.Enum):
 
 
 def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:
-    if text is None:
-        return None
-    try:
-        return [kind(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as exc:
-        raise ConfigError(f"{option} takes comma-separated values such as '0,1,2'; got {text!r}") from exc
+    example = {float: "'0.9,0.95'", int: "'0,1,2'"}.get(kind, "'ce,kd,loca'")
+    return comma_list(text, option, kind, example)
 
 
 def _value(v: Any) -> Any:

@@ -67,3 +67,19 @@ def test_bad_references(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_params(path)
+
+
+@pytest.mark.parametrize("text, kind, expected", [
+    (None, float, None), ("0.9, 0.95", float, [0.9, 0.95]), ("0,1,2", int, [0, 1, 2]), ("a,,b", str, ["a", "b"]),
+])
+def test_comma_list(text, kind, expected):
+    from loca_pipe.cli.options import comma_list
+
+    assert comma_list(text, "--x", kind) == expected
+
+
+def test_comma_list_names_the_option():
+    from loca_pipe.cli.options import comma_list
+
+    with pytest.raises(ConfigError, match=r"--alphas takes comma-separated values such as '0.9,0.95'; got '0.9,x'"):
+        comma_list("0.9,x", "--alphas", float)

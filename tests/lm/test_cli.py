@@ -58,7 +58,7 @@ def test_cli_user_errors(tmp_path, monkeypatch):
         _run(["lm-prepare"], tmp_path)
     r = _run(["lm-prepare", "--on-bad-line", "skip"], tmp_path)
     assert r.exit_code == 0 and json.loads(r.stdout) == {"sizes": {"val": 0, "test": 0, "train": 1}, "bad_lines": 1}
-    with pytest.raises(ConfigError, match="--temperatures takes comma-separated numbers"):
+    with pytest.raises(ConfigError, match="--temperatures takes comma-separated values"):
         _run(["lm-cache", "--temperatures", "1,x"], tmp_path)
     (tmp_path / "p2.yaml").write_text(yaml.safe_dump({"lm_base": {"max_lenght": 3}}))
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_lenght'\]"):

@@ -34,6 +34,12 @@ CRC32C makes reading it fail instead of returning wrong numbers.
 
 Write errors from the file system (disk full, read-only, permission denied) become a StoreError that
 says finished chunks are kept and the same command resumes (see :func:`io_guard`).
+
+Reads through :class:`TeacherView` (``view[key][sel]``, ``.oindex``, ``.read``, ``.probs``, ``.sparse``) go
+through :class:`CheckedArray`: a chunk failing its CRC32C raises a StoreError naming the array, the chunk, its
+rows and its file, instead of zarr's bare ValueError. Paths may be fsspec URLs (``s3://…``, ``memory://…``;
+:func:`open_zarr_group`). One job at a time writes a teacher: see ``pipeline.distributed.WriterLease`` (its
+file lives in ``rows_done/``, where zarr never looks for group members).
 """
 
 from __future__ import annotations

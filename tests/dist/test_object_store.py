@@ -100,6 +100,20 @@ def test_analyze_and_train_student_read_s3(bucket, local_ref, tmp_path):
     assert {k for k in t_s3 if t_s3[k] != t_local.get(k)} <= {"teacher"}, \
         {k: (t_s3[k], t_local.get(k)) for k in t_s3 if t_s3[k] != t_local.get(k)}
 
+    # calibrate reads the S3 store (targets written locally): the same target arrays as from the local store
+    import zarr
+
+    from loca_pipe.stages.calibrate import CalibrateParams
+    from loca_pipe.stages.calibrate import execute as calibrate
+
+    for src, out in ((url, tmp_path / "t_s3.zarr"), (str(local_ref), tmp_path / "t_local.zarr")):
+        calibrate(CalibrateParams(store=src, out=str(out), alpha=(0.9,), tau=4.0, metrics=str(out) + ".json"))
+    g_s3 = zarr.open_group(str(tmp_path / "t_s3.zarr"), mode="r")["teachers"]["teacher"]
+    g_local = zarr.open_group(str(tmp_path / "t_local.zarr"), mode="r")["teachers"]["teacher"]
+    assert sorted(g_s3.array_keys()) == sorted(g_local.array_keys()) and len(list(g_s3.array_keys())) >= 2
+    for k in g_local.array_keys():
+        np.testing.assert_array_equal(g_s3[k][...], g_local[k][...], err_msg=k)
+
     from loca_pipe.stages.train_student import TrainStudentParams
     from loca_pipe.stages.train_student import run as train
 

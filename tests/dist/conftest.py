@@ -86,7 +86,11 @@ def s3_server():
     """
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in CLI output
 
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                             "AWS_ENDPOINT_URL", "NO_PROXY", "no_proxy")}

@@ -49,7 +49,7 @@ def test_cache_info_and_read_on_s3_equal_local(bucket, local_ref, tmp_path, reli
 
     res = CliRunner().invoke(app, ["info", url, "--json"])
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.output[res.output.index("{"):])
     assert d["path"] == url and d["teachers"]["teacher"]["complete"] is True and d["num_rows"] == 40
     view = LogitStore.open(url).teacher("teacher")
     want = LogitStore.open(str(local_ref)).teacher("teacher")

@@ -6,6 +6,7 @@ Every test records its row of the fault table (docs/reliability.md) through the 
 from __future__ import annotations
 
 import errno
+import re
 import json
 import os
 import socket
@@ -212,3 +213,42 @@ def test_garbage_lease_file_is_taken_over(tmp_path):
     Path(lease.path).write_bytes(b"\xff\x00 not json")
     run(toy(path))  # a complete teacher: a no-op that takes over the garbage lease and releases it
     assert lease.read() is None
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real tmpfs of a chosen size mounted in tmp_path (needs root and mount permission; else skipped)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = []
+
+    def mount(size_kib: int) -> Path:
+        opt = f"size={size_kib}k" if not mounted else f"remount,size={size_kib}k"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opt, "tmpfs", str(mnt)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()}); the ENOSPC injection test covers it")
+        mounted.append(size_kib)
+        return mnt
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_real_full_filesystem_then_space_back(tmp_path, small_fs, reference, reliability):
+    """A real small file system (tmpfs) fills mid-run; after growing it, the same command resumes bit-identically."""
+    ref_dir = tmp_path / "sized.zarr"
+    run(toy(ref_dir))
+    used_kib = int(subprocess.run(["du", "-sk", str(ref_dir)], capture_output=True, text=True).stdout.split()[0])
+    mnt = small_fs(max(8, used_kib * 6 // 10))  # room for about 60 % of the store
+    path = mnt / "s.zarr"
+    with pytest.raises(StoreError, match=r"the disk is full \(ENOSPC.*chunks already finished are kept.*same command "
+                                         r"again to resume") as err:
+        run(toy(path))
+    small_fs(used_kib * 3)  # space is back
+    run(toy(path))
+    assert_same(arrays(path), reference)
+    reliability("disk-full-tmpfs", "a real small file system (tmpfs, ~60 % of the store's size) fills mid-run; then "
+                "it is grown and the same command runs again",
+                re.sub(r"while [a-z ]+(chunk \d+|teacher '\w+'|the store)?", "while <step>", str(err.value)),
+                "every chunk written before the disk filled; the re-run completes the store bit-identically")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
+from loca_pipe.pipeline.distributed import WriterLease
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
@@ -185,65 +186,71 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         store = LogitStore.create_or_open(store_path, info, overwrite=True)
     if store.info.task != TASK:
         raise StoreError(f"store {store_path!r} is a {store.info.task!r} store; the language-model path needs {TASK!r}")
-    _write_index(store, enc)
-    prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
-            "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
-    kw = dict(logits_dtype=logits_dtype, compress_logits=compress_logits)
+    # one writer per teacher: a second job on the same token store refuses (docs/store-format.md)
+    lease = WriterLease(store_path, name)
+    lease.acquire()
     try:
-        writer = store.begin_teacher(name, prov, top_k, temperatures, **kw)
-    except StoreConflictError:
-        if not overwrite:
-            raise
-        writer = store.begin_teacher(name, prov, top_k, temperatures, overwrite=True, **kw)
-    g = writer.group
-    N = len(enc)
-    if sample_draws and "sampled_ids" not in g:
-        g.create_array("sampled_ids", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.int32,
-                       fill_value=-1, **_codecs())
-        g.create_array("sampled_counts", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.uint16,
-                       fill_value=0, **_codecs())
-    n_greedy = -(-N // greedy_chunk)
-    if greedy_max_new_tokens and "greedy_ids" not in g:
-        g.create_array("greedy_ids", shape=(N, greedy_max_new_tokens), chunks=(greedy_chunk, greedy_max_new_tokens),
-                       dtype=np.int32, fill_value=-1, **_codecs())
-        g.create_array("greedy_done", shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, **_codecs(False))
-    offsets = enc.offsets()
-    pending = writer.pending_chunks()
-    todo = pending if max_chunks is None else pending[:max_chunks]
-    model.eval()
-    t0, rows_done = time.perf_counter(), 0
-    bar = _bar(sum(store.info.chunk_slice(c).stop - store.info.chunk_slice(c).start for c in todo), "cache", progress)
-    for c in todo:
-        sl = store.info.chunk_slice(c)
-        i0, i1 = rows_of_sequences(offsets, sl.start, sl.stop)
-        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + c) if sample_draws else None
-        out = teacher_rows(model, enc, i0, i1, pad_id, batch_size, top_k, temperatures, sample_draws, sample_tau, gen)
-        cut = slice(sl.start - offsets[i0], sl.stop - offsets[i0])
-        out = {k: v[cut] for k, v in out.items()}
-        seq = np.repeat(np.arange(i0, i1), enc.response_len[i0:i1])[cut]
-        if sample_draws:
-            g["sampled_ids"][sl] = out["sampled_ids"]
-            g["sampled_counts"][sl] = out["sampled_counts"]
-        store.write_rows(c, sample_id=seq, label=out["label"], view=np.zeros(len(seq), np.int16))
-        writer.write_chunk(c, out)
-        rows_done += sl.stop - sl.start
-        bar.update(sl.stop - sl.start)
-    bar.close()
-    greedy_written = 0
-    if greedy_max_new_tokens:
-        gd = g["greedy_done"][:]
-        for gc in np.flatnonzero(gd == 0):
-            s, e = gc * greedy_chunk, min(N, (gc + 1) * greedy_chunk)
-            prompts = [enc.ids[i][:enc.prompt_len[i]] for i in range(s, e)]
-            resp = greedy_generate(model, prompts, eos_id, pad_id, greedy_max_new_tokens, batch_size=max(batch_size, 64))
-            block = np.full((e - s, greedy_max_new_tokens), -1, np.int32)
-            for j, r in enumerate(resp):
-                block[j, :len(r)] = r
-            g["greedy_ids"][s:e] = block
-            g["greedy_done"][int(gc)] = 1
-            greedy_written += 1
-    greedy_ok = not greedy_max_new_tokens or bool(g["greedy_done"][:].all())
-    complete = writer.finalize() if greedy_ok else False
+        _write_index(store, enc)
+        prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
+                "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
+        kw = dict(logits_dtype=logits_dtype, compress_logits=compress_logits)
+        try:
+            writer = store.begin_teacher(name, prov, top_k, temperatures, **kw)
+        except StoreConflictError:
+            if not overwrite:
+                raise
+            writer = store.begin_teacher(name, prov, top_k, temperatures, overwrite=True, **kw)
+        g = writer.group
+        N = len(enc)
+        if sample_draws and "sampled_ids" not in g:
+            g.create_array("sampled_ids", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.int32,
+                           fill_value=-1, **_codecs())
+            g.create_array("sampled_counts", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.uint16,
+                           fill_value=0, **_codecs())
+        n_greedy = -(-N // greedy_chunk)
+        if greedy_max_new_tokens and "greedy_ids" not in g:
+            g.create_array("greedy_ids", shape=(N, greedy_max_new_tokens), chunks=(greedy_chunk, greedy_max_new_tokens),
+                           dtype=np.int32, fill_value=-1, **_codecs())
+            g.create_array("greedy_done", shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, **_codecs(False))
+        offsets = enc.offsets()
+        pending = writer.pending_chunks()
+        todo = pending if max_chunks is None else pending[:max_chunks]
+        model.eval()
+        t0, rows_done = time.perf_counter(), 0
+        bar = _bar(sum(store.info.chunk_slice(c).stop - store.info.chunk_slice(c).start for c in todo), "cache", progress)
+        for c in todo:
+            sl = store.info.chunk_slice(c)
+            i0, i1 = rows_of_sequences(offsets, sl.start, sl.stop)
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + c) if sample_draws else None
+            out = teacher_rows(model, enc, i0, i1, pad_id, batch_size, top_k, temperatures, sample_draws, sample_tau, gen)
+            cut = slice(sl.start - offsets[i0], sl.stop - offsets[i0])
+            out = {k: v[cut] for k, v in out.items()}
+            seq = np.repeat(np.arange(i0, i1), enc.response_len[i0:i1])[cut]
+            if sample_draws:
+                g["sampled_ids"][sl] = out["sampled_ids"]
+                g["sampled_counts"][sl] = out["sampled_counts"]
+            store.write_rows(c, sample_id=seq, label=out["label"], view=np.zeros(len(seq), np.int16))
+            writer.write_chunk(c, out)
+            rows_done += sl.stop - sl.start
+            bar.update(sl.stop - sl.start)
+        bar.close()
+        greedy_written = 0
+        if greedy_max_new_tokens:
+            gd = g["greedy_done"][:]
+            for gc in np.flatnonzero(gd == 0):
+                s, e = gc * greedy_chunk, min(N, (gc + 1) * greedy_chunk)
+                prompts = [enc.ids[i][:enc.prompt_len[i]] for i in range(s, e)]
+                resp = greedy_generate(model, prompts, eos_id, pad_id, greedy_max_new_tokens, batch_size=max(batch_size, 64))
+                block = np.full((e - s, greedy_max_new_tokens), -1, np.int32)
+                for j, r in enumerate(resp):
+                    block[j, :len(r)] = r
+                g["greedy_ids"][s:e] = block
+                g["greedy_done"][int(gc)] = 1
+                greedy_written += 1
+        greedy_ok = not greedy_max_new_tokens or bool(g["greedy_done"][:].all())
+        complete = writer.finalize() if greedy_ok else False
+    finally:
+        lease.release()  # finished chunks stay done; the same command resumes
     dt = time.perf_counter() - t0
     return CacheReport(sequences=N, rows=R, chunks_written=len(todo), chunks_skipped=store.info.num_chunks - len(pending),
                        greedy_chunks_written=greedy_written, complete=complete, seconds=dt,

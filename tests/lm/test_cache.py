@@ -173,3 +173,19 @@ def tokenizer_subset(enc, n):
     from loca_pipe.pipeline.lm.tokenizer import Encoded
 
     return Encoded(enc.ids[:n], enc.prompt_len[:n])
+
+
+def test_second_job_on_the_same_teacher_refuses(tmp_path, teacher, tok, enc, monkeypatch):
+    """The token store takes the same writer lease as the image path: another live job's lease is refused,
+    and nothing already written is touched."""
+    from loca_pipe.pipeline.distributed import WriterLease
+
+    path = tmp_path / "lease"
+    _cache(path, teacher, tok, enc)
+    before = cache.open_lm_cache(str(path)).topk_logits
+    monkeypatch.setenv("LOCA_JOB_ID", "other-job")
+    WriterLease(str(path), "t").acquire()  # a live job (this pid) holds the teacher
+    monkeypatch.setenv("LOCA_JOB_ID", "this-job")
+    with pytest.raises(StoreConflictError, match="being written by another job .*other-job"):
+        _cache(path, teacher, tok, enc)
+    np.testing.assert_array_equal(cache.open_lm_cache(str(path)).topk_logits, before)

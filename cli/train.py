@@ -64,6 +64,7 @@ def train_student(
     gamma: Annotated[Optional[float], typer.Option(help="CE loss weight γ.")] = None,
     dkd_alpha: Annotated[Optional[float], typer.Option(help="DKD target-class weight.")] = None,
     dkd_beta: Annotated[Optional[float], typer.Option(help="DKD non-target weight.")] = None,
+    ls_tau: Annotated[Optional[float], typer.Option(help="Base temperature of logit standardisation (ls, loca_ls; default 2).")] = None,
     form: Annotated[Optional[Form], typer.Option(help="Teacher signal: full logits, top-k (sparse, exact at stored τ), or auto.")] = None,
     view_policy: Annotated[Optional[ViewPolicy], typer.Option(help="Cached views: cycle (epoch e → view e mod V) or random per sample.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student model NAME (model zoo) or module:callable.")] = None,
@@ -101,7 +102,7 @@ def train_student(
 
     overrides = {
         "store": store, "teacher": teacher, "targets": targets, "method": method, "alpha": alpha, "tau": tau,
-        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "form": _value(form),
+        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "ls_tau": ls_tau, "form": _value(form),
         "view_policy": _value(view_policy), "student": student, "dataset": dataset, "root": root, "split": split,
         "eval_split": eval_split, "augment": _value(augment), "preset": _value(preset), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,

@@ -45,6 +45,7 @@ class TrainStudentParams:
     gamma: float = 0.1                    # CE loss weight
     dkd_alpha: float = 1.0
     dkd_beta: float = 8.0
+    ls_tau: float | None = None           # logit standardisation's base τ (ls, loca_ls; None: the library's 2.0)
     warmup_epochs: int | None = None      # DKD warm-up (None: the loss library's default)
     form: str = "auto"                    # teacher signal: auto | logits | topk
     view_policy: str = "cycle"            # cached views: cycle (epoch e → view e mod V) | random
@@ -109,7 +110,7 @@ def loss_config(p: TrainStudentParams) -> Any:
 
     names = {f.name for f in dataclasses.fields(LossConfig)}
     values = {"tau": p.tau, "alpha": p.alpha, "beta": p.beta, "gamma": p.gamma, "dkd_alpha": p.dkd_alpha,
-              "dkd_beta": p.dkd_beta, "warmup_epochs": p.warmup_epochs}
+              "dkd_beta": p.dkd_beta, "warmup_epochs": p.warmup_epochs, "ls_tau": p.ls_tau}
     return LossConfig(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
@@ -228,6 +229,8 @@ def run(p: TrainStudentParams) -> dict[str, Any]:
                 "train": dataclasses.asdict(cfg)}
     if p.method in ("dkd", "loca_dkd"):
         identity.update(dkd_alpha=p.dkd_alpha, dkd_beta=p.dkd_beta, warmup_epochs=p.warmup_epochs)
+    if p.method in ("ls", "loca_ls"):
+        identity.update(ls_tau=loss_config(p).ls_tau)
     out = run_dir(p)
     images = ImageSet(spec.dataset, device)
     eval_images = ImageSet(eval_spec.dataset, device)

@@ -248,3 +248,10 @@ def test_targets_store_trains_like_calibrating_on_the_fly_and_refuses_other_alph
         run(params(tmp_path, None, targets=targets, method="kd", tau=2.0))
     with pytest.raises(ConfigError, match=r"method 'ls' cannot train from precomputed targets"):
         run(params(tmp_path, None, targets=targets, method="ls"))
+
+
+def test_ls_tau_reaches_the_loss_config():
+    from loca_pipe.stages.train_student import TrainStudentParams, loss_config
+
+    assert loss_config(TrainStudentParams(method="ls", ls_tau=3.0)).ls_tau == 3.0
+    assert loss_config(TrainStudentParams(method="ls")).ls_tau == 2.0  # the library's default

@@ -49,7 +49,7 @@ from loca_pipe.pipeline.analysis import (_one_torch_thread, alpha_key, check_alp
                                          resolve_teachers, run_tasks)
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import ATTR, LogitStore, id_dtype, now, versions
+from loca_pipe.pipeline.store import ATTR, LogitStore, id_dtype, now, open_zarr_group, versions
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
     store = LogitStore.open(src)
     tv = store.teacher(teacher)
     info = store.info
-    g = zarr.open_group(out, mode="r+")["teachers"][teacher]
+    g = open_zarr_group(out, mode="r+")["teachers"][teacher]
     form = g.attrs[ATTR]["form"]
     t = tv.tau_index(tau) if form == "sparse" else -1
     written = 0
@@ -403,7 +403,7 @@ def _mean_sigma_mis(g: zarr.Group, labels: zarr.Array, form: str, block: int) ->
 
 def _open_or_create(out: str, meta: dict[str, Any], overwrite: bool) -> zarr.Group:
     try:
-        g = zarr.open_group(out, mode="r+")
+        g = open_zarr_group(out, mode="r+")
         old = dict(g.attrs).get(ATTR)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         g, old = None, None
@@ -422,7 +422,7 @@ def _open_or_create(out: str, meta: dict[str, Any], overwrite: bool) -> zarr.Gro
         import shutil
 
         shutil.rmtree(out)
-    g = zarr.open_group(out, mode="w")
+    g = open_zarr_group(out, mode="w")
     g.attrs[ATTR] = {**meta, "created": now(), "complete": False, "rows_copied": False}
     return g
 
@@ -449,7 +449,7 @@ class TargetsStore:
     def __init__(self, path: str):
         self.path = str(path)
         try:
-            self.group = zarr.open_group(self.path, mode="r")
+            self.group = open_zarr_group(self.path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
             raise StoreError(f"no targets store at {self.path!r}; write one with `loca-pipe calibrate STORE --out {path}`") from exc
         a = dict(self.group.attrs).get(ATTR)

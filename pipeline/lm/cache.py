@@ -38,7 +38,7 @@ from loca_pipe.pipeline.distributed import WriterLease
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, summarize_logits
 
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
@@ -322,14 +322,16 @@ def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: 
     view = store.teacher(name)  # refuses incomplete teachers
     g = view.group
     root = store.group
+
+    def read(group, key):  # a corrupted chunk is named (array, chunk, file), not a bare checksum error
+        return read_checked(group[key]) if key in group else None
+
     return LMTeacherCache(
-        offsets=root["offsets"][:], position=root["position"][:], sample_id=root["sample_id"][:],
-        label=root["label"][:], topk_logits=g["topk_logits"][:], topk_ids=g["topk_ids"][:], lse=g["lse"][:],
-        label_logit=g["label_logit"][:], temperatures=list(view.temperatures), num_classes=store.info.num_classes,
-        attrs=view.attrs, dataset=dict(store.info.dataset),
-        sampled_ids=g["sampled_ids"][:] if "sampled_ids" in g else None,
-        sampled_counts=g["sampled_counts"][:] if "sampled_counts" in g else None,
-        greedy_ids=g["greedy_ids"][:] if "greedy_ids" in g else None)
+        offsets=read(root, "offsets"), position=read(root, "position"), sample_id=read(root, "sample_id"),
+        label=read(root, "label"), topk_logits=read(g, "topk_logits"), topk_ids=read(g, "topk_ids"),
+        lse=read(g, "lse"), label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
+        num_classes=store.info.num_classes, attrs=view.attrs, dataset=dict(store.info.dataset),
+        sampled_ids=read(g, "sampled_ids"), sampled_counts=read(g, "sampled_counts"), greedy_ids=read(g, "greedy_ids"))
 
 
 def store_bytes(store_path: str) -> dict[str, int]:

@@ -189,3 +189,15 @@ def test_second_job_on_the_same_teacher_refuses(tmp_path, teacher, tok, enc, mon
     with pytest.raises(StoreConflictError, match="being written by another job .*other-job"):
         _cache(path, teacher, tok, enc)
     np.testing.assert_array_equal(cache.open_lm_cache(str(path)).topk_logits, before)
+
+
+def test_corrupted_token_chunk_is_named(tmp_path, teacher, tok, enc):
+    """A flipped bit in a stored top-k chunk fails its CRC32C on read, with the array and chunk named."""
+    path = tmp_path / "corrupt"
+    _cache(path, teacher, tok, enc)
+    chunk = path / "teachers" / "t" / "topk_logits" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x40
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"array 'teachers/t/topk_logits' .*chunk 1 .*CRC32C"):
+        cache.open_lm_cache(str(path))

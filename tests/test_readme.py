@@ -45,7 +45,8 @@ def _walkthrough() -> list[str]:
 ELSEWHERE = {
     "make repro": "tests/test_pipeline_dvc.py::test_make_repro_runs_the_whole_pipeline",
     "make test": ".ci/run (CI)",
-    # ~30 min on a loaded 2-core machine, too long for CI: its stages run on tiny data in tests/lm/test_cli.py
+    # ~9 min on the 2-core machine (~30 min under load), too long for the suite: its stages run on tiny
+    # data in tests/lm/test_cli.py
     "make repro-lm": "tests/lm/test_cli.py (every lm-* stage, tiny data)",
     "make bench": "tests/test_benchmarks.py (quick mode, same entry point)",
     ".venv/bin/python -m benchmarks cache losses": "tests/test_benchmarks.py",

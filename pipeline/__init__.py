@@ -45,40 +45,10 @@ from loca_pipe.pipeline.errors import (
     StoreError,
 )
 
-__all__ = [
-    # errors
-    "ConfigError",
-    "DataError",
-    "IncompleteStoreError",
-    "LocaError",
-    "ModelError",
-    "NumericsError",
-    "StoreConflictError",
-    "StoreError",
-    # calibration
-    "LocaResult",
-    "LocaWarning",
-    "SparseDist",
-    "check_alpha",
-    "loca",
-    "loca_calibrate",
-    "loca_calibrate_blocks",
-    "loca_from_logits",
-    "loca_label_logit",
-    "loca_sparse",
-    "mis_instruction_mask",
-    "sparse_from_topk",
-    # losses
-    "METHODS",
-    "LossConfig",
-    "Method",
-    "ce_loss",
-    "compute_loss",
-    "dkd_loss",
-    "dkd_warmup",
-    "kd_loss",
-    "loca_kd_loss",
-    "ls_kd_loss",
-    "sparse_kd_loss",
-    "standardize_logits",
-]
+from loca_pipe.pipeline import calibration as _calibration
+from loca_pipe.pipeline import losses as _losses
+
+_ERRORS = ["ConfigError", "DataError", "IncompleteStoreError", "LocaError", "ModelError", "NumericsError",
+           "StoreConflictError", "StoreError"]
+# one list per module, kept by that module; this package re-exports them all
+__all__ = _ERRORS + _calibration.__all__ + _losses.__all__

@@ -74,6 +74,18 @@ def cnn(num_classes: int, in_channels: int = 1, image_size: int = 28) -> nn.Modu
 
 # --------------------------------------------------------------------------- CIFAR ResNets (mdistiller)
 
+def _init_weights(model: nn.Module, zero_linear_bias: bool = False) -> None:
+    """He-normal convolutions, unit/zero BatchNorm (and zero Linear bias for WRN), as mdistiller initialises."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif zero_linear_bias and isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convs with a residual connection (He et al. 2016); 1×1 conv shortcut on shape change."""
 
@@ -113,12 +125,7 @@ class CifarResNet(nn.Module):
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -174,14 +181,7 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(ch[3])
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        _init_weights(self, zero_linear_bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))

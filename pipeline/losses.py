@@ -165,7 +165,8 @@ def _resolve_teacher_is(teacher: torch.Tensor, teacher_is: str) -> str:
 
 def _teacher_dist(teacher: torch.Tensor, tau: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, log p) of the tempered teacher, no grad. For probabilities, log p uses p clamped at the
-    smallest normal number so that p·log p = 0 where p = 0."""
+    smallest normal number so that p·log p = 0 where p = 0 (harmless in KD's Σ p·log p; DKD renormalises
+    the non-target part and takes exact logs instead, see :func:`_dkd_parts`)."""
     with torch.no_grad():
         if kind == "logits":
             lp = F.log_softmax(teacher / tau, dim=1)
@@ -296,17 +297,27 @@ def _dkd_parts(zs: torch.Tensor, p: torch.Tensor, lp: torch.Tensor, y1: torch.Te
     """(TCKD, NCKD) batch means (without τ²), DKD written on probabilities so LoCa composes.
 
     b_T = [p_y, 1 − p_y], b_S = [q_y, 1 − q_y]: TCKD = KL(b_T ‖ b_S).
-    p̂_i = p_i / (1 − p_y), q̂_i = q_i / (1 − q_y) for i ≠ y: NCKD = KL(p̂ ‖ q̂).
+    p̂_i = p_i / Σ_{j≠y} p_j, q̂_i = q_i / Σ_{j≠y} q_j for i ≠ y: NCKD = KL(p̂ ‖ q̂).
     LoCa scales every non-target p_i by s, so p̂ is unchanged and only b_T moves to [p′_y, s(1 − p_y)].
+    0·log 0 = 0 throughout (exact zeros contribute nothing); the non-target mass is a logsumexp of the
+    non-target log-probabilities, exact for saturated rows (p_y = 1 in floating point, subnormal rest);
+    a row with no non-target mass has NCKD = 0.
     """
     lq = F.log_softmax(zs / tau, dim=1)
     lq_y = lq.gather(1, y1)
     lq_masked = lq.scatter(1, y1, -math.inf)
     lq_rest = torch.logsumexp(lq_masked, dim=1, keepdim=True)  # log(1 − q_y), stable
     with torch.no_grad():
+        if from_probs:
+            # exact logs of the given probabilities: −inf at exact zeros (0·log 0 = 0 is handled below,
+            # xlogy-style), subnormals keep their true log. A clamp at finfo.tiny would turn zeros and
+            # subnormal entries into a near-uniform p̂ once the non-target part is renormalised.
+            lp = p.log()
         lp_y = lp.gather(1, y1)
         lp_masked = lp.scatter(1, y1, -math.inf)
-        lp_rest = torch.logsumexp(lp_masked, dim=1, keepdim=True)  # log(1 − p_y)
+        # log Σ_{i≠y} p_i from the non-target entries themselves (never 1 − p_y, which is 0 on a saturated
+        # row whose p_y rounds to 1): −inf iff the teacher has no non-target mass
+        lp_rest = torch.logsumexp(lp_masked, dim=1, keepdim=True)
         if loca_alpha is not None:
             r = _loca_rows(p, lp, y1, loca_alpha, lp_masked, from_probs)
             t_y, lt_y = r.new_py, r.log_new_py
@@ -314,14 +325,17 @@ def _dkd_parts(zs: torch.Tensor, p: torch.Tensor, lp: torch.Tensor, y1: torch.Te
         else:
             t_y, lt_y, lt_rest = lp_y.exp(), lp_y, lp_rest
         t_rest = lt_rest.exp()
-        # non-target teacher distribution p̂ (label column: p̂ = 0)
-        lp_hat = lp_masked - lp_rest
+        # a one-hot teacher has no non-target information: NCKD = 0. The guards below test "== 0" (and
+        # "!= −inf") so that a NaN teacher stays NaN and reaches the finiteness check
+        empty = lp_rest == -math.inf
+        # non-target teacher distribution p̂ (label column and exact zeros: p̂ = 0, log p̂ = −inf)
+        lp_hat = torch.where(empty, -math.inf, lp_masked - lp_rest)
         p_hat = lp_hat.exp()
-        valid = torch.isfinite(lp_rest)  # a one-hot teacher has no non-target information
-    tckd = t_y * (lt_y - lq_y) + torch.where(t_rest > 0, t_rest * (lt_rest - lq_rest), 0.0)
+    tckd = (torch.where(t_y == 0, 0.0, t_y * (lt_y - lq_y))
+            + torch.where(t_rest == 0, 0.0, t_rest * (lt_rest - lq_rest)))
     lq_hat = lq_masked - lq_rest
-    diff = torch.where(p_hat > 0, lp_hat - lq_hat, 0.0)
-    nckd = torch.where(valid, (p_hat * diff).sum(1, keepdim=True), 0.0)
+    diff = torch.where(p_hat == 0, 0.0, lp_hat - lq_hat)
+    nckd = (p_hat * diff).sum(1, keepdim=True)
     return tckd.mean(), nckd.mean()
 
 

@@ -158,8 +158,12 @@ def _raise_nan(x: torch.Tensor, what: str) -> None:
                         f"calibrating (fp16 overflow is the usual cause)")
 
 
-def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
-    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL (two passes)."""
+_LOGITS_FIX = "use loca_from_logits(logits, labels, alpha, tau)"
+
+
+def _check_probs(p: torch.Tensor, what: str = "probabilities", fix: str = _LOGITS_FIX) -> None:
+    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL (two passes).
+    ``fix`` completes "If these are logits, ..." in the error message."""
     if p.numel() == 0:
         return
     sums = p.sum(1)
@@ -168,11 +172,11 @@ def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
     lo, hi = (float(v) for v in torch.aminmax(p))
     if lo < 0.0 or hi > 1.0:
         raise ConfigError(f"{what} must lie in [0, 1]; got values in [{lo:g}, {hi:g}]. If these are logits, "
-                          f"use loca_from_logits(logits, labels, alpha, tau)")
+                          f"{fix}")
     dev = float((sums - 1.0).abs().max())
     if dev > PROB_SUM_TOL:
         raise ConfigError(f"{what} must sum to 1 over classes (within {PROB_SUM_TOL}); a row is off by "
-                          f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau), or use loca_from_logits")
+                          f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau); if these are logits, {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,6 +306,10 @@ def sparse_from_topk(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: tor
 
     p_i = exp(z_i/τ − lse) with lse = logsumexp(z/τ) over all C classes (stored at cache time);
     column K = the label (p_y if outside the top-k, else 0); tail = max(0, 1 − Σ kept).
+
+    Validated: Σ kept ≤ 1 + ``PROB_SUM_TOL`` (1e-2) per row, else :class:`ConfigError` — an lse taken at
+    another τ is the usual cause (it gives "probabilities" far above 1); a ±inf lse is a
+    :class:`NumericsError`. (An lse that is too large cannot be told from a teacher with a heavy tail.)
     """
     t = _check_tau(tau)
     if topk_logits.ndim != 2 or topk_ids.shape != topk_logits.shape:
@@ -332,7 +340,18 @@ def sparse_from_topk(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: tor
     py = torch.where(in_top, torch.zeros_like(zy), torch.exp(zy / t - lse))
     probs = torch.cat([pk, py], dim=1)
     ids = torch.cat([ids_k, y], dim=1)
-    tail = (1.0 - probs.sum(1)).clamp_min(0.0)
+    kept = probs.sum(1)
+    if B and not bool(torch.isfinite(lse).all()):
+        rows = torch.nonzero(~torch.isfinite(lse.view(-1))).flatten().tolist()
+        raise NumericsError(f"sparse teacher lse is ±inf in {len(rows)} row(s) {rows[:20]}; lse must be the "
+                            f"finite logsumexp(z/tau) over all classes — re-cache the teacher")
+    if B and float(kept.max()) > 1.0 + PROB_SUM_TOL:
+        bad = kept > 1.0 + PROB_SUM_TOL
+        raise ConfigError(f"sparse teacher is not a distribution: the kept probabilities exp(z/tau - lse) of "
+                          f"{int(bad.sum())} row(s) sum to up to {float(kept.max()):.4g} (expected <= 1 + "
+                          f"{PROB_SUM_TOL}). lse must be logsumexp(z/tau) over all classes at this same "
+                          f"tau={t}: select the store's lse column for tau={t} (TeacherView.tau_index)")
+    tail = (1.0 - kept).clamp_min(0.0)
     return SparseDist(ids, probs, tail)
 
 
@@ -352,6 +371,14 @@ def _check_sparse(sd: SparseDist, labels: torch.Tensor) -> tuple[SparseDist, tor
     p, tl = probs.to(dt), tail.to(device=probs.device, dtype=dt)
     if B and (bool(torch.isnan(p).any()) or bool(torch.isnan(tl).any())):
         _raise_nan(torch.cat([p, tl.view(-1, 1)], 1), "sparse teacher probabilities")
+    if B:
+        lo = min(float(p.min()), float(tl.min()))
+        total = p.sum(1) + tl
+        dev = float((total - 1.0).abs().max())
+        if lo < 0.0 or dev > PROB_SUM_TOL:
+            raise ConfigError(f"SparseDist is not a distribution: probs and tail must be >= 0 and sum to 1 per row "
+                              f"(within {PROB_SUM_TOL}); got a minimum of {lo:.4g} and a row off by {dev:.4g}. "
+                              f"Build it with sparse_from_topk from the lse at the same tau")
     return SparseDist(ids.long(), p, tl), labels
 
 

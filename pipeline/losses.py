@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from loca_pipe.pipeline.calibration import (
     SparseDist,
+    _check_probs,
     _check_sparse,
     _mask_and_scale,
     check_alpha,
@@ -106,7 +107,19 @@ def _check_student(student_logits: torch.Tensor, what: str = "student_logits") -
         raise ConfigError(f"{what} must be a (batch, classes) tensor; got {shape}")
     if not student_logits.is_floating_point():
         raise ConfigError(f"{what} must be floating point; got dtype {student_logits.dtype}")
+    if student_logits.shape[0] == 0:
+        raise ConfigError(f"{what} is an empty batch (0 rows, shape {tuple(student_logits.shape)}); a loss needs at "
+                          f"least one sample: skip empty batches before calling the loss")
     return _float(student_logits)
+
+
+_PROBS_FIX = "pass them as teacher_logits (compute_loss) or teacher_is='logits'"
+
+
+def _check_teacher_probs(p: torch.Tensor) -> None:
+    """A teacher given as probabilities must be one: in [0, 1], rows summing to 1 within PROB_SUM_TOL (1e-2),
+    the rule :func:`~loca_pipe.pipeline.calibration.loca` applies."""
+    _check_probs(p, "teacher probabilities", fix=_PROBS_FIX)
 
 
 def _check_pair(zs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -152,6 +165,8 @@ def _finite(loss: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _resolve_teacher_is(teacher: torch.Tensor, teacher_is: str) -> str:
+    if teacher_is == "probs":
+        _check_teacher_probs(teacher)
     if teacher_is in ("logits", "probs"):
         return teacher_is
     if teacher_is != "auto":
@@ -529,6 +544,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     Exactly one teacher form for the distillation methods: ``teacher_logits`` (B, C), ``teacher_probs``
     (B, C) = tempered teacher probabilities at cfg.tau, or ``teacher_sparse`` (a :class:`SparseDist` at
     cfg.tau). ``epoch`` is 0-based (DKD warm-up). Raises NumericsError if the loss is not finite.
+    ``teacher_probs`` and ``teacher_sparse`` must be distributions: entries in [0, 1], each row (kept
+    entries + tail for sparse) summing to 1 within ``PROB_SUM_TOL`` = 1e-2, as :func:`loca` requires;
+    anything else (raw logits passed as probabilities) is a ConfigError. An empty batch is a ConfigError.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown loss method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -557,5 +575,7 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
             raise ConfigError(f"sparse teacher (rows {sd.ids.shape[0]}, max id {int(sd.ids.max()) if sd.ids.numel() else -1})"
                               f" does not fit the student batch {tuple(zs.shape)}")
         value = SparseDist(sd.ids, sd.probs.to(zs.dtype), sd.tail.to(zs.dtype))
+    elif kind == "probs" and isinstance(value, torch.Tensor) and value.is_floating_point():
+        _check_teacher_probs(_float(value.detach()))
     distill = m.distill(zs, y, _Teacher(kind, value), cfg, epoch)
     return _finite(cfg.beta * distill + cfg.gamma * ce, f"{method} loss")

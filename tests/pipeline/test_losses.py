@@ -473,3 +473,62 @@ def test_alpha_above_one_that_leaves_the_simplex_raises():
     with pytest.warns(UserWarning, match="no longer guaranteed"):
         with pytest.raises(NumericsError, match="negative"):
             loca_from_logits(zt, y, 1.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher inputs that are not distributions (issue #15): refused with the tolerance and the fix
+
+
+def test_sparse_from_topk_refuses_an_lse_at_another_tau():
+    zs, zt, y = _batch(B=8, C=20, seed=7, scale=3.0)
+    top = zt.topk(5, 1)
+    zy = zt.gather(1, y.view(-1, 1)).view(-1)
+    # the lse at τ = 4 used at τ = 1: the kept "probabilities" sum far above 1
+    with pytest.raises(ConfigError, match=r"not a distribution.*expected <= 1 \+ 0\.01.*lse column for tau=1\.0"):
+        sparse_from_topk(top.values, top.indices, torch.logsumexp(zt / 4.0, 1), zy, y, 1.0)
+    with pytest.raises(NumericsError, match="lse is ±inf in 1 row"):
+        lse = torch.logsumexp(zt, 1)
+        lse[3] = float("inf")
+        sparse_from_topk(top.values, top.indices, lse, zy, y, 1.0)
+    # the right lse passes; so does one that rounds up to 1 + 1e-2 (fp rounding of the cache), not beyond
+    sd = sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1), zy, y, 1.0)
+    assert float((sd.probs.sum(1) + sd.tail - 1).abs().max()) < 1e-6
+    sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1) - math.log(1.009), zy, y, 1.0)
+    with pytest.raises(ConfigError, match="not a distribution"):
+        sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1) - math.log(1.02), zy, y, 1.0)
+
+
+def test_sparse_kd_refuses_a_sparse_dist_that_is_not_a_distribution():
+    zs, zt, y = _batch(B=8, C=20, seed=8)
+    good = _sparse(zt, y, 4, 2.0)
+    big = SparseDist(good.ids, good.probs * 300.0, good.tail)
+    neg = SparseDist(good.ids, good.probs - good.probs.max(), good.tail)
+    for bad in (big, neg):
+        with pytest.raises(ConfigError, match=r"SparseDist is not a distribution.*within 0\.01.*sparse_from_topk"):
+            sparse_kd_loss(zs, bad, 2.0)
+        with pytest.raises(ConfigError, match="SparseDist is not a distribution"):
+            compute_loss("kd", zs, y, teacher_sparse=bad, cfg=LossConfig(tau=2.0))
+    assert torch.isfinite(sparse_kd_loss(zs, good, 2.0))
+
+
+@pytest.mark.parametrize("method", ["kd", "loca", "dkd", "loca_dkd"])
+def test_teacher_probs_that_are_logits_are_refused(method):
+    # compute_loss(teacher_probs=<raw logits>) returned ~15,000; loca() refuses the same input
+    zs, zt, y = _batch(B=6, C=10, seed=9)
+    with pytest.raises(ConfigError, match=r"teacher probabilities must lie in \[0, 1\].*teacher_logits"):
+        compute_loss(method, zs, y, teacher_probs=zt)
+    off = F.softmax(zt, 1) * 1.05  # in [0, 1] but rows sum to 1.05
+    with pytest.raises(ConfigError, match=r"must sum to 1 over classes \(within 0\.01\)"):
+        compute_loss(method, zs, y, teacher_probs=off)
+    with pytest.raises(ConfigError, match="teacher probabilities must lie in"):
+        kd_loss(zs, zt, 4.0, teacher_is="probs")
+    assert torch.isfinite(compute_loss(method, zs, y, teacher_probs=F.softmax(zt / 4.0, 1)))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_empty_batch_has_its_own_message(method):
+    zs, zt, y = _batch(B=0, C=10)
+    with pytest.raises(ConfigError, match=r"empty batch \(0 rows"):
+        compute_loss(method, zs, y, teacher_logits=zt)
+    with pytest.raises(ConfigError, match="empty batch"):
+        kd_loss(zs, zt, 4.0)

@@ -239,8 +239,8 @@ def _loca_kd_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, y1: torch
 
     Written for few tensor ops (small batches are dominated by per-op overhead): the teacher-only terms
     are computed once (no autograd graph: p, lp are detached), and correct rows get s = 1, c0 = 0, so their KL is KD's bit for bit.
-    The mask: for a logits teacher the label must strictly win in log p (the numbers this loss uses); for
-    given probabilities, in p itself (exactly :func:`loca`'s rule).
+    The mask is :func:`~loca_pipe.pipeline.calibration.mis_instruction_mask`'s rule applied to the numbers
+    this loss uses: log p for a logits teacher, p itself for given probabilities (exactly :func:`loca`'s).
     """
     # p, lp are teacher-only (built under no_grad and detached): these ops record no autograd graph
     lp_y = lp.gather(1, y1)

@@ -104,13 +104,14 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
-def _check_tau(tau: float) -> float:
+def _check_tau(tau: float, name: str = "tau") -> float:
+    """A temperature: a finite number > 0 (the one check, used by calibration and the losses)."""
     try:
         t = float(tau)
     except (TypeError, ValueError):
-        raise ConfigError(f"temperature tau must be a positive number; got {tau!r}") from None
+        raise ConfigError(f"{name} must be a positive number; got {tau!r}") from None
     if not math.isfinite(t) or t <= 0.0:
-        raise ConfigError(f"temperature tau must be a finite number > 0 (e.g. 4.0 for CIFAR-100, "
+        raise ConfigError(f"{name} must be a finite temperature > 0 (e.g. 4.0 for CIFAR-100, "
                           f"1.0 for ImageNet); got {tau!r}")
     return t
 
@@ -133,18 +134,20 @@ def _check_2d(x: Any, labels: Any, what: str) -> tuple[torch.Tensor, torch.Tenso
     return x, labels
 
 
-def _check_labels(labels: Any, B: int, C: int, device: torch.device) -> torch.Tensor:
+def _check_labels(labels: Any, B: int, C: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B,) int64 class ids in [0, C) on ``device`` (the one check, used by calibration and the losses)."""
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(np.asarray(labels))
     if labels.ndim != 1 or labels.shape[0] != B:
         raise ConfigError(f"labels must be a ({B},) tensor to match the batch; got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
-    labels = labels.to(device=device, dtype=torch.long)
+    labels = labels.to(device=device if device is not None else labels.device, dtype=torch.long)
     if B and bool(((labels < 0) | (labels >= C)).any()):
         bad = labels[(labels < 0) | (labels >= C)].unique().tolist()[:10]
-        raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got {bad}. Check that the "
-                          f"teacher and the data set have the same number of classes")
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got values in [{lo}, {hi}] (bad: "
+                          f"{bad}). Check that the teacher and the data set have the same number of classes")
     return labels
 
 

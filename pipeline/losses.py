@@ -25,8 +25,10 @@ import torch.nn.functional as F
 
 from loca_pipe.pipeline.calibration import (
     SparseDist,
+    _check_labels,
     _check_probs,
     _check_sparse,
+    _check_tau,
     _mask_and_scale,
     check_alpha,
     loca_sparse,
@@ -130,30 +132,6 @@ def _check_pair(zs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if not teacher.is_floating_point():
         raise ConfigError(f"teacher logits/probabilities must be floating point; got dtype {teacher.dtype}")
     return _float(teacher.detach()).to(zs.dtype)
-
-
-def _check_labels(labels: torch.Tensor, B: int, C: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor) or labels.shape != (B,):
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
-        raise ConfigError(f"labels must be a ({B},) tensor of class ids; got {shape}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
-    if B:
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= C:
-            raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got values in [{lo}, {hi}]")
-    return labels.long()
-
-
-def _check_tau(tau: float, name: str = "tau") -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive number; got {tau!r}") from None
-    if not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"{name} must be a finite temperature > 0; got {tau!r}")
-    return t
 
 
 def _finite(loss: torch.Tensor, what: str) -> torch.Tensor:

@@ -354,8 +354,8 @@ def test_bad_dense_inputs(probs, labels, err, match):
 @pytest.mark.parametrize("logits, tau, err, match", [
     (torch.tensor([[0.0, float("nan")]]), 1.0, NumericsError, "NaN"),
     (torch.tensor([[0.0, float("inf")]]), 1.0, NumericsError, "\\+inf"),
-    (torch.tensor([[0.0, 1.0]]), 0.0, ConfigError, "tau must be a finite number > 0"),
-    (torch.tensor([[0.0, 1.0]]), float("nan"), ConfigError, "tau must be a finite number > 0"),
+    (torch.tensor([[0.0, 1.0]]), 0.0, ConfigError, "tau must be a finite temperature > 0"),
+    (torch.tensor([[0.0, 1.0]]), float("nan"), ConfigError, "tau must be a finite temperature > 0"),
 ])
 def test_bad_logits(logits, tau, err, match):
     with pytest.raises(err, match=match):

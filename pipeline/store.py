@@ -62,6 +62,7 @@ from loca_pipe.pipeline.errors import (
     StoreConflictError,
     StoreError,
 )
+from loca_pipe.pipeline.io import versions
 
 FORMAT = "loca-pipe/logit-store"
 FORMAT_VERSION = 1
@@ -102,21 +103,6 @@ def _codecs(dtype: np.dtype, compress: bool) -> dict[str, Any]:
         comp.append(ZstdCodec(level=1))
     comp.append(Crc32cCodec())
     return {"serializer": BytesCodec(), "compressors": comp}
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour the stored numbers depend on."""
-    import loca_pipe
-
-    out = {"loca_pipe": loca_pipe.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
-           "numpy": np.__version__}
-    try:
-        import torchvision
-
-        out["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return out
 
 
 def now() -> str:

@@ -1,28 +1,42 @@
 """The `loca-pipe` command line: a thin typer wrapper over the stages.
 
-Each command module under ``loca_pipe.cli`` exposes ``register(app)``. Library code raises
-:class:`~loca_pipe.pipeline.errors.LocaError`; :func:`main` prints its message and exits 1 — a user
-error never shows a traceback.
+Each command module under ``loca_pipe.cli`` exposes ``register(app)``; command modules import the library
+(torch, zarr) only inside their commands, so ``--help`` and usage errors answer without loading it.
+
+Exit codes (README "Command line"):
+
+* 0 — done (also ``--help``, ``--version`` and bare ``loca-pipe``, which prints the help);
+* 1 — a :class:`~loca_pipe.pipeline.errors.LocaError` (bad input or bad state): one ``error: …`` line;
+* 2 — a usage error (unknown option or command, a value of the wrong type or outside the choices, a
+  missing argument): one ``error: …`` line plus the usage line and where to find ``--help``;
+* 130 — interrupted (Ctrl-C / SIGINT): "interrupted; rerun the same command to resume". Work already
+  finished is kept (done chunks of a store, finished targets, a run's last checkpoint).
+
+No case prints a traceback except a bug (an exception that is not one of the above).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
-from typing import Annotated
+from typing import Annotated, Any, Sequence
 
 import typer
 
 from loca_pipe import __version__
-from loca_pipe.cli import analyze, cache, lm, teacher, train
-from loca_pipe.pipeline.errors import LocaError
+from loca_pipe.cli import analyze, cache, lm, store, teacher, train
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 app = typer.Typer(
     name="loca-pipe",
     help="Offline teacher-logit caching and LoCa calibration for knowledge distillation.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    invoke_without_command=True,
+    rich_markup_mode=None,
 )
 
 
@@ -34,37 +48,90 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-v info, -vv debug).")] = 0,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
-    """Configure logging once, here, never at import."""
+    """Configure logging once, here, never at import. Bare `loca-pipe` prints this help and exits 0."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for _module in (teacher, cache, analyze, train, lm):
+for _module in (teacher, cache, store, analyze, train, lm):
     _module.register(app)
 
 
-def main() -> None:
-    """Console-script entry point: a LocaError becomes a one-line message and exit code 1."""
+def _click_exception_types() -> tuple[type, ...]:
+    """ClickException of the click typer uses (typer 0.29 vendors its own, ``typer._click``) and of the
+    stand-alone ``click`` package when it is installed — whichever raised, it is caught."""
+    types: list[type] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def _show_usage_error(exc: Any) -> int:
+    """One ``error: …`` line, then the usage line and the --help hint; returns the exit code."""
+    ctx = getattr(exc, "ctx", None)
+    message = " ".join(str(exc.format_message()).split()).replace("Value error, ", "")
+    if ctx is None:  # a ClickException that is not a usage error (e.g. FileError)
+        typer.echo(f"error: {message}", err=True)
+        return int(getattr(exc, "exit_code", 1) or 1)
+    if message and message[0].isupper() and not message[:2].isupper():
+        message = message[0].lower() + message[1:]
+    typer.echo(f"error: {message}", err=True)
+    typer.echo(ctx.get_usage(), err=True)
+    typer.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
+    return int(getattr(exc, "exit_code", EXIT_USAGE))
+
+
+def _interrupted() -> None:
+    typer.echo(f"\n{INTERRUPTED}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: errors become one line and an exit code (see the module docstring)."""
+    got_sigint: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        got_sigint.append(signum)
+        raise KeyboardInterrupt
+
     try:
-        app(standalone_mode=False)
-    except LocaError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(1)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (an embedding application): keep its handler
+        pass
+    click_errors = _click_exception_types()
+    try:
+        rc = app(args=list(argv) if argv is not None else None, prog_name="loca-pipe", standalone_mode=False)
+    except KeyboardInterrupt:
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except typer.Abort:
+        _interrupted()
+    except click_errors as exc:
+        if got_sigint:
+            _interrupted()
+        sys.exit(_show_usage_error(exc))
+    except Exception as exc:
+        if got_sigint:  # whatever the interrupt turned into while unwinding
+            _interrupted()
+        errors = sys.modules.get("loca_pipe.pipeline.errors")  # loaded by whatever raised a LocaError
+        if errors is not None and isinstance(exc, errors.LocaError):
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            sys.exit(1)
         raise
+    if got_sigint:  # typer turns KeyboardInterrupt into a returned 130 in non-standalone mode
+        _interrupted()
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -76,19 +76,34 @@ def _click_exception_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def _show_usage_error(exc: Any) -> int:
-    """One ``error: …`` line, then the usage line and the --help hint; returns the exit code."""
-    ctx = getattr(exc, "ctx", None)
+def _usage_context(argv: Sequence[str]) -> Any:
+    """A click context for the command named in ``argv`` (for a usage error raised without one)."""
+    try:
+        group = typer.main.get_command(app)
+        root = group.context_class(group, info_name="loca-pipe")
+        name = next((a for a in argv if not a.startswith("-")), None)
+        cmd = group.get_command(root, name) if name else None
+        return root if cmd is None else cmd.context_class(cmd, info_name=name, parent=root)
+    except Exception:  # best effort: the error line is what matters
+        return None
+
+
+def _show_usage_error(exc: Any, argv: Sequence[str]) -> int:
+    """One ``error: …`` line, then (usage errors) the usage line and the --help hint; returns the exit code."""
     message = " ".join(str(exc.format_message()).split()).replace("Value error, ", "")
-    if ctx is None:  # a ClickException that is not a usage error (e.g. FileError)
-        typer.echo(f"error: {message}", err=True)
-        return int(getattr(exc, "exit_code", 1) or 1)
-    if message and message[0].isupper() and not message[:2].isupper():
+    if message[:1].isupper() and not message[:2].isupper():
         message = message[0].lower() + message[1:]
     typer.echo(f"error: {message}", err=True)
-    typer.echo(ctx.get_usage(), err=True)
-    typer.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
-    return int(getattr(exc, "exit_code", EXIT_USAGE))
+    code = int(getattr(exc, "exit_code", 1) or 1)
+    if code != EXIT_USAGE:  # a ClickException that is not a usage error (e.g. FileError)
+        return code
+    ctx = getattr(exc, "ctx", None) or _usage_context(argv)
+    if ctx is not None:
+        typer.echo(ctx.get_usage(), err=True)
+        typer.echo(f"Try '{ctx.command_path} --help' for help.", err=True)
+    else:
+        typer.echo("Try 'loca-pipe --help' for help.", err=True)
+    return code
 
 
 def _interrupted() -> None:
@@ -120,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click_errors as exc:
         if got_sigint:
             _interrupted()
-        sys.exit(_show_usage_error(exc))
+        sys.exit(_show_usage_error(exc, list(argv) if argv is not None else sys.argv[1:]))
     except Exception as exc:
         if got_sigint:  # whatever the interrupt turned into while unwinding
             _interrupted()

@@ -638,9 +638,16 @@ def _checked(arr: zarr.Array, read: Any, rows: Any) -> np.ndarray:
                           for c in bad[:5]) or "a chunk"
         raise StoreError(
             f"array {arr.path!r} of the logit store: {names} failed its CRC32C checksum — the file is corrupted "
-            f"(disk or copy error), so its numbers cannot be trusted; re-cache that teacher (delete the store's "
-            f"teachers/<name> folder or run cache-logits with --overwrite) or restore the store from a copy") from exc \
+            f"(disk or copy error), so its numbers cannot be trusted; run `loca-pipe verify {_location(arr)} --repair` (it "
+            f"marks the bad chunks not done), then the same `loca-pipe cache-logits` command again to rewrite only them") from exc \
             if where is not None else exc
+
+
+def _location(arr: zarr.Array) -> str:
+    """The folder or URL of the store holding ``arr`` (``STORE`` when the back-end does not say)."""
+    st = arr.store_path.store
+    where = getattr(st, "root", None) or getattr(st, "path", None)
+    return str(where) if where else "STORE"
 
 
 class CheckedArray:

@@ -13,15 +13,50 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import console_script, env, run_cli, toy_args
+from .conftest import REPO, subprocess_env
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+def console_script() -> str:
+    """The installed `loca-pipe`: next to the running python (make test runs the venv's), else on PATH."""
+    here = Path(sys.executable).parent / "loca-pipe"
+    found = str(here) if here.is_file() else shutil.which("loca-pipe")
+    if found is None:
+        pytest.fail("the `loca-pipe` console script is not installed next to this python or on PATH; run `make setup`")
+    return found
+
+
+def env(**extra: str) -> dict[str, str]:
+    return subprocess_env(COLUMNS="200", **extra)
+
+
+def run_cli(args: list, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([console_script(), *map(str, args)], env=env(**extra_env), capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, cwd=REPO)
+
+
+def toy_args(store: Path | str, *more: str) -> list[str]:
+    """cache-logits options of the toy teacher/data set (40 rows, chunks of 8 → 5 chunks)."""
+    return ["cache-logits", "--teacher", "toy_cache_module:teacher", "--dataset", "toy_cache_module:dataset",
+            "--store", str(store), "--top-k", "3", "--temperatures", "1,4", "--chunk-rows", "8", "--batch-size", "3",
+            "--device", "cpu", "--num-workers", "0", *more]
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory) -> Path:
+    """A complete toy store made by the same command line (a reference: tests copy it, never modify it)."""
+    path = tmp_path_factory.mktemp("toy") / "s.zarr"
+    r = run_cli(toy_args(path))
+    assert r.returncode == 0, r.stderr
+    return path
 TIME_KEYS = ("created", "finished", "versions", "run")  # attributes that record when/where, not the numbers
 
 
@@ -51,7 +86,7 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_mid_cache_exits_130_and_the_same_command_resumes(tmp_path, toy_store):
+def test_sigint_mid_cache_exits_130_and_the_same_command_resumes(tmp_path, toy_store, reliability):
     store = tmp_path / "s.zarr"
     args = toy_args(store, "--progress")
     proc = subprocess.Popen([console_script(), *args], env=env(LOCA_TEST_SLEEP="0.15"), stdout=subprocess.PIPE,
@@ -67,6 +102,9 @@ def test_sigint_mid_cache_exits_130_and_the_same_command_resumes(tmp_path, toy_s
     assert proc.returncode == 130, err
     assert err.rstrip().splitlines()[-1] == INTERRUPTED, err
     assert "Traceback" not in err
+    reliability("interrupted", "Ctrl-C (SIGINT) while cache-logits runs, after its first chunk is done",
+                f"exit code 130; {INTERRUPTED}",
+                "every chunk marked done; the same command resumes the rest, bit-identical to an uninterrupted run")
 
     from loca_pipe.pipeline.store import LogitStore
 
@@ -92,7 +130,7 @@ def _flip(path: Path, at: int = 5) -> None:
 
 
 @pytest.mark.slow
-def test_corrupt_verify_repair_recache_is_bit_identical(tmp_path, toy_store):
+def test_corrupt_verify_repair_recache_is_bit_identical(tmp_path, toy_store, reliability):
     store = tmp_path / "s.zarr"
     shutil.copytree(toy_store, store)
     original = tmp_path / "original.zarr"
@@ -113,6 +151,9 @@ def test_corrupt_verify_repair_recache_is_bit_identical(tmp_path, toy_store):
         f"error: 2 chunk(s) of '{store}' failed verification (listed above); run `loca-pipe verify {store} --repair`, "
         f"then re-run the teachers' `loca-pipe cache-logits` commands"]
 
+    reliability("verify-corrupt", "`loca-pipe verify STORE` on a store with a flipped bit in a teacher chunk and "
+                "in a shared row chunk", f"{bad[1]} (one BAD line per chunk); exit code 1",
+                "nothing is changed except the teacher's verify_failed record: `info` calls it CORRUPT, not complete")
     info = run_cli(["info", "--store", store, "--json"])
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["teachers"]["teacher"]["complete"] is False  # known-bad is never complete
@@ -120,6 +161,10 @@ def test_corrupt_verify_repair_recache_is_bit_identical(tmp_path, toy_store):
 
     r = run_cli(["verify", store, "--repair"])
     assert r.returncode == 1 and "marked not done (teacher: chunks [2, 4])" in r.stderr, r.stderr
+    reliability("verify-repair", "`loca-pipe verify STORE --repair`, then the same cache-logits command again",
+                [x for x in r.stderr.splitlines() if x.startswith("error: ")][0].removeprefix("error: "),
+                "all other chunks; the rerun recomputes only the 2 bad chunks and every chunk file equals the "
+                "original byte for byte")
     from loca_pipe.pipeline.store import LogitStore
 
     s = LogitStore.open(str(store))

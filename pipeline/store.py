@@ -885,18 +885,27 @@ def verify_store(path: str, teachers: Iterable[str] | None = None, record: bool 
     per: dict[str, list[int]] = {t: sorted({b.row_chunk for b in bad if t in b.teachers and b.row_chunk is not None})
                                  for t in names}
     if record:
-        with io_guard(str(path), "recording the verify result"):
-            for t in names:
-                a = store.teacher_attrs(t)
-                hit = [b for b in bad if t in b.teachers]
-                if hit:
-                    a[VERIFY_ATTR] = {"time": now(), "chunks": [b.describe() for b in hit[:50]],
-                                      "row_chunks": per[t]}
-                    groups[t].attrs[ATTR] = a
-                elif VERIFY_ATTR in a:
-                    a.pop(VERIFY_ATTR)
-                    groups[t].attrs[ATTR] = a
+        try:
+            _record_verify(store, groups, bad, per)
+        except (StoreError, OSError) as exc:  # a read-only copy can still be verified
+            import logging
+
+            logging.getLogger(__name__).warning("verify: result not recorded in %s (%s)", path, exc)
     return {"path": str(path), "chunks_checked": total, "bad": bad, "teachers": per}
+
+
+def _record_verify(store: "LogitStore", groups: dict[str, zarr.Group], bad: list[BadChunk],
+                   per: dict[str, list[int]]) -> None:
+    with io_guard(store.path, "recording the verify result"):
+        for t in groups:
+            a = store.teacher_attrs(t)
+            hit = [b for b in bad if t in b.teachers]
+            if hit:
+                a[VERIFY_ATTR] = {"time": now(), "chunks": [b.describe() for b in hit[:50]], "row_chunks": per[t]}
+                groups[t].attrs[ATTR] = a
+            elif VERIFY_ATTR in a:
+                a.pop(VERIFY_ATTR)
+                groups[t].attrs[ATTR] = a
 
 
 def invalidate_chunks(path: str, bad: Iterable[BadChunk]) -> dict[str, list[int]]:

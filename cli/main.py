@@ -130,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        _interrupted()
+    except typer.Abort:  # end of input at a prompt, or an interrupt typer turned into Abort
+        if got_sigint:
+            _interrupted()
+        typer.echo("error: aborted (end of input)", err=True)
+        sys.exit(1)
     except click_errors as exc:
         if got_sigint:
             _interrupted()

@@ -806,8 +806,8 @@ def _key_exists(arr: zarr.Array, key: str) -> bool:
 
 def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, flag: str) -> tuple[str | None, Any]:
     """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``."""
-    if name == flag:
-        return flag, lambda co: co[0]
+    if name == flag or name.endswith("_done"):  # a flag array: chunk c of it is flag c
+        return name, lambda co: co[0]
     if arr.ndim >= 1 and arr.shape[0] == info.num_rows and arr.chunks[0] == info.chunk_rows:
         return flag, lambda co: co[0]
     prefix = name.split("_")[0]
@@ -899,6 +899,8 @@ def _record_verify(store: "LogitStore", groups: dict[str, zarr.Group], bad: list
     with io_guard(store.path, "recording the verify result"):
         for t in groups:
             a = store.teacher_attrs(t)
+            if not a:  # its creation was interrupted: nothing of it counts yet, nothing to record
+                continue
             hit = [b for b in bad if t in b.teachers]
             if hit:
                 a[VERIFY_ATTR] = {"time": now(), "chunks": [b.describe() for b in hit[:50]], "row_chunks": per[t]}
@@ -954,6 +956,8 @@ def invalidate_chunks(path: str, bad: Iterable[BadChunk]) -> dict[str, list[int]
             for t in cleared:
                 g = store._teacher_group(t)
                 a = store.teacher_attrs(t)
+                if not a:
+                    continue
                 a.pop(VERIFY_ATTR, None)
                 a["complete"] = False
                 g.attrs[ATTR] = a

@@ -6,7 +6,8 @@ Each command module under ``loca_pipe.cli`` exposes ``register(app)``; command m
 Exit codes (README "Command line"):
 
 * 0 — done (also ``--help``, ``--version`` and bare ``loca-pipe``, which prints the help);
-* 1 — a :class:`~loca_pipe.pipeline.errors.LocaError` (bad input or bad state): one ``error: …`` line;
+* 1 — a :class:`~loca_pipe.pipeline.errors.LocaError` (bad input or bad state), or a write failing with
+  EACCES/EPERM/EROFS/ENOSPC/EDQUOT past the up-front output checks: one ``error: …`` line;
 * 2 — a usage error (unknown option or command, a value of the wrong type or outside the choices, a
   missing argument): one ``error: …`` line plus the usage line and where to find ``--help``;
 * 130 — interrupted (Ctrl-C / SIGINT): "interrupted; rerun the same command to resume". Work already
@@ -17,6 +18,7 @@ No case prints a traceback except a bug (an exception that is not one of the abo
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import sys
@@ -106,6 +108,18 @@ def _show_usage_error(exc: Any, argv: Sequence[str]) -> int:
     return code
 
 
+_WRITE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
+                 errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f" {exc.filename!r}" if exc.filename else ""
+    return (f"cannot write{where}: {_WRITE_ERRNOS[exc.errno]} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+            f"work already finished is kept — free space or fix the permissions (or choose another output), then "
+            f"run the same command again")
+
+
 def _interrupted() -> None:
     typer.echo(f"\n{INTERRUPTED}", err=True)
     sys.exit(EXIT_INTERRUPTED)
@@ -120,9 +134,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise KeyboardInterrupt
 
     try:
-        signal.signal(signal.SIGINT, on_sigint)
+        previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread (an embedding application): keep its handler
-        pass
+        previous = None
+    try:
+        _main(argv, got_sigint)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: Sequence[str] | None, got_sigint: list[int]) -> None:
     click_errors = _click_exception_types()
     try:
         rc = app(args=list(argv) if argv is not None else None, prog_name="loca-pipe", standalone_mode=False)
@@ -145,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         errors = sys.modules.get("loca_pipe.pipeline.errors")  # loaded by whatever raised a LocaError
         if errors is not None and isinstance(exc, errors.LocaError):
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            sys.exit(1)
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a write failing after the up-front checks
+            typer.secho(f"error: {_os_error_line(exc)}", err=True, fg=typer.colors.RED)
             sys.exit(1)
         raise
     if got_sigint:  # typer turns KeyboardInterrupt into a returned 130 in non-standalone mode

@@ -155,3 +155,31 @@ def test_calibrate_progress_is_one_line_per_update_off_a_terminal(tmp_path, toy_
     buf.truncate(0)
     write_targets(str(toy_store), str(tmp_path / "t.zarr"), [0.9], 4.0, progress=False)
     assert "calibrate" not in buf.getvalue()
+
+
+@pytest.mark.parametrize("err, reason", [(PermissionError(13, "Permission denied", "/r/o/metrics.json"),
+                                          "permission denied (EACCES)"),
+                                         (OSError(28, "No space left on device", "/full/x"), "the disk is full (ENOSPC)")])
+def test_a_write_error_past_the_checks_is_one_line(tmp_path, toy_store, monkeypatch, capsys, err, reason):
+    from loca_pipe.cli.main import main
+    from loca_pipe.stages import analyze as stage
+
+    def fail(p):
+        raise err
+
+    monkeypatch.setattr(stage, "execute", fail)
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", str(toy_store), "--out", str(tmp_path / "a")])
+    assert exit_.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: cannot write {err.filename!r}: {reason}; work already finished is kept — free space "
+                     f"or fix the permissions (or choose another output), then run the same command again"]
+
+
+def test_an_unexpected_error_is_not_hidden(toy_store, tmp_path, monkeypatch):
+    from loca_pipe.cli.main import main
+    from loca_pipe.stages import analyze as stage
+
+    monkeypatch.setattr(stage, "execute", lambda p: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        main(["analyze", str(toy_store), "--out", str(tmp_path / "a")])

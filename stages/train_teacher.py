@@ -25,13 +25,14 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from loca_pipe.pipeline.augment import make_augmenter
 from loca_pipe.pipeline.data import DatasetSpec, get_batch, open_dataset
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.io import atomic_save, versions, write_json
 from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
+from loca_pipe.pipeline.progress import progress_bar
+from loca_pipe.stages.config import check_writable
 
 log = logging.getLogger(__name__)
 SECTION = "train_teacher"
@@ -146,6 +147,9 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
         raise ConfigError(f"{SECTION}: epochs, batch_size, lr and max_samples must be positive; got epochs={p.epochs}, "
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
     check_model_name(p.arch)  # before the data set is opened
+    opt_name = "--out" if p.out else "--out-dir"  # before training: a trained teacher must never be lost
+    for path in (p.checkpoint, sidecar_path(p.checkpoint), metrics_path(p.checkpoint)):
+        check_writable(path, "the teacher checkpoint", opt_name, kind="file")
     device = resolve_device(p.device)
     train = open_dataset(p.dataset, "train", p.root)
     test = open_dataset(p.dataset, "test", p.root)
@@ -164,8 +168,7 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
         opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if p.schedule == "cosine" else (lambda s: 1.0))
     augmenter = make_augmenter(p.augment, p.seed, train.image_size)
 
-    bar = tqdm(total=p.epochs * n_train, unit="img", unit_scale=True, desc=f"train {p.name or p.arch}",
-               disable=not p.progress, mininterval=0.5, dynamic_ncols=True)
+    bar = progress_bar(total=p.epochs * n_train, desc=f"train {p.name or p.arch}", unit="img", enabled=p.progress)
     t0, c0 = time.perf_counter(), time.process_time()
     loss_sum, loss_n = 0.0, 0
     for epoch in range(p.epochs):

@@ -3,7 +3,10 @@
 A teacher mis-instructs a row when its top-1 class is not the label (LoCa paper, Figure 2). For every row
 this module derives, at temperature τ (p = softmax(z/τ)):
 
-- ``prediction`` = top-1 class, ``mis_instructed`` = prediction ≠ label;
+- ``mis_instructed``: the label is not the strict winner, p_y ≤ max_{i≠y} p_i (ties count) — the one rule,
+  :func:`loca_pipe.pipeline.calibration.mis_instruction_mask`, on the kept probabilities, so these are exactly
+  the rows LoCa calibrates; ``prediction`` = the best class other than the label on those rows (the tied
+  class on a tie), the top-1 class elsewhere, so ``prediction ≠ label`` exactly on mis-instructed rows;
 - ``p_label`` = exp(z_y/τ − lse_τ) and ``p_max`` = exp(z_top1/τ − lse_τ) — exact from the store's top-k
   logits, log-partition and label logit, so they work on top-k-only teachers too;
 - ``margin`` = p_label − max_{i≠y} p_i: negative exactly on mis-instructed rows (= −(p_max − p_label)),
@@ -37,7 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from loca_pipe.pipeline.calibration import LocaWarning, check_alpha, loca_sparse, sparse_from_topk
+from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha, loca_sparse, mis_instruction_mask,
+                                            sparse_from_topk)
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
 from loca_pipe.pipeline.store import LogitStore, TeacherView, summarize_logits
 
@@ -91,6 +95,31 @@ def resolve_teachers(store: LogitStore, names: Sequence[str] | None) -> list[str
 # Per-row statistics of one block (pure tensor code; no I/O)
 
 
+def sparse_mis_and_prediction(sd: SparseDist, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one mis-instruction rule on a sparse teacher, and the prediction that goes with it.
+
+    ``mis`` is :func:`loca_pipe.pipeline.calibration.mis_instruction_mask` (label not the strict winner, ties
+    counted) applied to the kept probabilities of ``sd`` (top-k ∪ {label}), the same p that
+    :func:`~loca_pipe.pipeline.calibration.loca_sparse` calibrates, so the rows counted here are exactly the
+    rows LoCa changes, with or without α values. ``prediction`` is the best class other than the label on
+    mis-instructed rows (on a tie that is the tied class, not the label) and the top-1 class elsewhere, so
+    ``prediction != label`` exactly where ``mis`` holds and the confusion table has no self-confusions.
+    """
+    ids, p, _ = sd
+    y = labels.long()
+    K1 = p.shape[1]
+    is_lab_top = ids[:, :-1] == y[:, None]
+    in_top = is_lab_top.any(1)
+    pos = torch.where(in_top, is_lab_top.to(torch.uint8).argmax(1), torch.full_like(y, K1 - 1))
+    mis = mis_instruction_mask(p, pos)
+    top = ids[:, 0]
+    if K1 >= 3:  # K ≥ 2 kept classes: the runner-up is known
+        pred = torch.where(mis & (top == y), ids[:, 1], top)
+    else:
+        pred = top
+    return mis, pred
+
+
 @torch.no_grad()
 def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor,
               label_logit: torch.Tensor, tau: float, alphas: Sequence[float],
@@ -111,10 +140,7 @@ def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.T
         for a in alphas:
             _, res = loca_sparse(sd, y, float(a))
             scales[f"loca_scale_{alpha_key(a)}"] = res.scale.float().numpy()
-    # calibration's rule (label not the strict winner, p_y ≤ max_{i≠y} p_i), so statistics and targets agree;
-    # it equals "top-1 ≠ label" except on exact ties
-    mis = res.calibrated if alphas else ids[:, 0] != y
-    pred = ids[:, 0]
+    mis, pred = sparse_mis_and_prediction(sd, y)
     p_label = torch.exp(zl / tau - lse)
     p_max = torch.exp(tl[:, 0] / tau - lse)
     top_is_label = ids[:, 0] == y
@@ -330,10 +356,11 @@ def _tau_stored(tv: TeacherView, tau: float) -> bool:
     return any(math.isclose(t, tau, rel_tol=1e-6) for t in tv.temperatures)
 
 
-def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray]):
+def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray], teacher: str):
     import pyarrow as pa
 
-    cols: dict[str, Any] = {"row": np.arange(sl.start, sl.stop, dtype=np.int64),
+    cols: dict[str, Any] = {"teacher": pa.repeat(pa.scalar(teacher, pa.string()), sl.stop - sl.start),
+                            "row": np.arange(sl.start, sl.stop, dtype=np.int64),
                             "sample_id": meta["sample_id"].astype(np.int64), "view": meta["view"].astype(np.int16),
                             "label": meta["label"].astype(np.int64), "prediction": stats["prediction"].astype(np.int64)}
     for k in ("p_label", "p_max", "margin", "entropy"):
@@ -364,7 +391,7 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
         for sl, stats, meta in _iter_blocks(tv, chunks, opts):
             part.add(stats, meta["label"], meta["view"], ranges)
             if tmp:
-                table = _table(sl, meta, stats)
+                table = _table(sl, meta, stats, teacher)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table)

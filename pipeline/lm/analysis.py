@@ -1,7 +1,11 @@
 """Token-level mis-instruction statistics of a cached causal-LM teacher.
 
-A response token is *mis-instructed* when the teacher's top-1 next-token id is not the reference next token
-(LoCa paper §3 at the token level). Reported overall, by position inside the response, and by the frequency
+A response token is *mis-instructed* when the reference next token is not the teacher's strict winner
+(p_y ≤ max_{i≠y} p_i, ties counted; LoCa paper §3 at the token level) — the one rule of the project,
+:func:`loca_pipe.pipeline.calibration.mis_instruction_mask`, applied as in the image analysis
+(:func:`loca_pipe.pipeline.analysis.sparse_mis_and_prediction`), so the mis-instruction ratio is the share of
+tokens LoCa calibrates. ``prediction`` is the best token other than the label on those rows (the tied token
+on a tie) and the top-1 token elsewhere. Reported overall, by position inside the response, and by the frequency
 of the reference token (rank buckets of its count among all stored labels: the 10 most frequent tokens,
 ranks 11–100, 101–1000, the rest). p_label = exp(z_y/τ − lse_τ) and p_max = exp(z_top1/τ − lse_τ) are exact
 from the store; LoCa's scale s (and the share of rows it changes) comes from
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loca_pipe.pipeline.analysis import sparse_mis_and_prediction
 from loca_pipe.pipeline.calibration import loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.lm.cache import LMTeacherCache
 
@@ -38,16 +43,17 @@ def token_table(c: LMTeacherCache, tau: float, alpha: float) -> dict[str, np.nda
     zk = torch.as_tensor(c.topk_logits)
     zy = torch.as_tensor(c.label_logit)
     y = torch.as_tensor(c.label)
-    pred = c.topk_ids[:, 0].astype(np.int64)
     sd = sparse_from_topk(zk, torch.as_tensor(c.topk_ids.astype(np.int64)), lse, zy, y, tau)
     _, res = loca_sparse(sd, y, alpha)
+    mis, pred = sparse_mis_and_prediction(sd, y)
     ranks = frequency_ranks(c.label)
     bucket = np.zeros(len(c.label), np.int8)
     for b, (lo, _hi) in enumerate(FREQ_BUCKETS):
         bucket[ranks >= lo] = b
     return {
         "sequence": c.sample_id.astype(np.int64), "position": c.position.astype(np.int32),
-        "label": c.label.astype(np.int64), "prediction": pred, "mis_instructed": pred != c.label,
+        "label": c.label.astype(np.int64), "prediction": pred.numpy().astype(np.int64),
+        "mis_instructed": mis.numpy(),
         "p_label": torch.exp(zy / tau - lse).numpy().astype(np.float32),
         "p_max": torch.exp(zk[:, 0] / tau - lse).numpy().astype(np.float32),
         "label_rank": ranks.astype(np.int32), "freq_bucket": bucket,

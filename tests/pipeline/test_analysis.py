@@ -450,3 +450,59 @@ def test_distributed_cluster_equals_single_process(tmp_path):
     tl, td = TargetsStore(str(tmp_path / "tl.zarr")), TargetsStore(str(tmp_path / "td.zarr"))
     assert np.array_equal(tl.teacher("t1").dense(0.95)[:], td.teacher("t1").dense(0.95)[:])
     assert np.array_equal(tl.teacher("tk").sparse(0.95)[1][:], td.teacher("tk").sparse(0.95)[1][:])
+
+
+def _tie_store(path, R=256, chunk=64, k=3):
+    """A store where the label ties the maximum exactly on every 5th row (the tied class on both sides of the
+    label id, so torch's top-k puts the label first on some of them)."""
+    rng = np.random.default_rng(11)
+    info = StoreInfo("classification", R, 1, R, C, chunk, {"name": "ties", "fingerprint": "ties", "split": "train"})
+    st = LogitStore.create_or_open(str(path), info)
+    y = rng.integers(0, C, R)
+    z = rng.normal(0, 0.5, (R, C)).astype(np.float32)
+    z[np.arange(R), y] += 4.0
+    tie = np.arange(R) % 5 == 0
+    other = np.where(np.arange(R) % 2 == 0, (y + 1) % C, (y - 1) % C)
+    z[np.arange(R)[tie], other[tie]] = z[np.arange(R)[tie], y[tie]]
+    w = st.begin_teacher("t", {"arch": "synthetic"}, top_k=k, temperatures=[1.0], logits_dtype="float32")
+    for c in range(info.num_chunks):
+        sl = info.chunk_slice(c)
+        st.write_rows(c, np.arange(sl.start, sl.stop), y[sl], np.zeros(sl.stop - sl.start))
+        s = summarize_logits(torch.from_numpy(z[sl]), torch.from_numpy(y[sl]), k, [1.0])
+        w.write_chunk(c, {**{kk: v.numpy() for kk, v in s.items()}, "logits": z[sl]})
+    assert w.finalize()
+    return st, y, z, tie
+
+
+@pytest.mark.parametrize("alphas", [(), (0.95,)])
+def test_mis_instruction_is_the_one_rule_with_or_without_alpha(tmp_path, alphas):
+    """Ties count as mis-instructions whether or not α is given (was: top-1 ≠ label without α), the
+    confusion table and the per-sample prediction never name the label on a mis-instructed row (was: torch's
+    top-1 id, the label itself on tie rows), and each per-sample row names its teacher."""
+    from loca_pipe.pipeline.calibration import mis_instruction_mask
+
+    st, y, z, tie = _tie_store(tmp_path / "s.zarr")
+    top1 = st.teacher("t")["topk_ids"][:][:, 0]
+    assert (top1[tie] == y[tie]).any() and (top1[tie] != y[tie]).any()  # both tie orders occur
+    ref = mis_instruction_mask(torch.from_numpy(z), torch.from_numpy(y)).numpy()
+    assert ref[tie].all()
+    (rep,) = analyze(st.path, None, AnalysisOptions(tau=1.0, alphas=alphas, top_confusions=1000),
+                     samples_dir=tmp_path / "samples")
+    assert rep.metrics["mis_instructed"] == int(ref.sum())
+    assert np.array_equal(rep.per_class["mis_instructed"], np.bincount(y[ref], minlength=C))
+    assert not (rep.confusions["label"] == rep.confusions["prediction"]).any()
+    assert rep.confusions["count"].sum() == int(ref.sum())
+    df = read_samples(tmp_path / "samples" / "t")
+    assert np.array_equal(df["mis_instructed"], ref)
+    assert np.array_equal(df["prediction"] != df["label"], ref)
+    assert set(df["teacher"]) == {"t"}
+
+
+def test_per_sample_folder_of_two_teachers_tells_them_apart(tmp_path):
+    st, labels, _, masks = make_store(tmp_path / "s.zarr", teachers=(("t1", "float32", 3), ("t2", None, 5)))
+    analyze(st.path, None, AnalysisOptions(tau=4.0, alphas=(0.95,)), samples_dir=tmp_path / "samples")
+    df = pd.read_parquet(tmp_path / "samples")
+    assert len(df) == 2 * len(labels)
+    for t in ("t1", "t2"):
+        d = df[df["teacher"] == t].sort_values("row")
+        assert np.array_equal(d["mis_instructed"], masks[t])

@@ -161,11 +161,12 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 
 def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_size: int, lr: float, seed: int,
              pad_id: int, all_tokens: bool = False, warmup: int = 20, log_every: int = 50,
-             weight_decay: float = 0.01, progress: bool = False) -> list[dict]:
+             weight_decay: float = 0.01, progress: bool = False, sampler=None) -> list[dict]:
     """AdamW on random batches of sequences; returns a loss log.
 
     ``loss_fn(response_logits (R, V), labels (R,), seq_index (B,)) -> scalar`` sees only response positions
-    (default: cross-entropy). ``all_tokens`` trains on every next-token prediction instead (CE only; used
+    (default: cross-entropy). ``sampler.next_batch(batch_size)`` picks the batch's sequences when given (a
+    :class:`~loca_pipe.pipeline.lm.streaming.StreamedTeacher`); else they are drawn uniformly. ``all_tokens`` trains on every next-token prediction instead (CE only; used
     for the teacher, which should learn the language, not only the task). ``progress``: a bar with loss,
     tokens/s and the ETA.
     """
@@ -182,7 +183,10 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
+        if sampler is not None:  # a streamed teacher: the sequences whose rows are in its shuffle buffer
+            idx = sampler.next_batch(batch_size)
+        else:
+            idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
         seqs = [enc.ids[i] for i in idx]
         if all_tokens:
             x, m = pad_batch(seqs, pad_id)

@@ -141,7 +141,7 @@ class _Source:
         return self.t.greedy_responses()
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not array comparison
 class _Block:
     seqs: np.ndarray            # sequence ids of this block
     lo: int                     # first row

@@ -128,26 +128,37 @@ def _chunk_loss_grad(z: torch.Tensor, tg: KDTarget, sl: slice, tau: float, need_
             wsum = w.sum(1)
             cross = (w * s.gather(1, ids)).sum(1) - wsum * lse
             total = wsum
-            s0 = None
+            q0 = ratio = None
             if tg.tail is not None:
-                # the student's own mass outside the kept ids: log q_tail = logsumexp_{i ∉ kept}(s_i) − lse
-                s0 = s.scatter(1, ids, float("-inf"))
-                lse_nk = torch.logsumexp(s0, 1)
+                # the student's own mass outside the kept ids, q_tail = Σ_{i ∉ kept} q_i: a sum of small
+                # positives (no cancellation); rows where it underflows fp32 get logsumexp over those ids
+                q = q if q is not None else torch.exp(s - lse[:, None])
+                q0 = q.scatter(1, ids, 0.0)
+                q_tail = q0.sum(1)
                 t = tg.tail[sl].float()
-                has = (t > 0) & torch.isfinite(lse_nk)
+                log_tail = torch.log(q_tail)
+                low = torch.nonzero((t > 0) & (q_tail < 1e-30)).view(-1)
+                if low.numel():  # exact: log q_tail = logsumexp_{i ∉ kept}(s_i) − lse
+                    s0 = s[low].scatter(1, ids[low], float("-inf"))
+                    lse_nk = torch.logsumexp(s0, 1)
+                    log_tail[low] = lse_nk - lse[low]
+                    ratio = (low, torch.exp(s0 - torch.where(torch.isfinite(lse_nk), lse_nk, 0.0)[:, None]))
+                has = (t > 0) & torch.isfinite(log_tail)
                 t = torch.where(has, t, 0.0)
-                lse_nk = torch.where(torch.isfinite(lse_nk), lse_nk, 0.0)
                 ent = ent + torch.where(has, t * t.clamp_min(tiny).log(), 0.0)
-                cross = cross + torch.where(has, t * (lse_nk - lse), 0.0)
+                cross = cross + torch.where(has, t * log_tail, 0.0)
                 total = wsum + t
             loss = loss + k * (ent - cross)
             if need_grad:
                 g = q * total[:, None]
-                if s0 is not None:  # − t · [i ∉ kept] q_i / q_tail = − t · exp(s0_i − lse_nk)
-                    g.sub_(s0.sub_(lse_nk[:, None]).exp_().mul_(t[:, None]))
+                if q0 is not None:  # − t · [i ∉ kept] q_i / q_tail
+                    g.sub_(q0.mul_((t / q_tail.clamp_min(tiny))[:, None]))
+                    if ratio is not None:
+                        low, r = ratio
+                        g[low] = q[low] * total[low, None] - r * t[low, None]
                 g.scatter_add_(1, ids, -w)
                 g.mul_(tg.beta * tau)
-            del s0
+            del q0
     if tg.gamma:
         y = tg.labels[sl].long()
         if tau == 1.0:

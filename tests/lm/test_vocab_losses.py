@@ -112,3 +112,22 @@ def test_bad_inputs_are_refused():
         chunked_kd_loss(torch.zeros(5, 53), KDTarget.sparse(sd), 1.0)
     with pytest.raises(ConfigError, match="tau must be a positive"):
         chunked_kd_loss(torch.zeros(37, 53), KDTarget.sparse(sd), 0.0)
+
+
+def test_student_tail_mass_below_fp32_range_matches_the_logsumexp_reference():
+    """A very confident student: its mass outside the kept ids underflows fp32 (q_tail < 1e-38), so the tail
+    term takes the exact logsumexp branch; loss and gradient still equal the plain loss."""
+    h0, W0, b0, zt, y, K = _problem(T=12, V=30)
+    sd = _sd(zt, y, K, 1.0)
+    z0 = F.linear(h0, W0, b0).detach()
+    z0.scatter_(1, sd.ids[:, :1], 200.0)  # the teacher's top-1 gets a huge student logit
+    z = z0.clone().requires_grad_(True)
+    want = sparse_kd_loss(z, sd, 1.0)
+    want.backward()
+    q = torch.softmax(z0, 1).scatter(1, sd.ids, 0.0).sum(1)
+    assert (q < 1e-30).all()  # the branch is taken
+    z2 = z0.clone().requires_grad_(True)
+    got = chunked_kd_loss(z2, KDTarget.sparse(sd), 1.0, chunk_rows=5)
+    got.backward()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(z2.grad, z.grad, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,10 @@ class Params:
     # MiB of teacher rows the student may hold: the whole teacher is loaded only when it fits, else it is
     # streamed from the store through a shuffle buffer of chunks (half the limit; docs/language-models.md)
     memory_limit_mb: float = 1024.0
+    # a local Hugging Face causal LM folder (GPT-2, LLaMA, Qwen2, … written by save_pretrained) to start the
+    # student from; empty: build one from arch/d_model/n_layers/n_heads. Its vocabulary must be the teacher's.
+    init_from: str = ""
+    fused_loss: bool = True  # kd/loca/kd_sampled: the chunked loss fused with the output projection
 
 
 def out_dir(base: LMBase, p: Params) -> Path:
@@ -66,8 +70,13 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     if p.method == "seqkd":
         train = students.seqkd_encoding(train, c.greedy_responses(), tok.eos_token_id, base.max_length)
     kd = students.KDSettings(p.tau, p.alpha, p.beta, p.gamma)
-    loss = students.make_loss(p.method, c, kd)
-    model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok, seed=p.seed)
+    loss = students.make_loss(p.method, c, kd, fused=p.fused_loss)
+    if p.init_from:  # checked before any training: a causal LM, and the teacher's vocabulary (ids and size)
+        model = models.load_lm(p.init_from)
+        students.check_student_vocab(model, p.init_from, tok, c.num_classes)
+    else:
+        model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok,
+                                seed=p.seed)
     sampler = c if isinstance(c, streaming.StreamedTeacher) and loss is not None else None
     t0 = time.perf_counter()
     hist = models.train_lm(model, train, loss, steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=p.seed,

@@ -87,6 +87,31 @@ def _sd_from(d: dict[str, np.ndarray], t: int, labels: torch.Tensor, tau: float,
     return sd
 
 
+def check_student_vocab(model, folder, teacher_tok, teacher_vocab: int) -> None:
+    """A student started from a model folder must share the teacher's vocabulary: its output size equals the
+    teacher's, and a tokenizer saved in the folder has the same tokens at the same ids (file names and
+    formats may differ: the loaded vocabularies are compared)."""
+    from pathlib import Path
+
+    from loca_pipe.pipeline.errors import ModelError
+    from loca_pipe.pipeline.lm import models, tokenizer
+
+    V = models.model_vocab(model)
+    folder = Path(folder)
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    student_tok = tokenizer.load_tokenizer(folder) if any((folder / f).exists() for f in tok_files) else None
+    if student_tok is not None:
+        tokenizer.check_same_tokenizer(teacher_tok, student_tok)
+    if V != teacher_vocab:
+        first = ""
+        if student_tok is None:
+            first = " (the folder has no tokenizer to compare token by token)"
+        raise ModelError(f"the student at {str(folder)!r} outputs {V} logits but the teacher's vocabulary has "
+                         f"{teacher_vocab} tokens{first}; token-level distillation needs the same vocabulary (ids and "
+                         f"size) — start from a model with the teacher's tokenizer, or resize its embeddings to "
+                         f"{teacher_vocab}")
+
+
 def arrays_for(method: str) -> tuple[str, ...]:
     """The teacher arrays a method reads per batch (what a streamed teacher keeps in its buffer)."""
     check_method(method)
@@ -119,26 +144,58 @@ def sparse_targets(cache: LMTeacherCache, rows: np.ndarray, labels: torch.Tensor
     return _sd_from(d, t, labels, tau, alpha)
 
 
-def make_loss(method: str, cache, kd: KDSettings) -> Callable | None:
+def make_loss(method: str, cache, kd: KDSettings, fused: bool = False,
+              chunk_rows: int = 256) -> Callable | None:
     """The per-batch loss for ``train_lm`` (None = plain cross-entropy).
 
-    ``cache``: a whole :class:`LMTeacherCache` or a streaming teacher (``streaming.open_teacher``)."""
+    ``cache``: a whole :class:`LMTeacherCache` or a streaming teacher (``streaming.open_teacher``). ``fused``:
+    the vocabulary-scale loss of :mod:`~loca_pipe.pipeline.lm.vocab_losses` on the student's hidden states
+    and output projection, ``chunk_rows`` tokens at a time (the same loss and gradients within fp32 rounding,
+    without the (tokens, V) logits and their autograd temporaries)."""
     check_method(method)
     if method in ("sft", "seqkd"):
         return None
     if cache is None:
         raise ConfigError(f"method {method!r} needs a teacher cache (--store)")
     if method == "kd_sampled":
-        return _sampled_loss(cache, kd)
+        base = _sampled_loss(cache, kd)
+        if not fused:
+            return base
+        return _fused(lambda labels, idx: _sampled_target(cache, labels, idx, kd), kd, chunk_rows)
     alpha = kd.alpha if method == "loca" else None
 
     t = cache.tau_index(kd.tau)  # fail before training when τ was not cached
+
+    if fused:
+        from loca_pipe.pipeline.lm.vocab_losses import KDTarget
+
+        return _fused(lambda labels, idx: KDTarget.sparse(_sd_from(teacher_rows(cache, idx), t, labels, kd.tau, alpha),
+                                                         labels, kd.beta, kd.gamma), kd, chunk_rows)
 
     def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
         sd = _sd_from(teacher_rows(cache, seq_idx), t, labels, kd.tau, alpha)
         return kd.beta * sparse_kd_loss(logits, sd, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss
+
+
+def _fused(target_of: Callable, kd: KDSettings, chunk_rows: int) -> Callable:
+    from loca_pipe.pipeline.lm.vocab_losses import fused_linear_kd_loss
+
+    def loss(hidden: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray, head) -> torch.Tensor:
+        return fused_linear_kd_loss(hidden, head.weight, head.bias, target_of(labels, seq_idx), kd.tau, chunk_rows,
+                                    recompute=True)
+
+    loss.wants_hidden = True
+    return loss
+
+
+def _sampled_target(cache, labels: torch.Tensor, seq_idx: np.ndarray, kd: KDSettings):
+    from loca_pipe.pipeline.lm.vocab_losses import KDTarget
+
+    d = teacher_rows(cache, seq_idx)
+    return KDTarget.sampled(torch.as_tensor(d["sampled_ids"]), torch.as_tensor(d["sampled_counts"].astype(np.int64)),
+                            labels, kd.beta, kd.gamma)
 
 
 def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:

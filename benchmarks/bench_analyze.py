@@ -6,6 +6,8 @@ Generates 1,281,167 × 1,000 fp16 full logits (≈ 2.6 GB; random normal logits 
 - raw sequential read of the store's files (plain ``readinto``), warm (page cache) and cold (after
   ``posix_fadvise(DONTNEED)`` on those files only);
 - a zarr read of the same arrays without computing anything (decode + CRC32C);
+- the full logits into memory: ``np.load`` of the same array saved as .npy vs the store's checked read
+  (``store.read_checked``: chunk files read in place, CRC32C verified) vs plain zarr, interleaved;
 - the analysis (``pipeline.analysis.analyze``: every statistic, exact entropy from the full logits, the
   per-sample Parquet) in a child process — time, GB/s, ratio to the raw read, and the child's peak RSS
   (VmHWM, absolute and above its post-import baseline);
@@ -107,8 +109,9 @@ def raw_read(path: Path) -> tuple[int, float]:
 
 
 def zarr_read(path: Path) -> float:
-    """Decode every chunk of the arrays the analysis reads, in the analysis's read pattern (small per-row arrays
-    64k rows per zarr call, logits 8 MiB per call), without computing anything: seconds."""
+    """Read every chunk of the arrays the analysis reads through the store's checked read (TeacherView), in the
+    analysis's block pattern (64k rows per call), without computing anything: seconds. Raw local arrays (the
+    fp16 logits, the fp32 summaries) take the store's fast path; the compressed int arrays go through zarr."""
     from loca_pipe.pipeline.analysis import LOGITS_BLOCK_BYTES, SMALL_BLOCK_ROWS
     from loca_pipe.pipeline.store import LogitStore
 
@@ -124,6 +127,30 @@ def zarr_read(path: Path) -> float:
     for s in range(0, R, logit_rows):
         tv["logits"][s:s + logit_rows]
     return time.perf_counter() - t0
+
+
+def checked_read_vs_npy(path: Path, work: Path, repeats: int = 6) -> dict:
+    """The store's checked read of the full logits (CRC32C verified, ``store.read_checked``) against ``np.load``
+    of the same array saved as .npy, and plain zarr ``arr[:]``, interleaved in one run: best of ``repeats``."""
+    import gc
+
+    from loca_pipe.pipeline.store import LogitStore, read_checked
+
+    arr = LogitStore.open(str(path)).teacher()["logits"].zarr
+    npy = work / "logits.npy"
+    np.save(npy, read_checked(arr))
+    gc.collect()
+    best = {"npy": float("inf"), "checked": float("inf"), "zarr": float("inf")}
+    for _ in range(repeats):
+        for name, fn in (("npy", lambda: np.load(npy)), ("checked", lambda: read_checked(arr)),
+                         ("zarr", lambda: arr[:])):
+            t0 = time.perf_counter()
+            x = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            del x
+            gc.collect()
+    npy.unlink()
+    return {**best, "bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize}
 
 
 def _status(key: str) -> int:
@@ -143,7 +170,8 @@ def measure(what: str, store: str, out: str, entropy: str = "auto") -> dict:
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if what == "analyze":
-        (rep,) = analyze(store, None, AnalysisOptions(tau=TAU, alphas=(ALPHA,), entropy=entropy), samples_dir=out)
+        (rep,) = analyze(store, None, AnalysisOptions(tau=TAU, alphas=(ALPHA,), entropy=entropy), samples_dir=out,
+                         progress=not _quick())
         extra = {"mis": rep.metrics["mis_instructed"], "ratio": rep.metrics["mis_instruction_ratio"],
                  "top5": rep.metrics["top5"]}
     else:
@@ -177,7 +205,7 @@ def _gb(n: float) -> str:
 def main() -> None:
     R = _rows()
     tmp_root = os.environ.get("LOCA_BENCH_TMP", tempfile.gettempdir())
-    need = R * C * 2 * 1.1 + R * C * 4 * 2 * 1.05 + (1 << 28)  # store + kd/loca fp32 targets + Parquet
+    need = R * C * 2 * 2.1 + R * C * 4 * 2 * 1.05 + (1 << 28)  # store + kd/loca fp32 targets + Parquet
     free = shutil.disk_usage(tmp_root).free
     print(f"bench_analyze: {R:,} rows × {C} classes fp16 (quick={os.environ.get('LOCA_BENCH_QUICK') == '1'}); "
           f"free disk in {tmp_root}: {_gb(free)}, needed ≈ {_gb(need)}")
@@ -196,6 +224,7 @@ def main() -> None:
               f"({built['mis_numpy'] / R:.1%})")
         _, t_raw_warm = raw_read(store)
         t_zarr = zarr_read(store)
+        cr = checked_read_vs_npy(store, work)
         a_warm = child("analyze", store, work / "samples_warm")
         drop_cache(store)
         _, t_raw_cold = raw_read(store)
@@ -206,8 +235,12 @@ def main() -> None:
         gbps = lambda t: nbytes / t / 1e9  # noqa: E731
         print(f"  raw sequential read, warm: {t_raw_warm:.2f} s = {gbps(t_raw_warm):.2f} GB/s; "
               f"cold: {t_raw_cold:.2f} s = {gbps(t_raw_cold):.2f} GB/s")
-        print(f"  zarr read (decode + CRC32C, no compute, one thread), warm: {t_zarr:.2f} s = {gbps(t_zarr):.2f} GB/s "
+        print(f"  store read in the analysis's pattern (checked: CRC32C; no compute, one thread), warm: {t_zarr:.2f} s = {gbps(t_zarr):.2f} GB/s "
               f"(ratio to raw warm {t_raw_warm / t_zarr:.2f})")
+        print(f"  full logits ({_gb(cr['bytes'])}) into memory, warm, best of 6 interleaved: np.load of an .npy "
+              f"{cr['npy']:.2f} s; the store's checked read (CRC32C verified) {cr['checked']:.2f} s = "
+              f"{cr['checked'] / cr['npy']:.2f}× npy (goal ≤ 1.5); plain zarr arr[:] {cr['zarr']:.2f} s = "
+              f"{cr['zarr'] / cr['npy']:.2f}× npy")
         for name, a, t_raw in (("warm", a_warm, t_raw_warm), ("cold", a_cold, t_raw_cold)):
             print(f"  analysis ({name} cache, exact entropy from full logits): {a['seconds']:.2f} s = "
                   f"{gbps(a['seconds']):.2f} GB/s, {R / a['seconds']:,.0f} rows/s; ratio to raw {name} read "

@@ -3,7 +3,10 @@
 A teacher mis-instructs a row when its top-1 class is not the label (LoCa paper, Figure 2). For every row
 this module derives, at temperature τ (p = softmax(z/τ)):
 
-- ``prediction`` = top-1 class, ``mis_instructed`` = prediction ≠ label;
+- ``mis_instructed``: the label is not the strict winner, p_y ≤ max_{i≠y} p_i (ties count) — the one rule,
+  :func:`loca_pipe.pipeline.calibration.mis_instruction_mask`, on the kept probabilities, so these are exactly
+  the rows LoCa calibrates; ``prediction`` = the best class other than the label on those rows (the tied
+  class on a tie), the top-1 class elsewhere, so ``prediction ≠ label`` exactly on mis-instructed rows;
 - ``p_label`` = exp(z_y/τ − lse_τ) and ``p_max`` = exp(z_top1/τ − lse_τ) — exact from the store's top-k
   logits, log-partition and label logit, so they work on top-k-only teachers too;
 - ``margin`` = p_label − max_{i≠y} p_i: negative exactly on mis-instructed rows (= −(p_max − p_label)),
@@ -37,7 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from loca_pipe.pipeline.calibration import LocaWarning, check_alpha, loca_sparse, sparse_from_topk
+from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha, loca_sparse, mis_instruction_mask,
+                                            sparse_from_topk)
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
 from loca_pipe.pipeline.store import LogitStore, TeacherView, summarize_logits
 
@@ -91,15 +95,45 @@ def resolve_teachers(store: LogitStore, names: Sequence[str] | None) -> list[str
 # Per-row statistics of one block (pure tensor code; no I/O)
 
 
+def sparse_mis_and_prediction(sd: SparseDist, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one mis-instruction rule on a sparse teacher, and the prediction that goes with it.
+
+    ``mis`` is :func:`loca_pipe.pipeline.calibration.mis_instruction_mask` (label not the strict winner, ties
+    counted) applied to the kept probabilities of ``sd`` (top-k ∪ {label}), the same p that
+    :func:`~loca_pipe.pipeline.calibration.loca_sparse` calibrates, so the rows counted here are exactly the
+    rows LoCa changes, with or without α values. ``prediction`` is the best class other than the label on
+    mis-instructed rows (on a tie that is the tied class, not the label) and the top-1 class elsewhere, so
+    ``prediction != label`` exactly where ``mis`` holds and the confusion table has no self-confusions.
+    """
+    ids, p, _ = sd
+    y = labels.long()
+    K1 = p.shape[1]
+    is_lab_top = ids[:, :-1] == y[:, None]
+    in_top = is_lab_top.any(1)
+    pos = torch.where(in_top, is_lab_top.to(torch.uint8).argmax(1), torch.full_like(y, K1 - 1))
+    mis = mis_instruction_mask(p, pos)
+    top = ids[:, 0]
+    if K1 >= 3:  # K ≥ 2 kept classes: the runner-up is known
+        pred = torch.where(mis & (top == y), ids[:, 1], top)
+    else:
+        pred = top
+    return mis, pred
+
+
 @torch.no_grad()
 def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: torch.Tensor,
               label_logit: torch.Tensor, tau: float, alphas: Sequence[float],
-              logits: torch.Tensor | None = None, num_classes: int | None = None) -> dict[str, np.ndarray]:
+              logits: torch.Tensor | None = None, num_classes: int | None = None,
+              full: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, np.ndarray]:
     """Per-row statistics at temperature τ from a teacher's summary (and optionally its full logits).
 
     labels (B,), topk_logits (B, K) descending, topk_ids (B, K), lse (B,) = logsumexp(z/τ), label_logit (B,),
-    logits (B, C) any float dtype or None; ``num_classes`` C (default: logits' width, else unknown). Returns numpy arrays (B,) keyed by the Parquet column names.
+    logits (B, C) any float dtype or None; ``num_classes`` C (default: logits' width, else unknown). ``full``:
+    (entropy, classes above the label or None) already computed from the full logits by :class:`FullLogitPass`
+    (the streamed path; ``logits`` is then not needed). Returns numpy arrays (B,) keyed by the Parquet column names.
     """
+    if logits is not None and full is None:
+        full = FullLogitPass(logits.shape[1], tau, rank=True)(logits, lse.float(), labels)
     y = labels.long()
     ids = topk_ids.long()
     tl, lse, zl = topk_logits.float(), lse.float(), label_logit.float()
@@ -111,10 +145,7 @@ def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.T
         for a in alphas:
             _, res = loca_sparse(sd, y, float(a))
             scales[f"loca_scale_{alpha_key(a)}"] = res.scale.float().numpy()
-    # calibration's rule (label not the strict winner, p_y ≤ max_{i≠y} p_i), so statistics and targets agree;
-    # it equals "top-1 ≠ label" except on exact ties
-    mis = res.calibrated if alphas else ids[:, 0] != y
-    pred = ids[:, 0]
+    mis, pred = sparse_mis_and_prediction(sd, y)
     p_label = torch.exp(zl / tau - lse)
     p_max = torch.exp(tl[:, 0] / tau - lse)
     top_is_label = ids[:, 0] == y
@@ -126,21 +157,12 @@ def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.T
     C = num_classes if num_classes is not None else (logits.shape[1] if logits is not None else None)
     if K >= 5 or (C is not None and K >= C):  # the top-k ids answer "label among the top 5" exactly
         in_top5 = (ids[:, :5] == y[:, None]).any(1).numpy()
-    elif logits is not None:
-        rank = (logits > logits.gather(1, y[:, None])).sum(1)  # classes strictly above the label
-        in_top5 = (rank < 5).numpy()
+    elif full is not None and full[1] is not None:
+        in_top5 = (full[1] < 5).numpy()  # classes strictly above the label
     else:
         in_top5 = None
-    if logits is not None:
-        # one pass, shifted by the stored lse: t = z/τ − lse, e = exp(t), S = Σe (≈ 1), H = log S − Σ e·t / S
-        t = logits.to(torch.float32, copy=True)
-        if tau != 1.0:
-            t.mul_(1.0 / tau)
-        t.sub_(lse[:, None])
-        e = torch.exp(t)
-        S = e.sum(1)
-        D = torch.bmm(e.unsqueeze(1), t.unsqueeze(2)).view(-1)
-        entropy = torch.log(S) - D / S
+    if full is not None:
+        entropy = full[0]
     else:  # coarse distribution: kept entries (top-k and the label) plus one tail bucket
         p = sd.probs.float().clamp_min(0)
         tail = sd.tail.float().clamp_min(0)
@@ -151,6 +173,51 @@ def row_stats(labels: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.T
         out["in_top5"] = in_top5
     out.update(scales)
     return out
+
+
+# Rows per step of the full-logit pass: its two fp32 work buffers (2 × 128 × C × 4 bytes, 1 MiB at C = 1000)
+# stay in the CPU cache, so each value comes from memory once. Measured at C = 1000, one thread: 0.72 ns per
+# value at 128 rows, 0.90 at 256, 1.44 at 512, 3.5 at a whole 2,097-row chunk (the same bits at every size).
+PASS_ROWS = 128
+
+
+class FullLogitPass:
+    """The only work per logit value: entropy (and optionally the label's rank) in one pass, reusing buffers.
+
+    With t = z/τ − lse (lse = logsumexp(z/τ) from the store), e = exp(t), S = Σ e (≈ 1), D = Σ e·t:
+    H = log S − D / S. Per step of PASS_ROWS rows: convert to fp32 into a reused buffer, scale, shift, exp into
+    the second buffer, two row sums — no allocation proportional to the data. ``rank``: also the number of
+    classes strictly above the label (compared in the stored dtype), for "label in the top 5" when k < 5.
+    """
+
+    def __init__(self, num_classes: int, tau: float, rank: bool = False, rows: int = PASS_ROWS):
+        self.tau, self.rank, self.rows = float(tau), rank, int(rows)
+        self.t = torch.empty(self.rows, num_classes, dtype=torch.float32)
+        self.e = torch.empty(self.rows, num_classes, dtype=torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, logits: np.ndarray | torch.Tensor, lse: torch.Tensor, labels: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.as_tensor(logits)
+        n = z.shape[0]
+        H = torch.empty(n, dtype=torch.float32)
+        above = torch.empty(n, dtype=torch.int64) if self.rank else None
+        lse = lse.float()
+        for s in range(0, n, self.rows):
+            b = min(self.rows, n - s)
+            zs, t, e = z[s:s + b], self.t[:b], self.e[:b]
+            t.copy_(zs)
+            if self.tau != 1.0:
+                t.mul_(1.0 / self.tau)
+            t.sub_(lse[s:s + b, None])
+            torch.exp(t, out=e)
+            S = e.sum(1)
+            e.mul_(t)
+            H[s:s + b] = torch.log(S) - e.sum(1) / S
+            if above is not None:
+                y = labels[s:s + b].long()[:, None]
+                above[s:s + b] = (zs > zs.gather(1, y)).sum(1)
+        return H, above
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,11 +330,13 @@ def hist_ranges(opts: AnalysisOptions, num_classes: int) -> dict[str, tuple[floa
     return r
 
 
-# Rows of the small per-row arrays (labels, top-k, lse, …) read in one zarr call: each call has a fixed cost,
-# so reading them chunk by chunk would cost more than the compute on stores with many chunks.
+# Rows per block: the small per-row arrays (labels, top-k, lse, …) are read, the statistics computed and the
+# Parquet rows written once per block, so their fixed per-call costs are paid a few times per million rows;
+# the full logits are streamed through the block one chunk at a time.
 SMALL_BLOCK_ROWS = 1 << 16
-# Full logits are read this many bytes per zarr call (whole chunks, at least one) and computed on chunk by
-# chunk: fewer calls amortise zarr's per-call cost (thread hand-offs, large under CPU contention).
+# Full logits of stores zarr must decode (compressed, fsspec URLs) are read this many bytes per zarr call
+# (whole chunks, at least one): fewer calls amortise zarr's per-call cost. Raw local chunks are read one by
+# one straight into a reused buffer (store.read_raw_chunk), which has no such cost.
 LOGITS_BLOCK_BYTES = 4 << 20
 
 
@@ -283,57 +352,92 @@ def _blocks(chunks: Sequence[int], chunk_rows: int) -> list[list[int]]:
     return out
 
 
-def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
-    """Yield (row slice, per-row statistics, row metadata) for each chunk.
+class _LogitChunks:
+    """Chunk c of a teacher's full logits as an array: read into one reused buffer when the chunks are raw
+    local files, else through zarr in runs of LOGITS_BLOCK_BYTES."""
 
-    Memory: one read block of logits (≤ LOGITS_BLOCK_BYTES, or one chunk) plus one chunk's fp32 temporaries.
+    def __init__(self, tv: TeacherView):
+        from loca_pipe.pipeline.store import raw_chunks
+
+        self.arr = tv["logits"]
+        self.info = tv.store.info
+        self.raw = raw_chunks(self.arr.zarr) is not None
+        if self.raw:
+            self.buf = np.empty((self.info.chunk_rows, self.info.num_classes), self.arr.dtype)
+        row_bytes = self.info.num_classes * self.arr.dtype.itemsize
+        self.per_read = max(1, LOGITS_BLOCK_BYTES // max(1, row_bytes * self.info.chunk_rows))
+        self.zblk, self.zsl = None, slice(0, 0)
+
+    def get(self, c: int, run: Sequence[int]) -> np.ndarray:
+        sl = self.info.chunk_slice(c)
+        if self.raw:
+            return self.arr.read_chunk(c, out=self.buf[:sl.stop - sl.start])
+        if not (self.zsl.start <= sl.start and sl.stop <= self.zsl.stop):  # next run: one zarr call
+            r = list(run)[:self.per_read]
+            self.zsl = slice(sl.start, self.info.chunk_slice(r[-1]).stop)
+            self.zblk = self.arr[self.zsl]
+        return self.zblk[sl.start - self.zsl.start:sl.stop - self.zsl.start]
+
+
+def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
+    """Yield (row slice, per-row statistics, row metadata) for each block of up to SMALL_BLOCK_ROWS rows.
+
+    One pass over the data: the small arrays of the block are read once; each chunk of full logits is read
+    once (CRC32C checked) into a reused buffer and reduced to its entropy (and, when τ was not declared, its
+    summary) before the next is read; everything else is O(rows × k). Memory: one chunk of logits, the pass's
+    two cache-sized work buffers and the block's per-row arrays.
     """
     info = tv.store.info
     stored = _tau_stored(tv, opts.tau)
     use_logits = tv.has_full_logits and opts.entropy != "topk"
     t = tv.tau_index(opts.tau) if stored else -1
-    if tv.has_full_logits:
-        row_bytes = info.num_classes * tv["logits"].dtype.itemsize
-        per_read = max(1, LOGITS_BLOCK_BYTES // max(1, row_bytes * info.chunk_rows))
+    need_rank = tv.top_k < 5 and tv.top_k < info.num_classes
+    reader = _LogitChunks(tv) if (use_logits or not stored) else None
+    kernel = FullLogitPass(info.num_classes, opts.tau, rank=need_rank) if use_logits else None
     for blk in _blocks(chunks, info.chunk_rows):
         bsl = slice(info.chunk_slice(blk[0]).start, info.chunk_slice(blk[-1]).stop)
-        small = {k: tv[k][bsl] for k in ("label", "view", "sample_id")}
+        n = bsl.stop - bsl.start
+        meta = {k: tv[k][bsl] for k in ("label", "view", "sample_id")}
+        y = torch.from_numpy(meta["label"])
         if stored:
-            small.update(topk_logits=tv["topk_logits"][bsl], topk_ids=tv["topk_ids"][bsl].astype(np.int64),
-                         lse=tv["lse"][bsl, t], label_logit=tv["label_logit"][bsl])
-        zblk, zsl = None, slice(0, 0)
-        for i, c in enumerate(blk):
-            sl = info.chunk_slice(c)
-            loc = slice(sl.start - bsl.start, sl.stop - bsl.start)
-            part = {k: v[loc] for k, v in small.items()}
-            y = torch.from_numpy(part["label"])
-            z = None
-            if use_logits or not stored:
-                if sl.start >= zsl.stop:  # next run of chunks: one zarr call for up to LOGITS_BLOCK_BYTES
-                    run = blk[i:i + per_read]
-                    zsl = slice(sl.start, info.chunk_slice(run[-1]).stop)
-                    zblk = tv["logits"][zsl]
-                z = torch.from_numpy(zblk[sl.start - zsl.start:sl.stop - zsl.start])  # a view: compute per chunk
-            if stored:
-                tl, ti = torch.from_numpy(part["topk_logits"]), torch.from_numpy(part["topk_ids"])
-                lse, zl = torch.from_numpy(part["lse"]), torch.from_numpy(part["label_logit"])
-            else:  # τ not declared at cache time, but full logits are stored: recompute the summary exactly
-                s = summarize_logits(z.float(), y, top_k=min(info.num_classes, max(5, tv.top_k)),
-                                     temperatures=[opts.tau])
-                tl, ti, lse, zl = s["topk_logits"], s["topk_ids"], s["lse"][:, 0], s["label_logit"]
-            stats = row_stats(y, tl, ti, lse, zl, opts.tau, opts.alphas, logits=z if use_logits else None,
-                              num_classes=info.num_classes)
-            yield sl, stats, {k: part[k] for k in ("label", "view", "sample_id")}
+            tl, ti = torch.from_numpy(tv["topk_logits"][bsl]), torch.from_numpy(tv["topk_ids"][bsl].astype(np.int64))
+            lse, zl = torch.from_numpy(np.ascontiguousarray(tv["lse"][bsl, t])), torch.from_numpy(tv["label_logit"][bsl])
+        else:  # τ not declared at cache time, but full logits are stored: recompute the summary exactly
+            kk = min(info.num_classes, max(5, tv.top_k))
+            tl, ti = torch.empty(n, kk), torch.empty(n, kk, dtype=torch.int64)
+            lse, zl = torch.empty(n), torch.empty(n)
+        full = None
+        if reader is not None:
+            H = torch.empty(n) if use_logits else None
+            above = torch.empty(n, dtype=torch.int64) if (use_logits and need_rank) else None
+            for i, c in enumerate(blk):
+                sl = info.chunk_slice(c)
+                loc = slice(sl.start - bsl.start, sl.stop - bsl.start)
+                z = reader.get(c, blk[i:])
+                if not stored:
+                    sm = summarize_logits(torch.from_numpy(z).float(), y[loc], top_k=tl.shape[1],
+                                          temperatures=[opts.tau])
+                    tl[loc], ti[loc], lse[loc], zl[loc] = sm["topk_logits"], sm["topk_ids"], sm["lse"][:, 0], sm["label_logit"]
+                if kernel is not None:
+                    h, ab = kernel(z, lse[loc], y[loc])
+                    H[loc] = h
+                    if above is not None:
+                        above[loc] = ab
+            if use_logits:
+                full = (H, above)
+        stats = row_stats(y, tl, ti, lse, zl, opts.tau, opts.alphas, num_classes=info.num_classes, full=full)
+        yield bsl, stats, meta
 
 
 def _tau_stored(tv: TeacherView, tau: float) -> bool:
     return any(math.isclose(t, tau, rel_tol=1e-6) for t in tv.temperatures)
 
 
-def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray]):
+def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray], teacher: str):
     import pyarrow as pa
 
-    cols: dict[str, Any] = {"row": np.arange(sl.start, sl.stop, dtype=np.int64),
+    cols: dict[str, Any] = {"teacher": pa.repeat(pa.scalar(teacher, pa.string()), sl.stop - sl.start),
+                            "row": np.arange(sl.start, sl.stop, dtype=np.int64),
                             "sample_id": meta["sample_id"].astype(np.int64), "view": meta["view"].astype(np.int16),
                             "label": meta["label"].astype(np.int64), "prediction": stats["prediction"].astype(np.int64)}
     for k in ("p_label", "p_max", "margin", "entropy"):
@@ -347,9 +451,21 @@ def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray])
     return pa.table(cols)
 
 
+def PARQUET_OPTIONS(schema) -> dict[str, Any]:
+    """Per-sample Parquet settings: zstd on integer/bool columns, none on the float columns (random-looking
+    fp32 barely compresses), dictionary encoding only for the teacher name — measured on 65,536 rows: 11 ms
+    per write against 64 ms with pyarrow's defaults (dictionary-encoding every column), file 30 % smaller."""
+    import pyarrow as pa
+
+    comp = {f.name: ("none" if pa.types.is_floating(f.type) else "zstd") for f in schema}
+    return {"compression": comp, "use_dictionary": ["teacher"]}
+
+
 def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: AnalysisOptions,
-                 part_path: str | None = None) -> Partial:
-    """One dask task: stream ``chunks`` of ``teacher``, write their rows to ``part_path`` (Parquet), return aggregates."""
+                 part_path: str | None = None, tick=None) -> Partial:
+    """One dask task: stream ``chunks`` of ``teacher``, write their rows to ``part_path`` (Parquet), return aggregates.
+
+    ``tick(rows)`` is called after each block (a progress bar's ``update``; local threads only)."""
     import pyarrow.parquet as pq
 
     _one_torch_thread()
@@ -364,10 +480,12 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
         for sl, stats, meta in _iter_blocks(tv, chunks, opts):
             part.add(stats, meta["label"], meta["view"], ranges)
             if tmp:
-                table = _table(sl, meta, stats)
+                table = _table(sl, meta, stats, teacher)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                    writer = pq.ParquetWriter(tmp, table.schema, **PARQUET_OPTIONS(table.schema))
                 writer.write_table(table)
+            if tick is not None:
+                tick(sl.stop - sl.start)
     finally:
         if writer is not None:
             writer.close()
@@ -403,13 +521,23 @@ class _TorchThreads:
         torch.set_num_threads(self.old)
 
 
-def run_tasks(fn, arg_lists: list[tuple], client=None, num_workers: int | None = None) -> list[Any]:
-    """Run ``fn(*args)`` for each args tuple with dask: on ``client`` (distributed) or local threads."""
+def run_tasks(fn, arg_lists: list[tuple], client=None, num_workers: int | None = None,
+              done=None) -> list[Any]:
+    """Run ``fn(*args)`` for each args tuple with dask: on ``client`` (distributed) or local threads.
+
+    ``done(i)`` is called as task i finishes on a cluster (progress; local tasks report themselves)."""
     import dask
 
     delayed = [dask.delayed(fn, pure=False)(*args) for args in arg_lists]
     if client is not None:
-        return client.gather(client.compute(delayed))
+        futures = client.compute(delayed)
+        if done is not None:
+            from distributed import as_completed
+
+            index = {f.key: i for i, f in enumerate(futures)}
+            for f in as_completed(futures):
+                done(index[f.key])
+        return client.gather(futures)
     with _TorchThreads(1):
         return list(dask.compute(*delayed, scheduler="threads", num_workers=num_workers or local_workers()))
 
@@ -515,11 +643,15 @@ def build_report(name: str, part: Partial, opts: AnalysisOptions, tv: TeacherVie
 
 
 def analyze(store_path: str, teachers: Sequence[str] | None, opts: AnalysisOptions, *,
-            samples_dir: str | Path | None = None, client=None, tasks_per_thread: int = 4) -> list[TeacherReport]:
+            samples_dir: str | Path | None = None, client=None, tasks_per_thread: int = 4,
+            progress: bool = False) -> list[TeacherReport]:
     """Analyse teachers of the store at ``store_path``; per-sample rows go to ``samples_dir/<teacher>/part-*.parquet``.
 
-    Memory is a few chunks per worker thread; all teachers' tasks share one dask computation.
+    Memory is a few chunks per worker thread; all teachers' tasks share one dask computation. ``progress``: a
+    bar over all teachers' rows with throughput and ETA (per block locally, per task on a cluster).
     """
+    from loca_pipe.pipeline.progress import progress_bar
+
     store = LogitStore.open(str(store_path))
     names = resolve_teachers(store, teachers)
     alphas, tau = check_alpha_tau(opts.alphas, opts.tau, allow_empty=True)  # empty: no LoCa scale statistics
@@ -544,7 +676,20 @@ def analyze(store_path: str, teachers: Sequence[str] | None, opts: AnalysisOptio
             part = str(part_dir / f"part-{i:05d}.parquet") if part_dir is not None else None
             args.append((str(store_path), n, g, opts, part))
             owners.append(n)
-    results = run_tasks(analyze_task, args, client=client)
+    info = store.info
+    task_rows = [sum(info.chunk_slice(c).stop - info.chunk_slice(c).start for c in a[2]) for a in args]
+    with progress_bar(total=sum(task_rows), desc="analyze", unit="row", enabled=progress) as bar:
+        if client is None:
+            import threading
+
+            lock = threading.Lock()
+
+            def tick(n: int) -> None:
+                with lock:
+                    bar.update(n)
+
+            args = [a + (tick,) for a in args]
+        results = run_tasks(analyze_task, args, client=client, done=lambda i: bar.update(task_rows[i]))
     reports = []
     for n in names:
         merged = Partial(store.info.num_classes, store.info.num_views, opts.bins)

@@ -141,7 +141,7 @@ def execute(params: AnalyzeParams) -> dict[str, Any]:
     client = connect(params.scheduler)
     try:
         reports = analyze(params.store, names, opts, samples_dir=out / "samples" if params.samples else None,
-                          client=client)
+                          client=client, progress=True)
     finally:
         if client is not None:
             client.close()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loca_pipe.pipeline.lm import analysis, cache
+from loca_pipe.pipeline.lm import analysis, streaming
 from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load
 
 SECTION = "lm_analyze"
@@ -21,14 +21,11 @@ class Params:
 
 
 def run(base: LMBase, p: Params) -> dict[str, Any]:
-    c = cache.open_lm_cache(str(base.store), p.name)
-    tab = analysis.token_table(c, p.tau, p.alpha)
-    summary = analysis.summarize(tab)
-    summary.update(tau=p.tau, alpha=p.alpha, teacher=p.name)
-    analysis.write_outputs(tab, summary, base.analysis_dir,
-                           f"teacher {p.name!r}: {summary['mis_ratio']:.1%} of {summary['tokens']} response tokens "
-                           f"mis-instructed (τ={p.tau})")
-    return summary
+    t = streaming.TokenTeacher(str(base.store), p.name)  # streamed block by block: memory does not grow with tokens
+    return analysis.analyze_streamed(
+        t, p.tau, p.alpha, base.analysis_dir, progress=True, extra={"tau": p.tau, "alpha": p.alpha, "teacher": p.name},
+        title=lambda s: f"teacher {p.name!r}: {s['mis_ratio']:.1%} of {s['tokens']} response tokens mis-instructed "
+                        f"(τ={p.tau})")
 
 
 def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:

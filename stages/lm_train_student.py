@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer
+from loca_pipe.pipeline.lm import evaluation, models, streaming, students, tokenizer
 from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,13 @@ class Params:
     gamma: float = 0.5
     max_new_tokens: int = 24
     save_model: bool = False
+    # MiB of teacher rows the student may hold: the whole teacher is loaded only when it fits, else it is
+    # streamed from the store through a shuffle buffer of chunks (half the limit; docs/language-models.md)
+    memory_limit_mb: float = 1024.0
+    # a local Hugging Face causal LM folder (GPT-2, LLaMA, Qwen2, … written by save_pretrained) to start the
+    # student from; empty: build one from arch/d_model/n_layers/n_heads. Its vocabulary must be the teacher's.
+    init_from: str = ""
+    fused_loss: bool = True  # kd/loca/kd_sampled: the chunked loss fused with the output projection
 
 
 def out_dir(base: LMBase, p: Params) -> Path:
@@ -53,23 +60,33 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     examples, train = encode_split(base, "train", tok)
     _, val = encode_split(base, "val", tok)
     test_ex, test = encode_split(base, "test", tok)
-    c = cache.open_lm_cache(str(base.store), p.name, expect_fingerprint=data_fingerprint(base, "train", examples, tok))
-    students.check_cache_matches(c, train)
+    c = streaming.open_teacher(str(base.store), p.name, memory_limit_mb=p.memory_limit_mb, seed=p.seed,
+                               expect_fingerprint=data_fingerprint(base, "train", examples, tok),
+                               keys=students.arrays_for(p.method))
+    students.check_source_matches(c, train)
     teacher_path = Path(c.attrs.get("teacher_path", ""))
     if (teacher_path / "tokenizer_config.json").exists():
         tokenizer.check_same_tokenizer(tokenizer.load_tokenizer(teacher_path), tok)
     if p.method == "seqkd":
         train = students.seqkd_encoding(train, c.greedy_responses(), tok.eos_token_id, base.max_length)
     kd = students.KDSettings(p.tau, p.alpha, p.beta, p.gamma)
-    loss = students.make_loss(p.method, c, kd)
-    model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok, seed=p.seed)
+    loss = students.make_loss(p.method, c, kd, fused=p.fused_loss)
+    if p.init_from:  # checked before any training: a causal LM, and the teacher's vocabulary (ids and size)
+        model = models.load_lm(p.init_from)
+        students.check_student_vocab(model, p.init_from, tok, c.num_classes)
+    else:
+        model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok,
+                                seed=p.seed)
+    sampler = c if isinstance(c, streaming.StreamedTeacher) and loss is not None else None
     t0 = time.perf_counter()
     hist = models.train_lm(model, train, loss, steps=p.steps, batch_size=p.batch_size, lr=p.lr, seed=p.seed,
-                           pad_id=tok.pad_token_id, progress=True)
+                           pad_id=tok.pad_token_id, progress=True, sampler=sampler)
     train_s = time.perf_counter() - t0
     ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
                              [ex.response for ex in test_ex], p.max_new_tokens)
     metrics = {"method": p.method, "seed": p.seed, "train_seconds": train_s, "final_loss": hist[-1]["loss"],
+               "teacher_rows": "streamed" if sampler is not None else "in memory",
+               "teacher_buffer_peak_mib": c.peak_buffer_bytes / 2**20,
                "tokens_per_s": hist[-1]["tokens_per_s"], **{k: v for k, v in ev.items() if k != "samples"}}
     out = out_dir(base, p)
     write_json(out / "metrics.json", metrics)

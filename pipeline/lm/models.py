@@ -60,11 +60,26 @@ def load_lm(path: str | Path) -> torch.nn.Module:
     if not (path / "config.json").exists():
         raise ModelError(f"no causal LM at {str(path)!r} (no config.json); train one with `loca-pipe lm-train-teacher` "
                          f"or point to a folder written by save_pretrained")
+    check_causal_lm_folder(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal LM from {str(path)!r}: {exc}") from exc
     return model.eval()
+
+
+def check_causal_lm_folder(path: str | Path) -> None:
+    """Refuse a model folder whose config is not one transformers can load as a causal LM (offline)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the model config in {str(path)!r}: {exc}") from exc
+    if type(cfg) not in AutoModelForCausalLM._model_mapping:
+        raise ModelError(f"{str(path)!r} is not a causal language model: its config is model_type "
+                         f"{cfg.model_type!r} (architectures {getattr(cfg, 'architectures', None)}), which transformers "
+                         f"cannot load as AutoModelForCausalLM; point to a causal LM folder (GPT-2, LLaMA, Qwen2, …)")
 
 
 def model_vocab(model) -> int:
@@ -105,6 +120,42 @@ def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int]
         sel_t.append(t)
     b, t = torch.cat(sel_b), torch.cat(sel_t)
     return out[b, t], x[b, t + 1]
+
+
+def response_hidden(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int], pad_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`response_logits`, but the last hidden states (R, d) — the output projection's input."""
+    x, m = pad_batch(seqs, pad_id)
+    h = model.base_model(input_ids=x, attention_mask=m).last_hidden_state  # (B, L, d), final norm applied
+    sel_b, sel_t = [], []
+    for i, s in enumerate(seqs):
+        t = torch.arange(int(prompt_len[i]) - 1, len(s) - 1)
+        sel_b.append(torch.full_like(t, i))
+        sel_t.append(t)
+    b, t = torch.cat(sel_b), torch.cat(sel_t)
+    return h[b, t], x[b, t + 1]
+
+
+def output_projection(model, check_on: Sequence[np.ndarray] | None = None, pad_id: int = 0):
+    """(weight (V, d), bias or None) of the model's output layer, for the fused losses.
+
+    ``check_on``: a few sequences on which lm_head(hidden) must reproduce the model's logits (models that
+    scale or cap their logits after the projection are refused with a clear error)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"the student's output layer is a {type(head).__name__}, not a linear projection; set "
+                          f"fused_loss: false")
+    if check_on is not None:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            z, _ = response_logits(model, check_on, [1] * len(check_on), pad_id)
+            h, _ = response_hidden(model, check_on, [1] * len(check_on), pad_id)
+            model.train(was)
+        if not torch.allclose(F.linear(h, head.weight, head.bias), z, rtol=1e-4, atol=1e-4):
+            raise ConfigError("the student's logits are not its output projection of the last hidden states (the "
+                              "model scales or caps them); set fused_loss: false")
+    return head.weight, head.bias
 
 
 @torch.no_grad()
@@ -161,11 +212,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 
 def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_size: int, lr: float, seed: int,
              pad_id: int, all_tokens: bool = False, warmup: int = 20, log_every: int = 50,
-             weight_decay: float = 0.01, progress: bool = False) -> list[dict]:
+             weight_decay: float = 0.01, progress: bool = False, sampler=None) -> list[dict]:
     """AdamW on random batches of sequences; returns a loss log.
 
     ``loss_fn(response_logits (R, V), labels (R,), seq_index (B,)) -> scalar`` sees only response positions
-    (default: cross-entropy). ``all_tokens`` trains on every next-token prediction instead (CE only; used
+    (default: cross-entropy); a loss with ``wants_hidden = True`` (``students.make_loss(..., fused=True)``) gets
+    ``(hidden (R, d), labels, seq_index, output_layer)`` instead and computes the logits chunk by chunk. ``sampler.next_batch(batch_size)`` picks the batch's sequences when given (a
+    :class:`~loca_pipe.pipeline.lm.streaming.StreamedTeacher`); else they are drawn uniformly. ``all_tokens`` trains on every next-token prediction instead (CE only; used
     for the teacher, which should learn the language, not only the task). ``progress``: a bar with loss,
     tokens/s and the ETA.
     """
@@ -182,7 +235,10 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
+        if sampler is not None:  # a streamed teacher: the sequences whose rows are in its shuffle buffer
+            idx = sampler.next_batch(batch_size)
+        else:
+            idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
         seqs = [enc.ids[i] for i in idx]
         if all_tokens:
             x, m = pad_batch(seqs, pad_id)
@@ -190,6 +246,12 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
             tgt = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
             tokens += int(m[:, 1:].sum())
+        elif getattr(loss_fn, "wants_hidden", False):  # fused loss: the (R, V) logits never exist whole
+            if step == 0:
+                output_projection(model, check_on=seqs[:2], pad_id=pad_id)
+            hidden, labels = response_hidden(model, seqs, enc.prompt_len[idx], pad_id)
+            loss = loss_fn(hidden, labels, idx, model.get_output_embeddings())
+            tokens += int(labels.numel())
         else:
             logits, labels = response_logits(model, seqs, enc.prompt_len[idx], pad_id)
             loss = F.cross_entropy(logits, labels) if loss_fn is None else loss_fn(logits, labels, idx)

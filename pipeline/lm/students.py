@@ -66,35 +66,136 @@ def check_cache_matches(cache: LMTeacherCache, enc: Encoded) -> None:
                                  f"(first at row {bad}); re-cache the teacher on the same data and tokenizer")
 
 
-def sparse_targets(cache: LMTeacherCache, rows: np.ndarray, labels: torch.Tensor, tau: float,
-                   alpha: float | None):
-    """Sparse teacher at τ for the given rows; LoCa-calibrated when ``alpha`` is given."""
-    t = cache.tau_index(tau)
-    sd = sparse_from_topk(torch.as_tensor(cache.topk_logits[rows]), torch.as_tensor(cache.topk_ids[rows].astype(np.int64)),
-                          torch.as_tensor(cache.lse[rows, t]), torch.as_tensor(cache.label_logit[rows]), labels, tau)
+def teacher_rows(src, seq_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher's arrays for the rows of the given sequences (in that order), from a whole
+    :class:`LMTeacherCache` or a :mod:`~loca_pipe.pipeline.lm.streaming` teacher (in memory or streamed)."""
+    if isinstance(src, LMTeacherCache):
+        rows = src.rows(seq_idx)
+        out = {k: getattr(src, k)[rows] for k in ("topk_logits", "topk_ids", "lse", "label_logit")}
+        if src.sampled_ids is not None:
+            out.update(sampled_ids=src.sampled_ids[rows], sampled_counts=src.sampled_counts[rows])
+        return out
+    return src.batch(seq_idx)
+
+
+def _sd_from(d: dict[str, np.ndarray], t: int, labels: torch.Tensor, tau: float, alpha: float | None):
+    sd = sparse_from_topk(torch.as_tensor(d["topk_logits"]), torch.as_tensor(d["topk_ids"].astype(np.int64)),
+                          torch.as_tensor(np.ascontiguousarray(d["lse"][:, t])), torch.as_tensor(d["label_logit"]),
+                          labels, tau)
     if alpha is not None:
         sd, _ = loca_sparse(sd, labels, alpha)
     return sd
 
 
-def make_loss(method: str, cache: LMTeacherCache | None, kd: KDSettings) -> Callable | None:
-    """The per-batch loss for ``train_lm`` (None = plain cross-entropy)."""
+def check_student_vocab(model, folder, teacher_tok, teacher_vocab: int) -> None:
+    """A student started from a model folder must share the teacher's vocabulary: its output size equals the
+    teacher's, and a tokenizer saved in the folder has the same tokens at the same ids (file names and
+    formats may differ: the loaded vocabularies are compared)."""
+    from pathlib import Path
+
+    from loca_pipe.pipeline.errors import ModelError
+    from loca_pipe.pipeline.lm import models, tokenizer
+
+    V = models.model_vocab(model)
+    folder = Path(folder)
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    student_tok = tokenizer.load_tokenizer(folder) if any((folder / f).exists() for f in tok_files) else None
+    if student_tok is not None:
+        tokenizer.check_same_tokenizer(teacher_tok, student_tok)
+    if V != teacher_vocab:
+        first = ""
+        if student_tok is None:
+            first = " (the folder has no tokenizer to compare token by token)"
+        raise ModelError(f"the student at {str(folder)!r} outputs {V} logits but the teacher's vocabulary has "
+                         f"{teacher_vocab} tokens{first}; token-level distillation needs the same vocabulary (ids and "
+                         f"size) — start from a model with the teacher's tokenizer, or resize its embeddings to "
+                         f"{teacher_vocab}")
+
+
+def arrays_for(method: str) -> tuple[str, ...]:
+    """The teacher arrays a method reads per batch (what a streamed teacher keeps in its buffer)."""
+    check_method(method)
+    if method == "kd_sampled":
+        return ("sampled_ids", "sampled_counts")
+    if method in ("kd", "loca"):
+        return ("topk_logits", "topk_ids", "lse", "label_logit")
+    return ("label",)
+
+
+def check_source_matches(src, enc: Encoded) -> None:
+    """:func:`check_cache_matches` for a streaming teacher: offsets compared whole, labels block by block."""
+    if isinstance(src, LMTeacherCache):
+        return check_cache_matches(src, enc)
+    t = src.t
+    off = enc.offsets()
+    if len(t.offsets) != len(off) or not np.array_equal(t.offsets, off):
+        raise StoreConflictError(f"the teacher cache holds {t.num_sequences} sequences / {t.num_rows} "
+                                 f"response tokens, this data {len(enc)} / {int(off[-1])}; re-cache the teacher on the "
+                                 f"same data, template, tokenizer and max_length")
+    labels = np.concatenate([s[p:] for s, p in zip(enc.ids, enc.prompt_len)]) if len(enc) else np.zeros(0, np.int64)
+    t.check_labels(lambda lo, hi: labels[lo:hi])
+
+
+def sparse_targets(cache: LMTeacherCache, rows: np.ndarray, labels: torch.Tensor, tau: float,
+                   alpha: float | None):
+    """Sparse teacher at τ for the given rows; LoCa-calibrated when ``alpha`` is given."""
+    t = cache.tau_index(tau)
+    d = {k: getattr(cache, k)[rows] for k in ("topk_logits", "topk_ids", "lse", "label_logit")}
+    return _sd_from(d, t, labels, tau, alpha)
+
+
+def make_loss(method: str, cache, kd: KDSettings, fused: bool = False,
+              chunk_rows: int = 256) -> Callable | None:
+    """The per-batch loss for ``train_lm`` (None = plain cross-entropy).
+
+    ``cache``: a whole :class:`LMTeacherCache` or a streaming teacher (``streaming.open_teacher``). ``fused``:
+    the vocabulary-scale loss of :mod:`~loca_pipe.pipeline.lm.vocab_losses` on the student's hidden states
+    and output projection, ``chunk_rows`` tokens at a time (the same loss and gradients within fp32 rounding,
+    without the (tokens, V) logits and their autograd temporaries)."""
     check_method(method)
     if method in ("sft", "seqkd"):
         return None
     if cache is None:
         raise ConfigError(f"method {method!r} needs a teacher cache (--store)")
     if method == "kd_sampled":
-        return _sampled_loss(cache, kd)
-    cache.tau_index(kd.tau)  # fail before training when τ was not cached
+        base = _sampled_loss(cache, kd)
+        if not fused:
+            return base
+        return _fused(lambda labels, idx: _sampled_target(cache, labels, idx, kd), kd, chunk_rows)
     alpha = kd.alpha if method == "loca" else None
 
+    t = cache.tau_index(kd.tau)  # fail before training when τ was not cached
+
+    if fused:
+        from loca_pipe.pipeline.lm.vocab_losses import KDTarget
+
+        return _fused(lambda labels, idx: KDTarget.sparse(_sd_from(teacher_rows(cache, idx), t, labels, kd.tau, alpha),
+                                                         labels, kd.beta, kd.gamma), kd, chunk_rows)
+
     def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
-        rows = cache.rows(seq_idx)
-        sd = sparse_targets(cache, rows, labels, kd.tau, alpha)
+        sd = _sd_from(teacher_rows(cache, seq_idx), t, labels, kd.tau, alpha)
         return kd.beta * sparse_kd_loss(logits, sd, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss
+
+
+def _fused(target_of: Callable, kd: KDSettings, chunk_rows: int) -> Callable:
+    from loca_pipe.pipeline.lm.vocab_losses import fused_linear_kd_loss
+
+    def loss(hidden: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray, head) -> torch.Tensor:
+        return fused_linear_kd_loss(hidden, head.weight, head.bias, target_of(labels, seq_idx), kd.tau, chunk_rows,
+                                    recompute=True)
+
+    loss.wants_hidden = True
+    return loss
+
+
+def _sampled_target(cache, labels: torch.Tensor, seq_idx: np.ndarray, kd: KDSettings):
+    from loca_pipe.pipeline.lm.vocab_losses import KDTarget
+
+    d = teacher_rows(cache, seq_idx)
+    return KDTarget.sampled(torch.as_tensor(d["sampled_ids"]), torch.as_tensor(d["sampled_counts"].astype(np.int64)),
+                            labels, kd.beta, kd.gamma)
 
 
 def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, tau: float) -> torch.Tensor:
@@ -110,8 +211,10 @@ def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Te
     return tau * tau * (ent - cross).mean()
 
 
-def _sampled_loss(cache: LMTeacherCache, kd: KDSettings) -> Callable:
-    if cache.sampled_ids is None or cache.sampled_counts is None:
+def _sampled_loss(cache, kd: KDSettings) -> Callable:
+    has = (cache.sampled_ids is not None and cache.sampled_counts is not None) if isinstance(cache, LMTeacherCache) \
+        else "sampled_ids" in cache.keys and "sampled_counts" in cache.keys
+    if not has:
         raise ConfigError("method 'kd_sampled' needs the sampled form in the cache; re-cache with sample_draws > 0")
     st = float(cache.attrs.get("sample_tau", 1.0))
     if abs(st - kd.tau) > 1e-6:
@@ -119,9 +222,9 @@ def _sampled_loss(cache: LMTeacherCache, kd: KDSettings) -> Callable:
                           f"got tau={kd.tau}")
 
     def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
-        rows = cache.rows(seq_idx)
-        ids = torch.as_tensor(cache.sampled_ids[rows])
-        cnt = torch.as_tensor(cache.sampled_counts[rows].astype(np.int64))
+        d = teacher_rows(cache, seq_idx)
+        ids = torch.as_tensor(d["sampled_ids"])
+        cnt = torch.as_tensor(d["sampled_counts"].astype(np.int64))
         return kd.beta * sampled_kd(logits, ids, cnt, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss

@@ -70,3 +70,32 @@ def test_frequency_ranks_and_buckets():
     counts = {row["bucket"]: row["tokens"] for row in analysis.summarize(tab)["by_frequency"]}
     # 50 tokens appear twice (ranks 1-50), 100 once (ranks 51-150)
     assert counts == {"rank 1-10": 20, "rank 11-100": 40 * 2 + 50, "rank 101-1000": 50, "rank 1001+": 0}
+
+
+def test_ties_follow_the_one_rule_and_equal_the_loca_share():
+    """A label tying the maximum is mis-instructed (was: ``pred != label``, which counts it correct when the
+    tie puts the label first), so the mis ratio equals the share LoCa calibrates; the prediction of a tie
+    row is the tied token, never the label."""
+    import torch
+
+    from loca_pipe.pipeline.calibration import mis_instruction_mask
+
+    c, z = _synthetic(lens=(40, 30), V=12, K=4)
+    R = len(z)
+    rows = np.arange(0, R, 4)
+    zz = z.copy()
+    zz[rows, c.label[rows]] = zz[rows].max(1) + 1.0  # label is the max ...
+    other = (c.label[rows] + 1) % 12
+    zz[rows, other] = zz[rows, c.label[rows]]  # ... tied with its neighbour
+    order = np.argsort(-zz, axis=1, kind="stable")[:, :4]  # stable: the lower id first on a tie
+    c.topk_logits = np.take_along_axis(zz, order, 1)
+    c.topk_ids = order.astype(np.int16)
+    c.label_logit = zz[np.arange(R), c.label]
+    c.lse = np.stack([np.log(np.exp(zz / t).sum(1)) for t in c.temperatures], 1).astype(np.float32)
+    assert (order[rows, 0] == c.label[rows]).any()  # some ties put the label first
+    ref = mis_instruction_mask(torch.from_numpy(zz), torch.from_numpy(c.label)).numpy()
+    tab = analysis.token_table(c, tau=1.0, alpha=0.9)
+    s = analysis.summarize(tab)
+    assert np.array_equal(tab["mis_instructed"], ref)
+    assert s["mis_ratio"] == s["loca_calibrated_share"] == ref.mean()
+    assert np.array_equal(tab["prediction"] != tab["label"], ref)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loca_pipe.pipeline.errors import IncompleteStoreError, NumericsError, StoreConflictError, StoreError
 from loca_pipe.pipeline.store import (
@@ -284,3 +286,51 @@ def test_one_thread_restores_the_thread_count():
     assert torch.get_num_threads() == n
     with one_thread(enabled=False):
         assert torch.get_num_threads() == n
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fast checked read (chunk files read in place, CRC32C verified) against zarr's own read
+
+
+def _raw_array(tmp_path, shape=(301, 7), chunk=64, dtype=np.float16, seed=0):
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    g = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    a = g.create_array("x/y", shape=shape, chunks=(chunk,) + shape[1:], dtype=dtype, fill_value=0,
+                       serializer=BytesCodec(), compressors=[Crc32cCodec()])
+    data = (np.random.default_rng(seed).normal(size=shape) * 100).astype(dtype)
+    a[:] = data
+    return a, data
+
+
+@settings(max_examples=40, deadline=None)
+@given(lo=st.integers(0, 301), n=st.integers(0, 301))
+def test_fast_checked_read_equals_zarr_for_any_row_range(tmp_path_factory, lo, n):
+    from loca_pipe.pipeline.store import CheckedArray, raw_chunks, read_checked
+
+    a, data = _raw_array(tmp_path_factory.mktemp("f"))
+    assert raw_chunks(a) is not None  # the fast path applies to this layout
+    hi = min(301, lo + n)
+    np.testing.assert_array_equal(read_checked(a, slice(lo, hi)), a[lo:hi])
+    np.testing.assert_array_equal(CheckedArray(a)[lo:hi, 2], data[lo:hi, 2])
+    np.testing.assert_array_equal(read_checked(a), data)
+
+
+def test_fast_read_fill_value_truncation_and_other_layouts(tmp_path):
+    import os
+
+    from loca_pipe.pipeline.store import CheckedArray, raw_chunks, read_checked
+
+    a, data = _raw_array(tmp_path, dtype=np.float32)
+    ca = CheckedArray(a)
+    np.testing.assert_array_equal(ca.read_chunk(4), data[256:301])  # the edge chunk: padding not returned
+    f = tmp_path / "a.zarr" / "x" / "y" / "c" / "1" / "0"
+    os.remove(f)  # zarr writes no chunk equal to the fill value: a missing file reads as fill
+    np.testing.assert_array_equal(read_checked(a, slice(60, 130)), a[60:130])
+    assert (read_checked(a)[64:128] == 0).all()
+    g = tmp_path / "a.zarr" / "x" / "y" / "c" / "2" / "0"
+    g.write_bytes(g.read_bytes()[:-10])  # torn: bytes lost
+    with pytest.raises(StoreError, match=r"array 'x/y' .*chunk 2 \(rows 128\.\.191, file 'x/y/c/2/0'\) has"):
+        read_checked(a)
+    z = zarr.open_group(str(tmp_path / "b.zarr"), mode="w").create_array("z", shape=(10,), chunks=(4,), dtype="i8")
+    assert raw_chunks(z) is None  # zstd-compressed (zarr's default): read through zarr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -178,3 +179,21 @@ def test_cli_analyze_and_calibrate(store3, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main()
     assert "error: tau must be a positive temperature" in capsys.readouterr().err
+
+
+def test_analyze_shows_progress_with_throughput_and_eta_off_a_terminal(store3, tmp_path):
+    """Through the installed console script, stderr piped (not a terminal): one bar line per update, with
+    rows/s and the elapsed<remaining time; the JSON on stdout stays clean."""
+    import shutil
+    import subprocess
+
+    path, labels, _ = store3
+    exe = shutil.which("loca-pipe", path=str(Path(sys.executable).parent))
+    r = subprocess.run([exe, "analyze", path, "--out", str(tmp_path / "res"), "--no-figures", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["teachers"]["weak"]["rows"] == len(labels)
+    bars = [ln for ln in r.stderr.splitlines() if ln.startswith("analyze")]
+    assert bars and "\r" not in r.stderr
+    assert "100%" in bars[-1] and "row/s" in bars[-1] and "<" in bars[-1], bars
+    assert f"{3 * len(labels)}/{3 * len(labels)}" in bars[-1]  # all three teachers' rows

@@ -284,3 +284,19 @@ def test_one_thread_restores_the_thread_count():
     assert torch.get_num_threads() == n
     with one_thread(enabled=False):
         assert torch.get_num_threads() == n
+
+
+def test_one_tau_rule_for_image_and_token_readers():
+    """#15: TeacherView and LMTeacherCache find a τ by the same rule (store.find_tau, relative 1e-6)."""
+    from loca_pipe.pipeline.lm.cache import LMTeacherCache
+    from loca_pipe.pipeline.store import find_tau
+
+    temps = [1.0, 4.0, 1e-3]
+    assert find_tau(temps, 4.0 * (1 + 5e-7)) == 1 and find_tau(temps, 4.0 * (1 + 5e-6)) is None
+    assert find_tau(temps, 1e-3 + 5e-7) is None  # relative, not absolute: the old LM rule accepted this
+    e = np.zeros(0)
+    lm = LMTeacherCache(e, e, e, e, e, e, e, e, temps, 3, {}, {})
+    for tau in (4.0 * (1 + 5e-7), 1e-3 * (1 + 5e-7), 1.0):
+        assert lm.tau_index(tau) == find_tau(temps, tau)
+    with pytest.raises(StoreError, match="was not declared"):
+        lm.tau_index(1e-3 + 5e-7)

@@ -185,30 +185,39 @@ def prefetch(it: Iterable[Any], depth: int) -> Iterator[Any]:
         stop.set()
 
 
-class ChunkWriter(threading.Thread):
-    """Writes finished chunks (shared rows, then teacher arrays, then the done flag) off the compute thread."""
+class _Worker(threading.Thread):
+    """A pipeline stage in its own thread: ``handle(item)`` for each queued item, in order.
 
-    def __init__(self, store: LogitStore, writer: TeacherWriter, depth: int = 2):
-        super().__init__(name="loca-pipe-store-writer", daemon=True)
-        self.store, self.writer = store, writer
+    An error is kept (and re-raised by the next ``put``); the queue keeps draining so the producer never
+    blocks. ``close()`` lets the queue drain — finished chunks are kept — then stops.
+    """
+
+    def __init__(self, name: str, depth: int = 2):
+        super().__init__(name=name, daemon=True)
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.written = 0
+
+    def handle(self, item: Any) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Called once after the last item (not after an error)."""
 
     def run(self) -> None:
         while True:
             item = self.q.get()
             if item is None:
-                return
+                break
             if self.error is not None:
-                continue  # keep draining so the producer never blocks
-            c, rows, arrays = item
+                continue
             try:
-                with io_guard(self.store.path, f"writing chunk {c}"):
-                    self.store.write_rows(c, **rows)
-                    self.writer.write_chunk(c, arrays)
-                self.written += 1
+                self.handle(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
+                self.error = exc
+        if self.error is None:
+            try:
+                self.flush()
+            except BaseException as exc:  # noqa: BLE001
                 self.error = exc
 
     def put(self, item: Any) -> None:
@@ -222,9 +231,79 @@ class ChunkWriter(threading.Thread):
                 continue
 
     def close(self) -> None:
-        """Let the queue drain (finished chunks are kept), then stop."""
         self.q.put(None)
         self.join()
+
+
+class ChunkWriter(_Worker):
+    """Writes finished chunks (shared rows, then teacher arrays, then the done flag) off the compute thread."""
+
+    def __init__(self, store: LogitStore, writer: TeacherWriter, depth: int = 2):
+        super().__init__("loca-pipe-store-writer", depth)
+        self.store, self.writer = store, writer
+        self.written = 0
+
+    def handle(self, item: Any) -> None:
+        c, rows, arrays = item
+        with io_guard(self.store.path, f"writing chunk {c}"):
+            self.store.write_rows(c, **rows)
+            self.writer.write_chunk(c, arrays)
+        self.written += 1
+
+
+class Summarizer(_Worker):
+    """Per-row summaries of each forward's logits, on their device, while the teacher runs the next batch.
+
+    Gathers a chunk's rows and hands the whole chunk to ``out`` (a ChunkWriter). On a CPU teacher it runs
+    on its own intra-op thread(s) — half of torch's, at least one — so the forward keeps the rest; torch's
+    thread count is per thread, so the forward's setting is untouched.
+    """
+
+    def __init__(self, s: CacheSettings, num_classes: int, out: ChunkWriter, threads: int):
+        super().__init__("loca-pipe-summarizer", depth=2)
+        self.s, self.C, self.out, self.threads = s, num_classes, out, threads
+        self.acc: dict[str, list[np.ndarray]] = {}
+        self.current: int | None = None
+        self.gen: torch.Generator | None = None
+
+    def run(self) -> None:
+        torch.set_num_threads(self.threads)
+        super().run()
+
+    def handle(self, item: tuple[int, Batch]) -> None:
+        c, b = item
+        s = self.s
+        if c != self.current:
+            if self.current is not None:
+                self.out.put(_pack(self.current, self.acc))
+            self.acc, self.current, self.gen = {}, c, None
+        z = b.logits
+        sid = b.rows.get("sample_id")
+        out = summarize_logits(z, b.labels.to(z.device), s.top_k, s.temperatures, amp=s.amp,
+                               row_ids=torch.from_numpy(sid) if sid is not None else None)
+        if s.sample_draws:
+            if self.gen is None:  # one generator per chunk, consumed batch by batch: resume draws the same
+                self.gen = _chunk_generator(s.sample_seed, c, z.device)
+            out.update(sample_sparse(z, s.sample_draws, s.sample_tau, self.gen))
+        with one_thread(z.device.type == "cpu" and z.numel() < SMALL_OP_ELEMENTS):
+            if s.logits_dtype == "float16" and bool((z.float().abs() > FP16_MAX).any()):
+                bad = torch.nonzero((z.float().abs() > FP16_MAX).any(dim=1)).flatten().cpu().numpy()
+                ids = np.unique(sid[bad])[:20].tolist() if sid is not None else bad[:20].tolist()
+                raise NumericsError(f"logits of sample ids {ids} exceed the float16 range; cache with "
+                                    f"--logits-dtype float32")
+            if s.logits_dtype:
+                out["logits"] = z.float()
+            part = {k: v.cpu().numpy() for k, v in out.items()}  # the one host copy of the batch
+        part.update(b.rows)
+        part["label"] = b.labels.cpu().numpy()
+        if b.keep is not None:
+            part = {k: v[b.keep] for k, v in part.items()}
+        for k, v in part.items():
+            self.acc.setdefault(k, []).append(v)
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.out.put(_pack(self.current, self.acc))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,21 +471,18 @@ def cache(s: CacheSettings, info: StoreInfo, provenance: dict[str, Any], job: Jo
 
 
 def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, todo: list[int]) -> tuple[int, float]:
-    """The chunk loop: forward, summaries on the device, one host copy per batch, chunks to the writer."""
+    """The chunk loop: forward here; summaries, host copies and chunk assembly in a Summarizer thread; zarr
+    writes in a ChunkWriter thread — so the teacher's next forward overlaps both."""
     info = store.info
     total_rows = sum(info.chunk_slice(c).stop - info.chunk_slice(c).start for c in todo)
     bg = ChunkWriter(store, writer)
+    sm = Summarizer(s, info.num_classes, bg, threads=max(1, torch.get_num_threads() // 2))
     bg.start()
-    acc: dict[str, list[np.ndarray]] = {}
-    current, gen, fwd_seconds = None, None, 0.0
-    failed = True
+    sm.start()
+    fwd_seconds, failed = 0.0, True
     bar = progress_bar(total=total_rows, desc=f"cache {s.name}", unit=s.unit, enabled=s.progress)
     try:
         for c, item in job.batches(todo):
-            if c != current:
-                if current is not None:
-                    bg.put(_pack(current, acc))
-                acc, current, gen = {}, c, None
             t0 = time.perf_counter()
             b = job.forward(item)
             fwd_seconds += time.perf_counter() - t0
@@ -415,37 +491,16 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
                 raise ModelError(f"teacher output must have shape (batch, classes) = ({z.shape[0]}, "
                                  f"{info.num_classes}); got {tuple(z.shape)}; check the teacher and that the data "
                                  f"has {info.num_classes} classes")
-            sid = b.rows.get("sample_id")
-            out = summarize_logits(z, b.labels.to(z.device), s.top_k, s.temperatures, amp=s.amp,
-                                   row_ids=torch.from_numpy(sid) if sid is not None else None)
-            if s.sample_draws:
-                if gen is None:  # one generator per chunk, consumed batch by batch: resume draws the same
-                    gen = _chunk_generator(s.sample_seed, c, z.device)
-                out.update(sample_sparse(z, s.sample_draws, s.sample_tau, gen))
-            with one_thread(z.device.type == "cpu" and z.numel() < SMALL_OP_ELEMENTS):
-                if s.logits_dtype == "float16" and bool((z.float().abs() > FP16_MAX).any()):
-                    bad = torch.nonzero((z.float().abs() > FP16_MAX).any(dim=1)).flatten().cpu().numpy()
-                    ids = np.unique(sid[bad])[:20].tolist() if sid is not None else bad[:20].tolist()
-                    raise NumericsError(f"logits of sample ids {ids} exceed the float16 range; cache with "
-                                        f"--logits-dtype float32")
-                if s.logits_dtype:
-                    out["logits"] = z.float()
-                part = {k: v.cpu().numpy() for k, v in out.items()}  # the one host copy of the batch
-            part.update(b.rows)
-            part["label"] = b.labels.cpu().numpy()
-            if b.keep is not None:
-                part = {k: v[b.keep] for k, v in part.items()}
-            for k, v in part.items():
-                acc.setdefault(k, []).append(v)
-            bar.update(len(part["label"]))
-        if current is not None:
-            bg.put(_pack(current, acc))
+            sm.put((c, b))
+            bar.update(len(b.labels) if b.keep is None else b.keep.stop - b.keep.start)
         failed = False
     finally:
         bar.close()
+        sm.close()  # summarise what was handed over; whole chunks go on to the writer
         bg.close()  # finished chunks in the queue are still written, also when the compute side failed
-        if bg.error is not None and not failed:
-            raise bg.error
+        for err in (sm.error, bg.error):
+            if err is not None and not failed:
+                raise err
     return total_rows, fwd_seconds
 
 
@@ -533,4 +588,4 @@ def image_batches(dataset: Any, batches: list[list[int]], num_workers: int | Non
 
 
 __all__ = ["ImageJob", "image_batches", "teacher_output", "CacheSettings", "CacheReport", "Batch", "Job", "cache", "open_for_writing", "chunk_batches", "prefetch",
-           "ChunkWriter", "sample_sparse", "resolve_shard", "weights_sha256", "SHARD_WAIT_SECONDS"]
+           "ChunkWriter", "Summarizer", "sample_sparse", "resolve_shard", "weights_sha256", "SHARD_WAIT_SECONDS"]

@@ -477,6 +477,9 @@ class LogitStore:
         settings = {"top_k": int(top_k), "temperatures": temps, "logits_dtype": logits_dtype,
                     "full_logits": logits_dtype is not None}
         if cod.name != "lossless":
+            if self.info.task != "causal-lm":
+                raise StoreError(f"codec {cod.name!r} is for token stores (lm-cache); the image readers read lossless "
+                                 f"top-k, so cache-logits keeps codec 'lossless'")
             settings["codec"] = cod.attrs()
         cod.check(C, int(top_k))
         meta = {**provenance, **settings}
@@ -569,8 +572,10 @@ class TeacherWriter:
                 raise NumericsError(f"logits of rows {bad[:20].tolist()} overflow {self.logits_dtype}; "
                                     f"cache with --logits-dtype float32")
             self.group["logits"][sl] = z
-        coded = self.codec.encode(np.asarray(arrays["topk_logits"], np.float32), np.asarray(arrays["topk_ids"]),
-                                  np.asarray(arrays["lse"], np.float32), self.temperatures)
+        from loca_pipe.pipeline.codecs import encode_checked
+
+        coded = encode_checked(self.codec, np.asarray(arrays["topk_logits"], np.float32), np.asarray(arrays["topk_ids"]),
+                               np.asarray(arrays["lse"], np.float32), self.temperatures, self.store.info.num_classes)
         for k in self.extra_rows:
             self.group[k][sl] = np.asarray(arrays[k]).astype(self.group[k].dtype)
         for k, v in {**coded, "lse": arrays["lse"], "label_logit": arrays["label_logit"]}.items():

@@ -34,6 +34,7 @@ import torch
 
 from loca_pipe.pipeline import caching
 from loca_pipe.pipeline.caching import Batch, CacheReport, CacheSettings, sample_sparse
+from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
@@ -275,10 +276,16 @@ def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: 
     def read(group, key):  # a corrupted chunk is named (array, chunk, file), not a bare checksum error
         return read_checked(group[key]) if key in group else None
 
+    codec = codec_of(view.attrs)  # refuses a codec (version) this reader does not know
+    lse = read(g, "lse")
+    coded = {k: read(g, k) for k in codec.arrays(store.info.num_classes, view.top_k, len(view.temperatures))}
+    topk_logits, topk_ids = codec.decode(coded, lse, view.temperatures, store.info.num_classes, view.top_k)
+    if codec.name == "lossless":
+        topk_ids = coded["topk_ids"]  # keep the stored (narrow) dtype
+
     return LMTeacherCache(
         offsets=read(root, "offsets"), position=read(root, "position"), sample_id=read(root, "sample_id"),
-        label=read(root, "label"), topk_logits=read(g, "topk_logits"), topk_ids=read(g, "topk_ids"),
-        lse=read(g, "lse"), label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
+        label=read(root, "label"), topk_logits=topk_logits, topk_ids=topk_ids, lse=lse, label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
         num_classes=store.info.num_classes, attrs=view.attrs, dataset=dict(store.info.dataset),
         sampled_ids=read(g, "sampled_ids"), sampled_counts=read(g, "sampled_counts"), greedy_ids=read(g, "greedy_ids"))
 

@@ -44,6 +44,16 @@ def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
     # a second lm-cache run finds everything written: nothing to redo
     r = _run(["lm-cache"], tmp_path)
     assert r.exit_code == 0 and json.loads(r.stdout)["chunks_written"] == 0
+    # --overwrite re-caches a complete teacher (#14); --codec stores it compactly; readers decode it
+    r = _run(["lm-cache", "--overwrite", "--codec", "compact"], tmp_path)
+    assert r.exit_code == 0 and json.loads(r.stdout)["chunks_written"] > 0, r.output
+    from loca_pipe.pipeline.errors import StoreConflictError
+    from loca_pipe.pipeline.lm.cache import open_lm_cache
+
+    assert open_lm_cache(str(w / "store.zarr")).attrs["codec"]["name"] == "compact"
+    assert _run(["lm-analyze"], tmp_path).exit_code == 0
+    with pytest.raises(StoreConflictError, match="written with codec 'compact'; this run asks for codec 'lossless'"):
+        _run(["lm-cache"], tmp_path)
 
 
 def test_cli_user_errors(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ import torch
 
 QUICK = os.environ.get("LOCA_BENCH_QUICK") == "1"
 K, TEMPS = 128, (1.0, 2.0)
-ORDER = ("lossless", "fp16", "bf16", "q8", "polytail", "compact", "compact6")
+ORDER = ("lossless", "fp16", "bf16", "q8", "polytail", "compact", "compact7", "compact6")
 
 
 def _trained_teacher():

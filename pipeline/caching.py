@@ -201,7 +201,7 @@ class _Worker(threading.Thread):
         raise NotImplementedError
 
     def flush(self) -> None:
-        """Called once after the last item (not after an error)."""
+        """Called once after the last item (not after an error, here or upstream)."""
 
     def run(self) -> None:
         while True:
@@ -214,13 +214,19 @@ class _Worker(threading.Thread):
                 self.handle(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
                 self.error = exc
-        if self.error is None:
+        if self.error is None and self.do_flush:
             try:
                 self.flush()
             except BaseException as exc:  # noqa: BLE001
                 self.error = exc
 
+    inline = False  # True: ``put`` handles the item in the caller's thread (the thread is never started)
+    do_flush = True
+
     def put(self, item: Any) -> None:
+        if self.inline:
+            self.handle(item)
+            return
         while True:
             if self.error is not None:
                 raise self.error
@@ -230,9 +236,15 @@ class _Worker(threading.Thread):
             except queue.Full:
                 continue
 
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
+    def close(self, flush: bool = True) -> None:
+        if self.inline:
+            if flush:
+                self.flush()
+            return
+        if self.is_alive():
+            self.do_flush = flush  # after a failure upstream the last, partial chunk is dropped
+            self.q.put(None)
+            self.join()
 
 
 class ChunkWriter(_Worker):
@@ -478,7 +490,6 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
     bg = ChunkWriter(store, writer)
     sm = Summarizer(s, info.num_classes, bg, threads=max(1, torch.get_num_threads() // 2))
     bg.start()
-    sm.start()
     fwd_seconds, failed = 0.0, True
     bar = progress_bar(total=total_rows, desc=f"cache {s.name}", unit=s.unit, enabled=s.progress)
     try:
@@ -491,12 +502,18 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
                 raise ModelError(f"teacher output must have shape (batch, classes) = ({z.shape[0]}, "
                                  f"{info.num_classes}); got {tuple(z.shape)}; check the teacher and that the data "
                                  f"has {info.num_classes} classes")
+            if not sm.is_alive() and not sm.inline:
+                # a small CPU batch (an image classifier's (256, 10)) is summarised in ~1 ms: handing it to a
+                # thread costs more (GIL hand-offs against the forward's Python) than doing it here
+                sm.inline = z.device.type == "cpu" and z.numel() < SMALL_OP_ELEMENTS
+                if not sm.inline:
+                    sm.start()
             sm.put((c, b))
             bar.update(len(b.labels) if b.keep is None else b.keep.stop - b.keep.start)
         failed = False
     finally:
         bar.close()
-        sm.close()  # summarise what was handed over; whole chunks go on to the writer
+        sm.close(flush=not failed)  # summarise what was handed over; whole chunks go on to the writer
         bg.close()  # finished chunks in the queue are still written, also when the compute side failed
         for err in (sm.error, bg.error):
             if err is not None and not failed:

@@ -62,8 +62,12 @@ def test_prompt_tokens_never_stored(tmp_path, teacher, tok, pairs):
     assert tok.bos_token_id not in set(c.label.tolist())
 
 
-@pytest.mark.parametrize("draws", [0, 12])
-def test_resume_is_identical(tmp_path, teacher, tok, enc, draws):
+@pytest.mark.parametrize("draws, threaded", [(0, False), (12, False), (12, True)])
+def test_resume_is_identical(tmp_path, monkeypatch, teacher, tok, enc, draws, threaded):
+    from loca_pipe.pipeline import caching
+
+    if threaded:  # summaries in the Summarizer thread beside the next forward (large batches), same bytes
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 0)
     kw = dict(sample_draws=draws, sample_tau=1.0, seed=3, greedy_max_new_tokens=6, greedy_chunk=10)
     full = _cache(tmp_path / "full", teacher, tok, enc, **kw)
     assert full.complete
@@ -80,6 +84,12 @@ def test_resume_is_identical(tmp_path, teacher, tok, enc, draws):
         assert (x is None) == (y is None) == (k.startswith("sampled") and draws == 0)
         if x is not None:
             np.testing.assert_array_equal(x, y, err_msg=k)
+    if threaded:  # the threaded summaries write the bytes the inline ones do
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 1 << 18)
+        _cache(tmp_path / "inline", teacher, tok, enc, **kw)
+        c = cache.open_lm_cache(str(tmp_path / "inline"))
+        for k in ("topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids", "sampled_counts", "greedy_ids"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(c, k), err_msg=k)
 
 
 def test_sampled_form_counts_and_unbiased(tok):

@@ -306,7 +306,12 @@ def test_checkpoint_sidecar_must_describe_the_checkpoint(tmp_path):
     ("nan_teacher", "float32", NumericsError, r"NaN or inf logits for 1 row\(s\) \[11\]"),
     ("huge_teacher", "float16", NumericsError, r"sample ids \[11\] exceed the float16 range; cache with --logits-dtype float32"),
 ])
-def test_bad_numbers_name_samples_and_keep_finished_chunks(tmp_path, teacher, dtype, err, match):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bad_numbers_name_samples_and_keep_finished_chunks(tmp_path, monkeypatch, teacher, dtype, err, match, threaded):
+    from loca_pipe.pipeline import caching
+
+    if threaded:  # summaries in the Summarizer thread (what a large CPU or any GPU batch gets)
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 0)
     p = toy(tmp_path, teacher=f"toy_cache_module:{teacher}", logits_dtype=dtype)
     with pytest.raises(err, match=match):
         run(p)

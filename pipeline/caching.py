@@ -521,9 +521,6 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
     return total_rows, fwd_seconds
 
 
-_ROW_KEYS = ("sample_id", "label", "view", "aug_params")
-
-
 def _pack(c: int, acc: dict[str, list[np.ndarray]]) -> tuple[int, dict, dict]:
     cat = {k: np.concatenate(v) for k, v in acc.items()}
     n = len(cat["label"])

@@ -38,7 +38,7 @@ from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, array_codecs, find_tau, read_checked, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, array_codecs, find_tau, read_checked
 
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
@@ -92,20 +92,6 @@ class TokenJob:
             logits, labels = response_logits(self.model, self.enc.ids[s:e], self.enc.prompt_len[s:e], self.pad_id)
         sid = np.repeat(np.arange(s, e), self.enc.response_len[s:e])
         return Batch(logits, labels, {"sample_id": sid}, keep)
-
-
-def teacher_rows(model, enc: Encoded, i0: int, i1: int, pad_id: int, batch_size: int, top_k: int,
-                 temperatures: Sequence[float]) -> dict[str, np.ndarray]:
-    """Summaries of every response-token row of sequences [i0, i1) (flat, in order): a reference for tests."""
-    parts = []
-    for s in range(i0, i1, batch_size):
-        e = min(i1, s + batch_size)
-        with torch.inference_mode():
-            logits, labels = response_logits(model, enc.ids[s:e], enc.prompt_len[s:e], pad_id)
-        part = {k: v.cpu().numpy() for k, v in summarize_logits(logits, labels, top_k, temperatures).items()}
-        part["label"] = labels.numpy()
-        parts.append(part)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _write_index(store: LogitStore, enc: Encoded) -> None:
@@ -285,7 +271,8 @@ def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: 
 
     return LMTeacherCache(
         offsets=read(root, "offsets"), position=read(root, "position"), sample_id=read(root, "sample_id"),
-        label=read(root, "label"), topk_logits=topk_logits, topk_ids=topk_ids, lse=lse, label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
+        label=read(root, "label"), topk_logits=topk_logits, topk_ids=topk_ids, lse=lse,
+        label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
         num_classes=store.info.num_classes, attrs=view.attrs, dataset=dict(store.info.dataset),
         sampled_ids=read(g, "sampled_ids"), sampled_counts=read(g, "sampled_counts"), greedy_ids=read(g, "greedy_ids"))
 
@@ -306,4 +293,4 @@ def store_bytes(store_path: str) -> dict[str, int]:
 
 
 __all__ = ["cache_teacher", "open_lm_cache", "LMTeacherCache", "CacheReport", "check_id_dtype", "check_top_k",
-           "sample_sparse", "teacher_rows", "store_bytes", "TokenJob", "TASK"]
+           "sample_sparse", "store_bytes", "TokenJob", "TASK"]

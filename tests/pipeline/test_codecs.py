@@ -146,3 +146,14 @@ def test_bad_codec_inputs():
     v[1, 2] = np.nan
     with pytest.raises(NumericsError, match=r"rows \[1\] of the chunk hold NaN or inf"):
         encode_checked(get_codec("q8"), v, i, lse, TEMPS, 50)
+
+
+def test_image_stores_keep_lossless(tmp_path):
+    from loca_pipe.pipeline.store import LogitStore, StoreInfo
+
+    info = StoreInfo(task="classification", num_samples=4, num_views=1, num_rows=4, num_classes=10, chunk_rows=2,
+                     dataset={"fingerprint": "f", "split": "train"})
+    store = LogitStore.create_or_open(str(tmp_path / "s.zarr"), info)
+    with pytest.raises(StoreError, match=r"codec 'q8' is for token stores \(lm-cache\)"):
+        store.begin_teacher("t", {}, 3, (1.0,), None, codec="q8")
+    assert "t" not in store.teachers or not store.teacher_attrs("t")

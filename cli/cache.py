@@ -111,7 +111,8 @@ def info(
     for t, a in d["teachers"].items():
         state = "complete" if a.get("complete") else f"INCOMPLETE ({a['chunks_done']}/{d['num_chunks']} chunks)"
         lines.append(f"    {t}: {state}; top-k {a.get('top_k')}; temperatures {a.get('temperatures')}; "
-                     f"full logits {a.get('logits_dtype') or 'no'}")
+                     f"full logits {a.get('logits_dtype') or 'no'}"
+                     + (f"; codec {a['codec'].get('name')} v{a['codec'].get('version')}" if a.get("codec") else ""))
         lines.append(f"      teacher {a.get('teacher')}  checkpoint sha256 {_short(a.get('checkpoint_sha256'))}  "
                      f"weights {_short(a.get('weights_sha256'))}  amp {a.get('amp')}")
         v = a.get("versions") or {}

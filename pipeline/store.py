@@ -172,6 +172,7 @@ def io_guard(path: str, action: str) -> Iterator[None]:
 # its OpenMP threads, and on a loaded machine each split waits for a descheduled thread. Measured on the
 # 2-core VM under load: summarize_logits on (256, 10) took ~20 ms with 2 threads, ~1.3 ms with 1.
 SMALL_OP_ELEMENTS = 1 << 18
+CPU_BLOCK_ELEMENTS = 1 << 22  # logits per row block of a large CPU batch (16 MB of fp32)
 
 
 @contextlib.contextmanager
@@ -203,6 +204,14 @@ def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
         raise StoreError(f"teacher output must be (batch, classes); got shape {tuple(logits.shape)}")
     temperatures = list(temperatures)
     small = logits.device.type == "cpu" and logits.numel() * max(1, len(temperatures)) < SMALL_OP_ELEMENTS
+    if logits.device.type == "cpu" and logits.ndim == 2 and logits.numel() > 2 * CPU_BLOCK_ELEMENTS:
+        # row blocks: each of the ~6 passes over a block then runs from cache, not DRAM. Measured on a
+        # (768, 32000) batch, one thread: 0.26–0.31 s whole, 0.14–0.16 s in blocks of 128 rows
+        rows = max(1, CPU_BLOCK_ELEMENTS // logits.shape[1])
+        ids = row_ids if row_ids is not None else torch.arange(logits.shape[0])
+        parts = [_summarize(logits[i:i + rows], labels[i:i + rows], top_k, temperatures, ids[i:i + rows], amp)
+                 for i in range(0, logits.shape[0], rows)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with one_thread(small):
         return _summarize(logits, labels, top_k, temperatures, row_ids, amp)
 

@@ -300,3 +300,18 @@ def test_one_tau_rule_for_image_and_token_readers():
         assert lm.tau_index(tau) == find_tau(temps, tau)
     with pytest.raises(StoreError, match="was not declared"):
         lm.tau_index(1e-3 + 5e-7)
+
+
+def test_large_cpu_batches_are_summarised_in_blocks_with_the_same_bytes(monkeypatch):
+    from loca_pipe.pipeline import store as st
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(37, 50, generator=g) * 4, torch.randint(0, 50, (37,), generator=g)
+    whole = summarize_logits(z, y, 5, TAUS)
+    monkeypatch.setattr(st, "CPU_BLOCK_ELEMENTS", 4 * 50)  # blocks of 4 rows (the last one partial)
+    blocked = summarize_logits(z, y, 5, TAUS)
+    for k in whole:
+        assert torch.equal(whole[k], blocked[k]), k
+    z[22, 3] = float("nan")
+    with pytest.raises(NumericsError, match=r"NaN or inf logits for 1 row\(s\) \[22\]"):
+        summarize_logits(z, y, 5, TAUS)  # the row number is the batch's, not the block's

@@ -369,8 +369,18 @@ def open_for_writing(s: CacheSettings, info: StoreInfo, provenance: dict[str, An
             store = LogitStore.create_or_open(s.store, info, overwrite=True)
     if store.info.task != info.task:
         raise StoreError(f"store {s.store!r} is a {store.info.task!r} store; this run writes {info.task!r}")
+    lease = WriterLease(s.store, s.name)
     with io_guard(s.store, f"taking the writer lease of teacher {s.name!r}"):
-        WriterLease(s.store, s.name).acquire()  # a second job refuses here (ranks of one job share the lease)
+        lease.acquire()  # a second job refuses here (ranks of one job share the lease)
+    try:
+        return _open_teacher(s, store, provenance, extra_arrays, on_store)
+    except BaseException:
+        lease.release()  # refused (conflict, another codec, bad settings): leave no lease behind
+        raise
+
+
+def _open_teacher(s: CacheSettings, store: LogitStore, provenance: dict[str, Any],
+                  extra_arrays: dict[str, dict[str, Any]] | None, on_store: Any) -> tuple[LogitStore, TeacherWriter]:
     with io_guard(s.store, f"creating teacher {s.name!r}"):
         if on_store is not None:
             on_store(store)

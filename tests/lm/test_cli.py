@@ -55,6 +55,15 @@ def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
     assert _run(["lm-analyze"], tmp_path).exit_code == 0
     with pytest.raises(StoreConflictError, match="written with codec 'compact'; this run asks for codec 'lossless'"):
         _run(["lm-cache"], tmp_path)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("loca-pipe"))  # the installed console script: one line, exit 1
+    res = subprocess.run([exe, "lm-cache", "--codec", "q8"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: teacher 'teacher' in ") and \
+        "was written with codec 'compact'; this run asks for codec 'q8'; resume with --codec compact" in res.stderr
 
 
 def test_cli_user_errors(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ default chunking. In one process:
 
 * baseline — teacher inference alone (``torch.inference_mode``) on the same chunk-aligned batches from the
   same input path (no summarising, no copies, no writing);
-* caching — ``stages.cache_logits.run`` end to end into a fresh store (data indexing in a prefetch thread,
+* caching — ``stages.cache_logits.run`` (the stage's one call into ``pipeline/caching.py``) end to end into a fresh store (data indexing in a prefetch thread,
   top-k / lse / label logit, background zarr writes, done flags), for a full-logit (fp32) store and a
   top-k-only store. ``loop`` is the chunk loop alone, ``total`` adds opening data, model and store.
 
@@ -35,17 +35,17 @@ def _du(path: Path) -> int:
 def _baseline(model: torch.nn.Module, dataset, batch_ids: list) -> tuple[float, float]:
     """(wall, process CPU) seconds of teacher inference alone over ``batch_ids``.
 
-    The batches come from the stage's own input path (``_batch_iter``: whole-batch indexing in a prefetch
+    The batches come from the engine's own input path (``caching.image_batches``: whole-batch indexing in a prefetch
     thread), so the only difference to caching is the caching work itself (top-k / lse, copies, zarr
     writes). Measured here: a plain loop over batches built in the main thread ran the *same* forward
     passes ~2x slower on this loaded 2-core VM than with the prefetch thread, so a baseline without it
     would flatter the ratio.
     """
-    from loca_pipe.stages.cache_logits import _batch_iter
+    from loca_pipe.pipeline.caching import image_batches
 
     t, c = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for x, _ in _batch_iter(dataset, batch_ids, 0, False):
+        for x, _ in image_batches(dataset, batch_ids, 0, False):
             model(x)
     return time.perf_counter() - t, time.process_time() - c
 
@@ -84,7 +84,7 @@ class _ForwardClock:
 
 
 def main() -> None:
-    from loca_pipe.pipeline import data, models
+    from loca_pipe.pipeline import caching, data, models
     from loca_pipe.pipeline.store import StoreInfo, default_chunk_rows
     from loca_pipe.stages import cache_logits as stage
 
@@ -106,7 +106,7 @@ def main() -> None:
         # the stage's own batching: chunk-aligned batches of batch_size rows
         info = StoreInfo(task="classification", num_samples=N, num_views=1, num_rows=N, num_classes=C,
                          chunk_rows=default_chunk_rows(C), dataset={})
-        idx = stage._chunk_batches(info, list(range(info.num_chunks)), batch_size)
+        idx = caching.chunk_batches(info, list(range(info.num_chunks)), batch_size)
         batch_ids = [ids for _, ids in idx]
 
         def baseline():
@@ -125,10 +125,10 @@ def main() -> None:
                                   max_samples=N if N < len(spec.dataset) else None, progress=False)
             c0 = time.process_time()
             with _ForwardClock(models) as clock:
-                stage.run(p)
+                rep = stage.run(p)
             cpu = time.process_time() - c0
             base.append(baseline())
-            runs[label] = (dict(stage.last_run), cpu, base[-2:], _du(store) / N, clock.seconds)
+            runs[label] = (rep.to_dict(), cpu, base[-2:], _du(store) / N, clock.seconds)
 
         print(f"teacher {arch} (random init) on Fashion-MNIST train, {N} samples, batch {batch_size}, "
               f"chunk {info.chunk_rows} rows, torch threads {torch.get_num_threads()}")

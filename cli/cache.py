@@ -48,7 +48,7 @@ def cache_logits(
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per store chunk (default: ~4 MiB of logits, at most 8192).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Cache only the first N samples (quick runs).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of another data set, or this teacher if its checkpoint/settings differ (identical work is kept and resumed).")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Re-cache this teacher (also when complete), replacing a store of another data set; an interrupted identical run is resumed.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
     shard: Annotated[Optional[int], typer.Option(help="This process caches chunks c with c % num_shards == shard (default: $RANK, else 0).")] = None,
     num_shards: Annotated[Optional[int], typer.Option(help="Processes sharing the work on one store (default: $WORLD_SIZE, else 1).")] = None,
@@ -63,7 +63,7 @@ def cache_logits(
         "logits_dtype": logits_dtype.value if logits_dtype else None, "compress_logits": compress_logits,
         "views": views, "view_seed": view_seed, "batch_size": batch_size, "num_workers": num_workers,
         "device": device.value if device else None, "amp": amp, "chunk_rows": chunk_rows,
-        "max_samples": max_samples, "overwrite": overwrite, "progress": progress, "shard": shard,
+        "max_samples": max_samples, "overwrite": overwrite, "recache": overwrite, "progress": progress, "shard": shard,
         "num_shards": num_shards,
     }
     if params is not None:
@@ -71,13 +71,14 @@ def cache_logits(
     else:
         runs = stage.load_params({}, overrides={**overrides, "name": name})
     for p in runs:
-        stage.run(p)
-        r = stage.last_run
-        if not r.get("rows"):
-            typer.echo(f"teacher {r.get('name')!r} in {p.store} was already complete; nothing to do", err=True)
+        r = stage.run(p)
+        if not r.rows:
+            state = "complete" if r.complete else "waiting for other shards"
+            typer.echo(f"teacher {r.name!r} in {p.store}: nothing left to cache ({state}); pass --overwrite to "
+                       f"re-cache it", err=True)
         else:
-            typer.echo(f"teacher {r['name']!r}: {r['rows']} rows cached in {r['seconds_loop']:.1f} s "
-                       f"({r['rows'] / max(r['seconds_loop'], 1e-9):.0f} rows/s){' (resumed)' if r['resumed'] else ''}"
+            typer.echo(f"teacher {r.name!r}: {r.rows} rows cached in {r.seconds_loop:.1f} s "
+                       f"({r.rows / max(r.seconds_loop, 1e-9):.0f} rows/s){' (resumed)' if r.resumed else ''}"
                        f" -> {p.store}", err=True)
 
 
@@ -119,7 +120,8 @@ def info(
         else:
             state = "complete" if a.get("complete") else f"INCOMPLETE ({a['chunks_done']}/{d['num_chunks']} chunks)"
         lines.append(f"    {t}: {state}; top-k {a.get('top_k')}; temperatures {a.get('temperatures')}; "
-                     f"full logits {a.get('logits_dtype') or 'no'}")
+                     f"full logits {a.get('logits_dtype') or 'no'}"
+                     + (f"; codec {a['codec'].get('name')} v{a['codec'].get('version')}" if a.get("codec") else ""))
         lines.append(f"      teacher {a.get('teacher')}  checkpoint sha256 {_short(a.get('checkpoint_sha256'))}  "
                      f"weights {_short(a.get('weights_sha256'))}  amp {a.get('amp')}")
         v = a.get("versions") or {}

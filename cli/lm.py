@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import comma_list
+from loca_pipe.pipeline.codecs import CHOICES
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
@@ -35,6 +36,9 @@ class Method(str, enum.Enum):
     kd = "kd"
     loca = "loca"
     kd_sampled = "kd_sampled"
+
+
+Codec = enum.Enum("Codec", {c: c for c in CHOICES}, type=str)  # from pipeline/codecs.py, never copied by hand
 
 
 class IdDtype(str, enum.Enum):
@@ -114,8 +118,9 @@ def lm_cache(
     id_dtype: Annotated[Optional[IdDtype], typer.Option(help="Token-id dtype check (auto = smallest that holds the vocabulary).")] = None,
     sample_draws: Annotated[Optional[int], typer.Option(help="Sparse Logit Sampling draws per token (0 = off).")] = None,
     greedy_max_new_tokens: Annotated[Optional[int], typer.Option(help="Cache the teacher's greedy responses up to N tokens (SeqKD; 0 = off).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a store of other data / a teacher with other settings.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Re-cache the teacher (also when complete), replacing a store of other data; an interrupted identical run is resumed.")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="Write at most N chunks now (resume later).")] = None,
+    codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
 ) -> None:
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
     from loca_pipe.stages import lm_cache as stage, lm_common
@@ -123,7 +128,8 @@ def lm_cache(
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
-        "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "max_chunks": max_chunks}, _base(workdir))
+        "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
+        "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
     rep = stage.run(base, p)
     _echo({k: v for k, v in rep.items() if k != "bytes"})
 

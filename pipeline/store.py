@@ -77,7 +77,7 @@ TARGET_CHUNK_BYTES = 4 << 20
 # 320 KiB, still well above the "tiny chunk" zone, and a chunk is a few seconds of CPU teacher time.
 MAX_CHUNK_ROWS = 8192
 # Teacher attributes that describe the run, not the numbers: a resume may differ in them.
-_RUN_KEYS = ("created", "versions", "run", "finished", "complete", "name")
+_RUN_KEYS = ("created", "versions", "run", "finished", "complete", "name", "row_arrays")
 
 
 def default_chunk_rows(num_classes: int, bytes_per_value: int = 4, minimum: int = 256,
@@ -95,14 +95,26 @@ def id_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def _codecs(dtype: np.dtype, compress: bool) -> dict[str, Any]:
+def array_codecs(dtype: np.dtype, compress: bool = False) -> dict[str, Any]:
+    """The zarr codecs of every array the project writes (store, targets, token index): the one helper.
+
+    Integers (ids, labels, flags) get zstd always, floats only when ``compress``; CRC32C goes on everything.
+    """
     # Logits barely compress (zstd ~1.09x, blosc-lz4 1.00x on fp16; DESIGN.md §6), so float arrays are
     # stored raw by default; integers (ids, labels) compress well. CRC32C goes on everything.
     comp: list[Any] = []
-    if compress or dtype.kind in "iub":
+    if compress or np.dtype(dtype).kind in "iub":
         comp.append(ZstdCodec(level=1))
     comp.append(Crc32cCodec())
     return {"serializer": BytesCodec(), "compressors": comp}
+
+
+def find_tau(temperatures: Iterable[float], tau: float) -> int | None:
+    """Index of ``tau`` among the declared temperatures (relative tolerance 1e-6), else None: the one rule."""
+    for i, t in enumerate(temperatures):
+        if math.isclose(float(t), float(tau), rel_tol=1e-6):
+            return i
+    return None
 
 
 def now() -> str:
@@ -146,6 +158,7 @@ def io_guard(path: str, action: str) -> Iterator[None]:
 # its OpenMP threads, and on a loaded machine each split waits for a descheduled thread. Measured on the
 # 2-core VM under load: summarize_logits on (256, 10) took ~20 ms with 2 threads, ~1.3 ms with 1.
 SMALL_OP_ELEMENTS = 1 << 18
+CPU_BLOCK_ELEMENTS = 1 << 22  # logits per row block of a large CPU batch (16 MB of fp32)
 
 
 @contextlib.contextmanager
@@ -164,32 +177,47 @@ def one_thread(enabled: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def summarize_logits(logits: torch.Tensor, labels: torch.Tensor, top_k: int,
-                     temperatures: Iterable[float], row_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     temperatures: Iterable[float], row_ids: torch.Tensor | None = None,
+                     amp: bool = False) -> dict[str, torch.Tensor]:
     """Everything the store keeps for a batch of teacher logits, computed on the logits' device.
 
     logits (B, C) any float dtype → computed in fp32. Returns top-k logits/ids (descending), lse (B, T) =
     logsumexp(z/τ_t), and the label's logit z_y. Raises NumericsError naming the offending rows (``row_ids``
-    when given) if any logit is NaN or inf — an fp16 overflow is never written silently.
+    when given) if any logit is NaN or inf — an fp16 overflow is never written silently; ``amp`` says the
+    logits came from fp16 autocast (then an overflow is the likely cause, else the teacher itself).
     """
     if logits.ndim != 2:
         raise StoreError(f"teacher output must be (batch, classes); got shape {tuple(logits.shape)}")
     temperatures = list(temperatures)
     small = logits.device.type == "cpu" and logits.numel() * max(1, len(temperatures)) < SMALL_OP_ELEMENTS
+    if logits.device.type == "cpu" and logits.ndim == 2 and logits.numel() > 2 * CPU_BLOCK_ELEMENTS:
+        # row blocks: each of the ~6 passes over a block then runs from cache, not DRAM. Measured on a
+        # (768, 32000) batch, one thread: 0.26–0.31 s whole, 0.14–0.16 s in blocks of 128 rows
+        rows = max(1, CPU_BLOCK_ELEMENTS // logits.shape[1])
+        ids = row_ids if row_ids is not None else torch.arange(logits.shape[0])
+        parts = [_summarize(logits[i:i + rows], labels[i:i + rows], top_k, temperatures, ids[i:i + rows], amp)
+                 for i in range(0, logits.shape[0], rows)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with one_thread(small):
-        return _summarize(logits, labels, top_k, temperatures, row_ids)
+        return _summarize(logits, labels, top_k, temperatures, row_ids, amp)
 
 
 def _summarize(logits: torch.Tensor, labels: torch.Tensor, top_k: int, temperatures: list[float],
-               row_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+               row_ids: torch.Tensor | None, amp: bool = False) -> dict[str, torch.Tensor]:
     z = logits.float()
-    bad = ~torch.isfinite(z).all(dim=1)
+    # one pass: a row sum is finite iff the row is (bar |z| ~ 1e34, re-checked on the flagged rows only);
+    # a full isfinite() mask cost more than the teacher's lm_head at a 32k vocabulary (bench_lm)
+    bad = ~torch.isfinite(z.sum(dim=1))
+    if bool(bad.any()):
+        bad[bad.clone()] = ~torch.isfinite(z[bad]).all(dim=1)
     if bool(bad.any()):
         idx = torch.nonzero(bad).flatten()
         ids = (row_ids[idx] if row_ids is not None else idx).tolist()
-        raise NumericsError(
-            f"teacher produced NaN or inf logits for {len(ids)} row(s) {ids[:20]}"
-            f"{' …' if len(ids) > 20 else ''}; this is usually an fp16 overflow — cache with autocast off "
-            f"(--no-amp) or fix the checkpoint")
+        cause = ("this is usually an fp16 overflow — cache with autocast off (--no-amp) or fix the checkpoint"
+                 if amp else "the teacher ran in full precision (no autocast), so its weights or inputs hold "
+                             "NaN/inf — check the checkpoint (a diverged training run) and the input data")
+        raise NumericsError(f"teacher produced NaN or inf logits for {len(ids)} row(s) {ids[:20]}"
+                            f"{' …' if len(ids) > 20 else ''}; {cause}")
     C = z.shape[1]
     if not 1 <= top_k <= C:
         raise StoreError(f"top-k must be in [1, {C}] for a {C}-class teacher; got {top_k}")
@@ -197,8 +225,14 @@ def _summarize(logits: torch.Tensor, labels: torch.Tensor, top_k: int, temperatu
     if bool(((labels < 0) | (labels >= C)).any()):
         raise StoreError(f"labels must lie in [0, {C}); got values {labels[(labels < 0) | (labels >= C)].unique().tolist()[:10]}")
     topv, topi = torch.topk(z, top_k, dim=1, largest=True, sorted=True)
-    taus = torch.tensor(list(temperatures), dtype=torch.float32, device=z.device)
-    lse = torch.logsumexp(z.unsqueeze(1) / taus.view(1, -1, 1), dim=2)  # (B, T)
+    # lse_τ = m/τ + log Σ exp((z − m)/τ) with m the row max (= topv[:, 0]): per τ one fused scale-and-shift,
+    # an in-place exp and a sum — no (B, T, C) tensor (it cost more than a 32k-vocabulary lm_head, bench_lm)
+    m = topv[:, :1]
+    parts = []
+    for t in temperatures:
+        e = torch.sub(z, m) if t == 1.0 else torch.add(-m / t, z, alpha=1.0 / t)  # (B, C), ≤ 0
+        parts.append(m[:, 0] / t + torch.log(e.exp_().sum(dim=1)))
+    lse = torch.stack(parts, dim=1)                                       # (B, T)
     label_logit = z.gather(1, labels.view(-1, 1)).squeeze(1)
     return {"topk_logits": topv, "topk_ids": topi, "lse": lse, "label_logit": label_logit}
 
@@ -261,23 +295,30 @@ DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def dims(name: str) -> dict[str, Any]:
-    """``{"dimension_names": …}`` for array ``name`` (empty for an array not in DIMENSION_NAMES)."""
-    return {"dimension_names": DIMENSION_NAMES[name]} if name in DIMENSION_NAMES else {}
+def dims(name: str, ndim: int | None = None, rows: bool = True) -> dict[str, Any]:
+    """``{"dimension_names": …}`` for array ``name``: its DIMENSION_NAMES entry, else (given ``ndim``) ``row``
+    (when the array is row-aligned) and dimensions of its own (``<name>_1``…), so that xarray never sees one
+    dimension name with two sizes; empty for an unknown name without ``ndim``."""
+    if name in DIMENSION_NAMES:
+        return {"dimension_names": DIMENSION_NAMES[name]}
+    if ndim is None:
+        return {}
+    first = "row" if rows else f"{name}_0"
+    return {"dimension_names": (first,) + tuple(f"{name}_{j}" for j in range(1, ndim))}
 
 
 def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
     R, ch = info.num_rows, info.chunk_rows
     for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
-        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **_codecs(np.dtype(dt), True),
+        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **array_codecs(np.dtype(dt), True),
                            **dims(name))
     if info.aug_param_names:
         P = len(info.aug_param_names)
         group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
-                           fill_value=0.0, **_codecs(np.dtype(np.float32), True), **dims("aug_params"))
+                           fill_value=0.0, **array_codecs(np.dtype(np.float32), True), **dims("aug_params"))
     # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
     group.create_array("rows_done", shape=(info.num_chunks,), chunks=(1,), dtype=np.uint8,
-                       fill_value=0, **_codecs(np.dtype(np.uint8), False), **dims("rows_done"))
+                       fill_value=0, **array_codecs(np.dtype(np.uint8), False), **dims("rows_done"))
 
 
 def open_zarr_group(path: str, mode: str) -> zarr.Group:
@@ -470,11 +511,18 @@ class LogitStore:
 
     def begin_teacher(self, name: str, provenance: dict[str, Any], top_k: int, temperatures: Iterable[float],
                       logits_dtype: str | None = "float32", compress_logits: bool = False,
-                      overwrite: bool = False) -> "TeacherWriter":
+                      overwrite: bool = False, codec: str = "lossless",
+                      extra_arrays: dict[str, dict[str, Any]] | None = None) -> "TeacherWriter":
         """Create (or reopen for resume) teacher ``name``. Provenance must match an existing teacher of that name.
 
-        ``logits_dtype`` None keeps only top-k (the vocabulary-scale form).
+        ``logits_dtype`` None keeps only top-k (the vocabulary-scale form). ``codec`` says how the top-k
+        values and ids are stored (pipeline/codecs.py; resuming with another codec is refused).
+        ``extra_arrays`` {name: {shape, chunks, dtype, fill_value}} are created with the teacher, before its
+        attributes (so a joining shard finds them); row arrays among them are written by ``write_chunk``.
         """
+        from loca_pipe.pipeline.codecs import get_codec
+
+        cod = get_codec(codec)
         C = self.info.num_classes
         temps = [float(t) for t in temperatures]
         if not 1 <= top_k <= C:
@@ -485,10 +533,21 @@ class LogitStore:
             raise StoreError(f"logits dtype must be one of {list(LOGIT_DTYPES)} (or none); got {logits_dtype!r}")
         settings = {"top_k": int(top_k), "temperatures": temps, "logits_dtype": logits_dtype,
                     "full_logits": logits_dtype is not None}
+        if cod.name != "lossless":
+            if self.info.task != "causal-lm":
+                raise StoreError(f"codec {cod.name!r} is for token stores (lm-cache); the image readers read lossless "
+                                 f"top-k, so cache-logits keeps codec 'lossless'")
+            settings["codec"] = cod.attrs()
+        cod.check(C, int(top_k))
         meta = {**provenance, **settings}
         teachers = self.group.require_group("teachers")
         if name in self.teachers and not overwrite and self.teacher_attrs(name):
             old = self.teacher_attrs(name)
+            have = (old.get("codec") or {}).get("name", "lossless")
+            if have != cod.name:
+                raise StoreConflictError(
+                    f"teacher {name!r} in {self.path!r} was written with codec {have!r}; this run asks for codec "
+                    f"{cod.name!r}; resume with --codec {have}, or pass --overwrite to re-cache it with {cod.name!r}")
             diffs = [f"{k}: store has {old.get(k)!r}, this run has {v!r}" for k, v in meta.items()
                      if k not in _RUN_KEYS and old.get(k) != v]
             if diffs:
@@ -501,18 +560,26 @@ class LogitStore:
         if logits_dtype is not None:
             dt = np.dtype(logits_dtype)
             g.create_array("logits", shape=(R, C), chunks=(ch, C), dtype=dt, fill_value=0,
-                           **_codecs(dt, compress_logits), **dims("logits"))
+                           **array_codecs(dt, compress_logits), **dims("logits"))
         f32 = np.dtype(np.float32)
-        g.create_array("topk_logits", shape=(R, K), chunks=(ch, K), dtype=f32, fill_value=0,
-                       **_codecs(f32, compress_logits), **dims("topk_logits"))
-        g.create_array("topk_ids", shape=(R, K), chunks=(ch, K), dtype=id_dtype(C), fill_value=-1,
-                       **_codecs(id_dtype(C), True), **dims("topk_ids"))
-        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **_codecs(f32, False), **dims("lse"))
-        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **_codecs(f32, False),
+        for key, (width, dt, fill) in cod.arrays(C, K, T).items():  # the top-k values and ids, as the codec keeps them
+            dt = np.dtype(dt)
+            g.create_array(key, shape=(R, width), chunks=(ch, width), dtype=dt, fill_value=fill,
+                           **array_codecs(dt, compress_logits or cod.compress), **dims(key, 2))
+        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **array_codecs(f32, False),
+                       **dims("lse"))
+        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32, False),
                        **dims("label_logit"))
+        for key, spec in (extra_arrays or {}).items():
+            dt = np.dtype(spec["dtype"])
+            g.create_array(key, shape=tuple(spec["shape"]), chunks=tuple(spec["chunks"]), dtype=dt,
+                           fill_value=spec.get("fill_value", 0), **array_codecs(dt, spec.get("compress", True)),
+                           **dims(key, len(spec["shape"]), rows=bool(spec.get("rows"))))
         g.create_array("done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8, fill_value=0,
-                       **_codecs(np.dtype(np.uint8), False), **dims("done"))
-        g.attrs[ATTR] = {**meta, "name": name, "created": now(), "versions": versions(), "complete": False}
+                       **array_codecs(np.dtype(np.uint8), False), **dims("done"))
+        rows = [k for k, spec in (extra_arrays or {}).items() if spec.get("rows")]
+        g.attrs[ATTR] = {**meta, "name": name, "created": now(), "versions": versions(), "complete": False,
+                         **({"row_arrays": rows} if rows else {})}
         return TeacherWriter(self, name, g)
 
     def describe(self) -> dict[str, Any]:
@@ -535,15 +602,25 @@ class TeacherWriter:
         self.store, self.name, self.group = store, name, group
         a = dict(group.attrs[ATTR])
         self.top_k, self.temperatures, self.logits_dtype = a["top_k"], a["temperatures"], a["logits_dtype"]
+        from loca_pipe.pipeline.codecs import codec_of
+
+        self.codec = codec_of(a)
+        R = store.info.num_rows
+        standard = {"logits", "lse", "label_logit", "done", *self.codec.arrays(store.info.num_classes, 1, 1)}
+        # the job's own row arrays (e.g. sampled ids): written with each chunk, before its done flag
+        self.extra_rows = list(a["row_arrays"]) if "row_arrays" in a else \
+            [k for k in group.array_keys() if k not in standard and group[k].shape[:1] == (R,)]
 
     def pending_chunks(self) -> list[int]:
         return self.store.pending_chunks(self.name)
 
     def write_chunk(self, c: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write chunk ``c``: ``arrays`` holds topk_logits, topk_ids, lse, label_logit (and logits if stored)."""
+        """Write chunk ``c``: ``arrays`` holds topk_logits, topk_ids, lse, label_logit (and logits if stored,
+        and the teacher's extra row arrays); the codec turns the top-k into what is stored, then the flag."""
         sl = self.store.info.chunk_slice(c)
         n = sl.stop - sl.start
-        need = ["topk_logits", "topk_ids", "lse", "label_logit"] + (["logits"] if self.logits_dtype else [])
+        need = ["topk_logits", "topk_ids", "lse", "label_logit"] + (["logits"] if self.logits_dtype else []) \
+            + self.extra_rows
         for k in need:
             if k not in arrays:
                 raise StoreError(f"chunk {c}: missing array {k!r}")
@@ -557,8 +634,14 @@ class TeacherWriter:
                 raise NumericsError(f"logits of rows {bad[:20].tolist()} overflow {self.logits_dtype}; "
                                     f"cache with --logits-dtype float32")
             self.group["logits"][sl] = z
-        for k in ("topk_logits", "topk_ids", "lse", "label_logit"):
+        from loca_pipe.pipeline.codecs import encode_checked
+
+        coded = encode_checked(self.codec, np.asarray(arrays["topk_logits"], np.float32), np.asarray(arrays["topk_ids"]),
+                               np.asarray(arrays["lse"], np.float32), self.temperatures, self.store.info.num_classes)
+        for k in self.extra_rows:
             self.group[k][sl] = np.asarray(arrays[k]).astype(self.group[k].dtype)
+        for k, v in {**coded, "lse": arrays["lse"], "label_logit": arrays["label_logit"]}.items():
+            self.group[k][sl] = np.asarray(v).astype(self.group[k].dtype)
         self.group["done"][c] = 1
 
     def finalize(self) -> bool:
@@ -896,9 +979,9 @@ class TeacherView:
         return read_checked(self[key].zarr, rows)
 
     def tau_index(self, tau: float) -> int:
-        for i, t in enumerate(self.temperatures):
-            if math.isclose(t, tau, rel_tol=1e-6):
-                return i
+        i = find_tau(self.temperatures, tau)
+        if i is not None:
+            return i
         if self.has_full_logits:
             return -1
         raise StoreError(f"temperature {tau} was not declared when teacher {self.name!r} was cached (it has "

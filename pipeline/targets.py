@@ -44,13 +44,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from loca_pipe.pipeline.analysis import (_one_torch_thread, _TorchThreads, alpha_key, check_alpha_tau, chunk_groups,
                                          cluster_threads, local_workers, resolve_teachers)
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import ATTR, LogitStore, dims, id_dtype, now, open_zarr_group, versions
+from loca_pipe.pipeline.store import ATTR, LogitStore, array_codecs, dims, id_dtype, now, open_zarr_group, versions
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +137,6 @@ def check_sparse(kd: Any, new: Any, labels: torch.Tensor, calibrated: torch.Tens
 # Writing
 
 
-def _codecs(dtype: np.dtype) -> dict[str, Any]:
-    comp: list[Any] = [ZstdCodec(level=1)] if np.dtype(dtype).kind in "iub" else []
-    return {"serializer": BytesCodec(), "compressors": comp + [Crc32cCodec()]}
-
-
 def source_identity(store: LogitStore, teachers: Sequence[str]) -> dict[str, Any]:
     """What makes a logit store (and its teachers' contents) this one: data fingerprint, layout, teacher runs."""
     info = store.info
@@ -197,31 +191,31 @@ def _create_teacher(root: zarr.Group, name: str, form: str, tv, alphas: Sequence
     if form == "dense":
         names = [dense_name(None)] + [dense_name(a) for a in alphas]
         for a in names:
-            g.create_array(a, shape=(R, C), chunks=(ch, C), dtype=f32, fill_value=0, **_codecs(f32),
+            g.create_array(a, shape=(R, C), chunks=(ch, C), dtype=f32, fill_value=0, **array_codecs(f32),
                            dimension_names=("row", "class"))
     else:
         K1 = tv.top_k + 1
         idt = id_dtype(C)
-        g.create_array("ids", shape=(R, K1), chunks=(ch, K1), dtype=idt, fill_value=-1, **_codecs(idt),
+        g.create_array("ids", shape=(R, K1), chunks=(ch, K1), dtype=idt, fill_value=-1, **array_codecs(idt),
                        dimension_names=("row", "k"))
         names = ["ids"]
         for a in [None, *alphas]:
             _, pn, tn = sparse_names(a)
-            g.create_array(pn, shape=(R, K1), chunks=(ch, K1), dtype=f32, fill_value=0, **_codecs(f32),
+            g.create_array(pn, shape=(R, K1), chunks=(ch, K1), dtype=f32, fill_value=0, **array_codecs(f32),
                            dimension_names=("row", "k"))
-            g.create_array(tn, shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **_codecs(f32),
+            g.create_array(tn, shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32),
                            dimension_names=("row",))
             names += [pn, tn]
     u8 = np.dtype(np.uint8)
-    g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **_codecs(u8),
+    g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **array_codecs(u8),
                    dimension_names=("row",))
     g.create_array("violations", shape=(n, len(CHECKS)), chunks=(1, len(CHECKS)), dtype=np.int64, fill_value=0,
-                   **_codecs(np.dtype(np.int64)), dimension_names=("chunk", "check"))
+                   **array_codecs(np.dtype(np.int64)), dimension_names=("chunk", "check"))
     # Σσ over the chunk's calibrated rows (σ = s/α = 1/(1 − p_y + p_k)): the mean LoCa scale per α for the metrics
     # without reading the targets again
     g.create_array("sigma_sum", shape=(n,), chunks=(1,), dtype=np.float64, fill_value=0.0,
-                   **_codecs(np.dtype(np.float64)), dimension_names=("chunk",))
-    g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **_codecs(u8), dimension_names=("chunk",))
+                   **array_codecs(np.dtype(np.float64)), dimension_names=("chunk",))
+    g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **array_codecs(u8), dimension_names=("chunk",))
     g.attrs[ATTR] = {"form": form, "tau": tau, "alphas": list(alphas), "alpha_keys": [alpha_key(a) for a in alphas],
                      "arrays": names + ["mis_instructed"], "checks": list(CHECKS), "top_k": tv.top_k,
                      "provenance": {k: v for k, v in tv.attrs.items()}, "complete": False}
@@ -489,7 +483,7 @@ def _copy_rows(store: LogitStore, root: zarr.Group) -> None:
     for k in names:
         src = store.group[k]
         dst = root.create_array(k, shape=src.shape, chunks=src.chunks, dtype=src.dtype, fill_value=src.fill_value,
-                                overwrite=True, **_codecs(src.dtype), **dims(k))
+                                overwrite=True, **array_codecs(src.dtype), **dims(k))
         for c in range(info.num_chunks):
             sl = info.chunk_slice(c)
             dst[sl] = src[sl]

@@ -3,8 +3,9 @@
 ``run(CacheParams(...))`` adds one teacher to the store (creating the store on first use). Work goes
 chunk by chunk, only over chunks not yet done, so running the same command after a crash resumes; every
 batch of a chunk starts at the chunk's first row, so a resumed run computes exactly the same batches as an
-uninterrupted one and the arrays come out bit-identical. A background writer thread writes finished
-chunks while the teacher computes the next ones.
+uninterrupted one and the arrays come out bit-identical. The engine (read-ahead, summaries, background
+writer, sharding, completion) is ``pipeline/caching.py``; this stage turns its params into a teacher, a
+data set and an :class:`~loca_pipe.pipeline.caching.ImageJob`, and returns the engine's report.
 
 Views: ``views = 0`` caches the un-augmented image once per sample (one row per sample, ``view = 0``).
 ``views = V > 0`` caches V *augmented* views per sample (``crop-flip``, parameters from
@@ -15,48 +16,23 @@ teacher is a separate store (``views: 0``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
-import queue
-import threading
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from loca_pipe.pipeline.errors import (
-    ConfigError,
-    DataError,
-    ModelError,
-    NumericsError,
-    StoreConflictError,
-    StoreError,
-)
-from loca_pipe.pipeline.store import (
-    LogitStore,
-    StoreInfo,
-    TeacherWriter,
-    SMALL_OP_ELEMENTS,
-    default_chunk_rows,
-    io_guard,
-    one_thread,
-    summarize_logits,
-)
-from loca_pipe.pipeline import distributed as _dist
-from loca_pipe.pipeline.distributed import WriterLease
+from loca_pipe.pipeline import caching
+from loca_pipe.pipeline.caching import CacheReport, CacheSettings, ImageJob, weights_sha256
+from loca_pipe.pipeline.errors import ConfigError, DataError, ModelError, StoreError
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows
 
 log = logging.getLogger(__name__)
 
 AUGMENT_KIND = "crop-flip"
-SHARD_WAIT_SECONDS = 600.0  # how long shards > 0 wait for shard 0 to create the store and the teacher
-# Timings of the last run() in this process (rows cached, loop and total seconds): for logs and benchmarks.
-last_run: dict[str, Any] = {}
-FP16_MAX = float(np.finfo(np.float16).max)
 
 
 @dataclass(frozen=True)
@@ -83,6 +59,7 @@ class CacheParams:
     chunk_rows: int | None = None  # default: store.default_chunk_rows(C)
     max_samples: int | None = None  # first N samples only (tiny runs, tests)
     overwrite: bool = False  # replace a conflicting store / teacher; identical work is kept and resumed
+    recache: bool = False  # also re-cache a complete identical teacher (what --overwrite on the command line does)
     shard: int | None = None  # this process caches chunks c with c % num_shards == shard (default: $RANK)
     num_shards: int | None = None  # processes sharing the work (default: $WORLD_SIZE, else 1)
     progress: bool = True
@@ -126,14 +103,6 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
 # Resolution of the teacher and the data
 
 
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hash of every parameter and buffer (names, shapes, dtypes, bytes): the teacher's numerical identity."""
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _validate(p: CacheParams) -> None:
@@ -148,42 +117,7 @@ def _validate(p: CacheParams) -> None:
         v = getattr(p, key)
         if v is not None and v < lo:
             raise ConfigError(f"{key} must be at least {lo}; got {v}")
-    _shard(p)
-
-
-def _shard(p: CacheParams) -> tuple[int, int]:
-    """(shard, num_shards): from the params, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    n = p.num_shards if p.num_shards is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
-    k = p.shard if p.shard is not None else int(os.environ.get("RANK", "0") or 0)
-    if n < 1 or not 0 <= k < n:
-        raise ConfigError(f"shard must be in [0, num_shards) with num_shards >= 1; got shard {k} of {n}")
-    return k, n
-
-
-def _open_for_writing(p: CacheParams, info: StoreInfo, name: str,
-                      provenance: dict[str, Any]) -> tuple[LogitStore, TeacherWriter]:
-    """Create or reopen the store and the teacher; --overwrite replaces only what conflicts."""
-    with io_guard(p.store, "opening the store"):
-        try:
-            store = LogitStore.create_or_open(p.store, info, overwrite=False)
-        except StoreConflictError:
-            if not p.overwrite:
-                raise
-            log.warning("--overwrite: replacing store %s", p.store)
-            store = LogitStore.create_or_open(p.store, info, overwrite=True)
-    with io_guard(p.store, f"taking the writer lease of teacher {name!r}"):
-        lease = WriterLease(p.store, name)
-        lease.acquire()  # a second job writing this teacher refuses here (ranks of one job share the lease)
-    with io_guard(p.store, f"creating teacher {name!r}"):
-        args = (name, provenance, p.top_k, p.temperatures, None if p.logits_dtype == "none" else p.logits_dtype)
-        try:  # an identical teacher is kept (and resumed)
-            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=False)
-        except StoreConflictError:
-            if not p.overwrite:
-                raise
-            log.warning("--overwrite: replacing teacher %r in %s", name, p.store)
-            writer = store.begin_teacher(*args, compress_logits=p.compress_logits, overwrite=True)
-    return store, writer
+    caching.resolve_shard(p.shard, p.num_shards)
 
 
 def _existing_chunk_rows(path: str) -> int | None:
@@ -194,131 +128,13 @@ def _existing_chunk_rows(path: str) -> int | None:
         return None
 
 
-def _teacher_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ModelError(f"the teacher must return a logits tensor (batch, classes); it returned {type(out).__name__}")
-
-
-def _chunk_batches(info: StoreInfo, chunks: list[int], rows_per_batch: int) -> list[tuple[int, list[int]]]:
-    """(chunk, sample indices) per forward pass; each chunk's batches start at its first sample."""
-    V = info.num_views
-    spb = max(1, rows_per_batch // V)  # samples per batch
-    out = []
-    for c in chunks:
-        sl = info.chunk_slice(c)
-        s0, s1 = sl.start // V, sl.stop // V  # chunk_rows is a multiple of V
-        for b in range(s0, s1, spb):
-            out.append((c, list(range(b, min(s1, b + spb)))))
-    return out
-
-
-def _batch_iter(dataset: Any, batches: list[list[int]], num_workers: int | None, pin: bool) -> Any:
-    """(images, labels) per batch of sample indices, in order.
-
-    In-memory data sets with a ``get_batch(indices)`` fast path (pipeline.data.TensorImageDataset) are
-    indexed whole-batch in a prefetch thread; anything else goes through a DataLoader with workers.
-    """
-    fast = getattr(dataset, "get_batch", None)
-    if not callable(fast):
-        if num_workers is None:
-            num_workers = min(4, os.cpu_count() or 1)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
-    return _prefetch((fast(ids) for ids in batches), depth=2)
-
-
-def _prefetch(it: Any, depth: int) -> Any:
-    """Run iterator ``it`` in a background thread, ``depth`` items ahead (exceptions re-raised in order)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def work() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-
-    t = threading.Thread(target=work, name="loca-pipe-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
-class _Writer(threading.Thread):
-    """Writes finished chunks (shared rows, then teacher arrays, then the done flag) off the compute thread."""
-
-    def __init__(self, store: LogitStore, writer: TeacherWriter, depth: int = 2):
-        super().__init__(name="loca-pipe-store-writer", daemon=True)
-        self.store, self.writer = store, writer
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.written = 0
-
-    def run(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            if self.error is not None:
-                continue  # keep draining so the producer never blocks
-            c, rows, arrays = item
-            try:
-                with io_guard(self.store.path, f"writing chunk {c}"):
-                    self.store.write_rows(c, **rows)
-                    self.writer.write_chunk(c, arrays)
-                self.written += 1
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread
-                self.error = exc
-
-    def put(self, item: Any) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.q.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        """Let the queue drain (finished chunks are kept), then stop."""
-        self.q.put(None)
-        self.join()
-
-
-# ----------------------------------------------------------------------------------------------------
-
-
-def run(params: CacheParams) -> None:
-    """Cache one teacher's logits for one data set split into ``params.store`` (resumable)."""
+def run(params: CacheParams) -> CacheReport:
+    """Cache one teacher's logits for one data set split into ``params.store`` (resumable); what it did."""
     from loca_pipe.pipeline import augment as _augment
     from loca_pipe.pipeline import data as _data
     from loca_pipe.pipeline import models as _models
 
     p = params
-    t_start = time.perf_counter()
-    last_run.clear()
     _validate(p)
     sidecar = _models.read_sidecar(p.checkpoint, missing_ok=True) if p.checkpoint else {}
     if p.checkpoint and not Path(p.checkpoint).is_file():
@@ -364,7 +180,7 @@ def run(params: CacheParams) -> None:
     amp = bool(p.amp and device.type == "cuda")
     model = model.to(device).eval()
 
-    # -- store --------------------------------------------------------------------------------------
+    # -- store and engine ---------------------------------------------------------------------------
     V = max(1, p.views)
     augmenter = _augment.make_augmenter(AUGMENT_KIND, p.view_seed, int(spec.image_size)) if p.views else None
     ch = p.chunk_rows or _existing_chunk_rows(p.store) or default_chunk_rows(C)  # fp32-sized whatever the dtype,
@@ -383,148 +199,10 @@ def run(params: CacheParams) -> None:
         "run": {"checkpoint": str(p.checkpoint) if p.checkpoint else None, "device": str(device),
                 "batch_size": p.batch_size, "sidecar": sidecar},
     }
-    shard, num_shards = _shard(p)
-    # under torchrun (MASTER_ADDR set, WORLD_SIZE > 1) the ranks join a process group: rank 0 creates the
-    # store and teacher before a barrier, and finalises after one; without a group, shards poll the store.
-    group = num_shards > 1 and p.shard is None and _dist.init_from_env(device.type)
-    if group and _dist.world() != (shard, num_shards):
-        group = False  # explicit --shard/--num-shards that differ from the group's ranks: poll instead
-    if shard == 0:
-        try:
-            store, writer = _open_for_writing(p, info, name, provenance)
-        finally:
-            if group:
-                _dist.barrier()  # the others open what rank 0 made (or fail fast if it failed)
-    elif group:
-        _dist.barrier()
-        store, writer = _open_for_writing(replace(p, overwrite=False), info, name, provenance)
-    else:  # shard 0 creates (or replaces) the store and the teacher; the others join what it made
-        deadline = time.monotonic() + SHARD_WAIT_SECONDS
-        while True:
-            try:
-                LogitStore.open(p.store)  # never create: StoreError while shard 0 has not made it yet
-                if not LogitStore.open(p.store).teacher_attrs(name):
-                    raise StoreError(f"teacher {name!r} is still being created")
-                store, writer = _open_for_writing(replace(p, overwrite=False), info, name, provenance)
-                break
-            except StoreError as exc:  # absent, or still the old (conflicting) one shard 0 will replace
-                if time.monotonic() > deadline:
-                    raise StoreError(f"shard {shard} of {num_shards} waited {SHARD_WAIT_SECONDS:.0f} s for shard 0 "
-                                     f"to create teacher {name!r} in {p.store!r} ({exc}); start shard 0 with the "
-                                     f"same params") from exc
-                time.sleep(0.5)
-    pending = writer.pending_chunks()
-    resumed = len(pending) < store.info.num_chunks
-    pending = [c for c in pending if c % num_shards == shard]  # shards own disjoint, chunk-aligned row ranges
-    last_run.update(name=name, store=p.store, rows=0, resumed=resumed)
-    lease = WriterLease(p.store, name)
-    if not pending and not group:
-        with io_guard(p.store, "finalising"):
-            complete = writer.finalize()
-        if complete:
-            lease.release()
-        log.info("teacher %r in %s: nothing left for shard %d of %d%s", name, p.store, shard, num_shards,
-                 "" if complete else " (other shards still running)")
-        return
-    t_loop = time.perf_counter()
-    try:
-        rows = _cache(p, spec, model, device, amp, augmenter, store, writer, pending, labels) if pending else 0
-    except BaseException:
-        if num_shards == 1:
-            lease.release()  # one process: nobody else is writing; finished chunks stay done
-        raise
-    t_end = time.perf_counter()
-    if group:
-        _dist.barrier()  # every rank's chunks are written
-    with io_guard(p.store, "finalising"):
-        complete = writer.finalize() if (shard == 0 or not group) else writer.pending_chunks() == []
-        if complete and (shard == 0 or not group):
-            lease.release()  # the last shard to finish (rank 0 after the barrier) marks the teacher complete
-    if group:
-        _dist.barrier()  # nobody returns before the teacher is marked complete
-    left = writer.pending_chunks()
-    if not complete and (num_shards == 1 or any(c % num_shards == shard for c in left)):
-        raise StoreError(f"teacher {name!r} still has chunks {left[:10]} pending after the run; run the same "
-                         f"command again")
-    last_run.update(rows=rows, seconds_loop=t_end - t_loop, seconds_total=time.perf_counter() - t_start)
-    log.info("teacher %r: %d rows in %.1f s (%.0f rows/s) -> %s", name, rows, t_end - t_loop,
-             rows / max(t_end - t_loop, 1e-9), p.store)
-
-
-def _cache(p: CacheParams, spec: Any, model: torch.nn.Module, device: torch.device, amp: bool, augmenter: Any,
-           store: LogitStore, writer: TeacherWriter, pending: list[int], labels: np.ndarray) -> int:
-    from tqdm.auto import tqdm
-
-    info = store.info
-    V, C = info.num_views, info.num_classes
-    batches = _chunk_batches(info, pending, p.batch_size)
-    loader = _batch_iter(spec.dataset, [ids for _, ids in batches], p.num_workers, device.type == "cuda")
-    temps = list(p.temperatures)
-    keep_logits = p.logits_dtype != "none"
-    bg = _Writer(store, writer)
-    bg.start()
-    acc: dict[str, list[np.ndarray]] = {}
-    current = None
-    total_rows = sum(info.chunk_slice(c).stop - info.chunk_slice(c).start for c in pending)
-    bar = tqdm(total=total_rows, unit="sample", unit_scale=True, dynamic_ncols=True, disable=not p.progress,
-               desc=f"cache {writer.name}")
-    failed = True
-    try:
-        for (c, ids), (images, batch_labels) in zip(batches, loader):
-            if current is not None and c != current:
-                bg.put(_pack(current, acc, keep_logits))
-                acc = {}
-            current = c
-            sid = np.asarray(ids, dtype=np.int64)
-            y = torch.as_tensor(batch_labels).long()
-            if not torch.equal(y, torch.from_numpy(labels[sid])):
-                raise DataError(f"data set {p.dataset!r} returned labels for samples {sid[:5].tolist()}… that differ "
-                                f"from its label list; the data set must be deterministic")
-            x = images
-            row_sid = np.repeat(sid, V)
-            row_view = np.tile(np.arange(V, dtype=np.int16), len(sid))
-            aug = None
-            if augmenter is not None:
-                per_view = [np.asarray(augmenter.sample_params(sid, v), dtype=np.float32) for v in range(V)]
-                aug = np.stack(per_view, axis=1).reshape(len(sid) * V, -1)  # row = sample·V + view
-                x = augmenter.apply(x.repeat_interleave(V, dim=0), torch.from_numpy(aug))
-            y_rows = y.repeat_interleave(V)
-            x = x.to(device, non_blocking=True)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                out = _teacher_output(model(x))
-            if out.ndim != 2 or out.shape != (x.shape[0], C):
-                raise ModelError(f"teacher output must have shape (batch, classes) = ({x.shape[0]}, {C}); got "
-                                 f"{tuple(out.shape)}; check --teacher and that the data set has {C} classes")
-            s = summarize_logits(out, y_rows.to(out.device), p.top_k, temps, row_ids=torch.from_numpy(row_sid))
-            with one_thread(out.device.type == "cpu" and out.numel() < SMALL_OP_ELEMENTS):
-                z = out.float()
-                if p.logits_dtype == "float16" and bool((z.abs() > FP16_MAX).any()):
-                    bad = torch.nonzero((z.abs() > FP16_MAX).any(dim=1)).flatten().cpu().numpy()
-                    raise NumericsError(f"logits of sample ids {np.unique(row_sid[bad])[:20].tolist()} exceed the "
-                                        f"float16 range; cache with --logits-dtype float32")
-                part = {k: v.cpu().numpy() for k, v in s.items()}
-                if keep_logits:
-                    part["logits"] = z.cpu().numpy()
-            part["sample_id"], part["label"], part["view"] = row_sid, y_rows.numpy(), row_view
-            if aug is not None:
-                part["aug_params"] = aug
-            for k, v in part.items():
-                acc.setdefault(k, []).append(v)
-            bar.update(len(row_sid))
-        if current is not None:
-            bg.put(_pack(current, acc, keep_logits))
-        failed = False
-    finally:
-        bar.close()
-        # finished chunks in the queue are still written, also when the compute side failed
-        bg.close()
-        if bg.error is not None and not failed:
-            raise bg.error
-    return total_rows
-
-
-def _pack(c: int, acc: dict[str, list[np.ndarray]], keep_logits: bool) -> tuple[int, dict, dict]:
-    cat = {k: np.concatenate(v) for k, v in acc.items()}
-    rows = {"sample_id": cat.pop("sample_id"), "label": cat.pop("label"), "view": cat.pop("view"),
-            "aug_params": cat.pop("aug_params", None)}
-    return c, rows, cat
+    settings = CacheSettings(
+        store=p.store, name=name, top_k=p.top_k, temperatures=tuple(p.temperatures),
+        logits_dtype=None if p.logits_dtype == "none" else p.logits_dtype, compress_logits=p.compress_logits,
+        overwrite=p.overwrite, recache=p.recache, shard=p.shard, num_shards=p.num_shards, amp=amp,
+        device_type=device.type, progress=p.progress, unit="sample")
+    job = ImageJob(spec.dataset, labels, model, device, info, p.batch_size, augmenter, p.num_workers, amp, p.dataset)
+    return caching.cache(settings, info, provenance, job)

@@ -34,7 +34,9 @@ class Params:
     greedy_max_new_tokens: int = 24
     chunk_rows: int = 4096
     batch_size: int = 64
-    overwrite: bool = False
+    overwrite: bool = False       # replace only what conflicts (an identical store / teacher is resumed)
+    recache: bool = False         # also re-cache a complete identical teacher (what --overwrite on the command line does)
+    codec: str = "lossless"       # how top-k values and ids are stored (pipeline/codecs.py; docs/store-format.md)
     max_chunks: int = 0           # > 0: write at most this many chunks in this run (time-sliced jobs)
 
 
@@ -60,10 +62,10 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
                               logits_dtype=None if p.logits_dtype == "none" else p.logits_dtype, id_dtype=p.id_dtype,
                               sample_draws=p.sample_draws, sample_tau=p.sample_tau, seed=base.seed,
                               greedy_max_new_tokens=p.greedy_max_new_tokens, overwrite=p.overwrite,
-                              max_chunks=p.max_chunks or None, progress=True)
+                              recache=p.recache, codec=p.codec, max_chunks=p.max_chunks or None, progress=True)
     out = {**rep.to_dict(), "wall_seconds": time.perf_counter() - t0, "truncated_sequences": enc.truncated,
            "prompt_tokens_stored": 0, "bytes": cache.store_bytes(str(base.store))}
-    out["bytes_per_token"] = sum(out["bytes"].values()) / max(1, rep.rows)
+    out["bytes_per_token"] = sum(out["bytes"].values()) / max(1, rep.extra["tokens"])
     write_json(base.root / "cache_report.json", out)
     log.info("cache: %s", out)
     return out

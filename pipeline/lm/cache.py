@@ -26,29 +26,24 @@ run writes exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
-from loca_pipe.pipeline.distributed import WriterLease
+from loca_pipe.pipeline import caching
+from loca_pipe.pipeline.caching import Batch, CacheReport, CacheSettings, sample_sparse
+from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, array_codecs, find_tau, read_checked
 
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
 LM_ATTR = "loca_pipe_lm"
 ID_DTYPES = ("auto", "int16", "int32", "int64")
-
-
-def _codecs(compress: bool = True) -> dict[str, Any]:
-    comp: list[Any] = [ZstdCodec(level=1)] if compress else []
-    return {"serializer": BytesCodec(), "compressors": comp + [Crc32cCodec()]}
 
 
 def check_id_dtype(vocab_size: int, id_dtype: str) -> None:
@@ -75,57 +70,28 @@ def rows_of_sequences(offsets: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     return i0, i1
 
 
-@torch.no_grad()
-def teacher_rows(model, enc: Encoded, i0: int, i1: int, pad_id: int, batch_size: int, top_k: int,
-                 temperatures: Sequence[float], sample_draws: int = 0, sample_tau: float = 1.0,
-                 generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
-    """Run the teacher on sequences [i0, i1) and summarise every response-token row (flat, in order)."""
-    parts: list[dict[str, np.ndarray]] = []
-    for s in range(i0, i1, batch_size):
-        e = min(i1, s + batch_size)
-        logits, labels = response_logits(model, enc.ids[s:e], enc.prompt_len[s:e], pad_id)  # (r, V), (r,)
-        out = summarize_logits(logits, labels, top_k, temperatures)
-        part = {k: v.cpu().numpy() for k, v in out.items()}
-        part["label"] = labels.numpy()
-        if sample_draws:
-            part.update(sample_sparse(logits, sample_draws, sample_tau, generator))
-        parts.append(part)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+class TokenJob:
+    """The token use of the engine: batches of whole sequences overlapping each chunk, through the teacher."""
 
+    def __init__(self, model, enc: Encoded, pad_id: int, batch_size: int, info: StoreInfo):
+        self.model, self.enc, self.pad_id, self.batch_size, self.info = model, enc, pad_id, batch_size, info
+        self.offsets = enc.offsets()
 
-def sample_sparse(logits: torch.Tensor, draws: int, tau: float, generator: torch.Generator | None) -> dict[str, np.ndarray]:
-    """Sparse Logit Sampling (Anshumann et al. 2025): ``draws`` ids from p = softmax(z/τ) with replacement.
+    def batches(self, chunks: list[int]):
+        for c in chunks:
+            sl = self.info.chunk_slice(c)
+            i0, i1 = rows_of_sequences(self.offsets, sl.start, sl.stop)
+            for s in range(i0, i1, self.batch_size):  # each chunk's batches start at its first sequence
+                e = min(i1, s + self.batch_size)
+                lo, hi = int(self.offsets[s]), int(self.offsets[e])
+                yield c, (s, e, slice(max(sl.start, lo) - lo, min(sl.stop, hi) - lo))
 
-    Returns distinct ids (most drawn first) and their counts, (R, draws) each, unused slots id -1 / count 0.
-    ``counts / draws`` is an unbiased estimate of p (top-k is biased toward the head).
-    """
-    p = torch.softmax(logits.float() / tau, dim=-1)
-    idx = torch.multinomial(p, draws, replacement=True, generator=generator)  # (R, S)
-    R = idx.shape[0]
-    ids = np.full((R, draws), -1, np.int32)
-    counts = np.zeros((R, draws), np.uint16)
-    srt = torch.sort(idx, dim=1).values.numpy()
-    for r in range(R):
-        u, c = np.unique(srt[r], return_counts=True)
-        order = np.lexsort((u, -c))
-        ids[r, :len(u)] = u[order]
-        counts[r, :len(u)] = c[order]
-    return {"sampled_ids": ids, "sampled_counts": counts}
-
-
-@dataclass
-class CacheReport:
-    sequences: int
-    rows: int
-    chunks_written: int
-    chunks_skipped: int
-    greedy_chunks_written: int
-    complete: bool
-    seconds: float
-    tokens_per_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def forward(self, item) -> Batch:
+        s, e, keep = item
+        with torch.inference_mode():
+            logits, labels = response_logits(self.model, self.enc.ids[s:e], self.enc.prompt_len[s:e], self.pad_id)
+        sid = np.repeat(np.arange(s, e), self.enc.response_len[s:e])
+        return Batch(logits, labels, {"sample_id": sid}, keep)
 
 
 def _write_index(store: LogitStore, enc: Encoded) -> None:
@@ -140,10 +106,11 @@ def _write_index(store: LogitStore, enc: Encoded) -> None:
                                      f"--store or --overwrite")
         return
     ch = store.info.chunk_rows
-    g.create_array("offsets", shape=offsets.shape, chunks=(max(1, min(len(offsets), 1 << 16)),), dtype=np.int64,
-                   fill_value=-1, overwrite=True, **_codecs())
-    g.create_array("position", shape=position.shape, chunks=(ch,), dtype=np.int32, fill_value=-1, overwrite=True,
-                   **_codecs())
+    i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
+    g.create_array("offsets", shape=offsets.shape, chunks=(max(1, min(len(offsets), 1 << 16)),), dtype=i64,
+                   fill_value=-1, overwrite=True, **array_codecs(i64))
+    g.create_array("position", shape=position.shape, chunks=(ch,), dtype=i32, fill_value=-1, overwrite=True,
+                   **array_codecs(i32))
     g["offsets"][:] = offsets
     if len(position):
         g["position"][:] = position
@@ -155,12 +122,18 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
                   chunk_rows: int = 2048, batch_size: int = 32, logits_dtype: str | None = None,
                   id_dtype: str = "auto", sample_draws: int = 0, sample_tau: float = 1.0, seed: int = 0,
                   greedy_max_new_tokens: int = 0, greedy_chunk: int = 256, overwrite: bool = False,
-                  max_chunks: int | None = None, progress: bool = False, compress_logits: bool = False) -> CacheReport:
+                  recache: bool = False, max_chunks: int | None = None, progress: bool = False,
+                  compress_logits: bool = False, codec: str = "lossless", shard: int | None = None,
+                  num_shards: int | None = None) -> CacheReport:
     """Cache teacher ``name`` over the response tokens of ``enc`` into the store at ``store_path`` (resumable).
 
+    Runs on the one caching engine (pipeline/caching.py): sharding (torchrun's RANK / WORLD_SIZE or
+    ``shard``/``num_shards``), the writer lease, background writes and completion are the image path's.
     ``max_chunks`` writes at most that many row chunks in this call (a time-sliced job; the next call
     resumes). ``greedy_max_new_tokens`` > 0 also caches the teacher's greedy responses (SeqKD).
-    ``compress_logits`` puts zstd on the float arrays too (lossless; see docs/language-models.md for what it saves).
+    ``compress_logits`` puts zstd on the float arrays too; ``codec`` picks how top-k values and ids are
+    stored (pipeline/codecs.py; lossless by default). ``overwrite`` replaces what conflicts, ``recache``
+    also a complete identical teacher.
     """
     V = model_vocab(model)
     check_top_k(top_k, V)
@@ -171,96 +144,59 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         if s.max(initial=0) >= V:
             raise StoreError(f"sequence {n} holds token id {int(s.max())} but the teacher scores only {V} tokens; "
                              f"the tokenizer does not belong to this teacher")
-    R = int(enc.offsets()[-1])
+    R, N = int(enc.offsets()[-1]), len(enc)
     if R == 0:
         raise StoreError("no response tokens to cache")
-    info = StoreInfo(task=TASK, num_samples=len(enc), num_views=1, num_rows=R, num_classes=V,
+    info = StoreInfo(task=TASK, num_samples=N, num_views=1, num_rows=R, num_classes=V,
                      chunk_rows=int(chunk_rows), dataset=dataset)
-    # --overwrite replaces only what conflicts: an identical store / teacher is kept and resumed (safe for a
-    # DVC stage whose store persists between runs)
-    try:
-        store = LogitStore.create_or_open(store_path, info)
-    except StoreConflictError:
-        if not overwrite:
-            raise
-        store = LogitStore.create_or_open(store_path, info, overwrite=True)
-    if store.info.task != TASK:
-        raise StoreError(f"store {store_path!r} is a {store.info.task!r} store; the language-model path needs {TASK!r}")
-    # one writer per teacher: a second job on the same token store refuses (docs/store-format.md)
-    lease = WriterLease(store_path, name)
-    lease.acquire()
-    try:
-        _write_index(store, enc)
-        prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
-                "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
-        kw = dict(logits_dtype=logits_dtype, compress_logits=compress_logits)
-        try:
-            writer = store.begin_teacher(name, prov, top_k, temperatures, **kw)
-        except StoreConflictError:
-            if not overwrite:
-                raise
-            writer = store.begin_teacher(name, prov, top_k, temperatures, overwrite=True, **kw)
+    prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
+            "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
+    extra: dict[str, dict[str, Any]] = {}
+    if sample_draws:
+        S = int(sample_draws)
+        extra["sampled_ids"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.int32, fill_value=-1, rows=True)
+        extra["sampled_counts"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.uint16, fill_value=0, rows=True)
+    G, n_greedy = int(greedy_max_new_tokens), -(-N // greedy_chunk)
+    if G:
+        extra["greedy_ids"] = dict(shape=(N, G), chunks=(greedy_chunk, G), dtype=np.int32, fill_value=-1)
+        extra["greedy_done"] = dict(shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, compress=False)
+    written = [0]
+
+    def finish(writer, shard: int, num_shards: int) -> bool:  # greedy responses, chunk by chunk, sharded likewise
+        if not G:
+            return True
         g = writer.group
-        N = len(enc)
-        if sample_draws and "sampled_ids" not in g:
-            g.create_array("sampled_ids", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.int32,
-                           fill_value=-1, **_codecs())
-            g.create_array("sampled_counts", shape=(R, sample_draws), chunks=(chunk_rows, sample_draws), dtype=np.uint16,
-                           fill_value=0, **_codecs())
-        n_greedy = -(-N // greedy_chunk)
-        if greedy_max_new_tokens and "greedy_ids" not in g:
-            g.create_array("greedy_ids", shape=(N, greedy_max_new_tokens), chunks=(greedy_chunk, greedy_max_new_tokens),
-                           dtype=np.int32, fill_value=-1, **_codecs())
-            g.create_array("greedy_done", shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, **_codecs(False))
-        offsets = enc.offsets()
-        pending = writer.pending_chunks()
-        todo = pending if max_chunks is None else pending[:max_chunks]
-        model.eval()
-        t0, rows_done = time.perf_counter(), 0
-        bar = _bar(sum(store.info.chunk_slice(c).stop - store.info.chunk_slice(c).start for c in todo), "cache", progress)
-        for c in todo:
-            sl = store.info.chunk_slice(c)
-            i0, i1 = rows_of_sequences(offsets, sl.start, sl.stop)
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + c) if sample_draws else None
-            out = teacher_rows(model, enc, i0, i1, pad_id, batch_size, top_k, temperatures, sample_draws, sample_tau, gen)
-            cut = slice(sl.start - offsets[i0], sl.stop - offsets[i0])
-            out = {k: v[cut] for k, v in out.items()}
-            seq = np.repeat(np.arange(i0, i1), enc.response_len[i0:i1])[cut]
-            if sample_draws:
-                g["sampled_ids"][sl] = out["sampled_ids"]
-                g["sampled_counts"][sl] = out["sampled_counts"]
-            store.write_rows(c, sample_id=seq, label=out["label"], view=np.zeros(len(seq), np.int16))
-            writer.write_chunk(c, out)
-            rows_done += sl.stop - sl.start
-            bar.update(sl.stop - sl.start)
-        bar.close()
-        greedy_written = 0
-        if greedy_max_new_tokens:
-            gd = g["greedy_done"][:]
-            for gc in np.flatnonzero(gd == 0):
-                s, e = gc * greedy_chunk, min(N, (gc + 1) * greedy_chunk)
-                prompts = [enc.ids[i][:enc.prompt_len[i]] for i in range(s, e)]
-                resp = greedy_generate(model, prompts, eos_id, pad_id, greedy_max_new_tokens, batch_size=max(batch_size, 64))
-                block = np.full((e - s, greedy_max_new_tokens), -1, np.int32)
-                for j, r in enumerate(resp):
-                    block[j, :len(r)] = r
-                g["greedy_ids"][s:e] = block
-                g["greedy_done"][int(gc)] = 1
-                greedy_written += 1
-        greedy_ok = not greedy_max_new_tokens or bool(g["greedy_done"][:].all())
-        complete = writer.finalize() if greedy_ok else False
-    finally:
-        lease.release()  # finished chunks stay done; the same command resumes
-    dt = time.perf_counter() - t0
-    return CacheReport(sequences=N, rows=R, chunks_written=len(todo), chunks_skipped=store.info.num_chunks - len(pending),
-                       greedy_chunks_written=greedy_written, complete=complete, seconds=dt,
-                       tokens_per_s=rows_done / max(dt, 1e-9))
+        for gc in np.flatnonzero(g["greedy_done"][:] == 0):
+            if gc % num_shards != shard:
+                continue
+            s, e = gc * greedy_chunk, min(N, (gc + 1) * greedy_chunk)
+            prompts = [enc.ids[i][:enc.prompt_len[i]] for i in range(s, e)]
+            resp = greedy_generate(model, prompts, eos_id, pad_id, G, batch_size=max(batch_size, 64))
+            block = np.full((e - s, G), -1, np.int32)
+            for j, r in enumerate(resp):
+                block[j, :len(r)] = r
+            g["greedy_ids"][s:e] = block
+            g["greedy_done"][int(gc)] = 1
+            written[0] += 1
+        return bool(g["greedy_done"][:].all())
+
+    settings = CacheSettings(
+        store=str(store_path), name=name, top_k=top_k, temperatures=tuple(float(t) for t in temperatures),
+        logits_dtype=logits_dtype, compress_logits=compress_logits, codec=codec, sample_draws=int(sample_draws),
+        sample_tau=float(sample_tau), sample_seed=int(seed), overwrite=overwrite, recache=recache, shard=shard,
+        num_shards=num_shards, max_chunks=max_chunks, device_type=_device_of(model).type, progress=progress,
+        unit="tok")
+    model.eval()
+    rep = caching.cache(settings, info, prov, TokenJob(model, enc, pad_id, batch_size, info), extra_arrays=extra,
+                        on_store=lambda store: _write_index(store, enc), finish=finish)
+    rep.extra.update(sequences=N, tokens=R, greedy_chunks_written=written[0],
+                     tokens_per_s=rep.rows / max(rep.seconds_total, 1e-9))
+    return rep
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not enabled)  # tokens/s and ETA
+def _device_of(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,9 +232,9 @@ class LMTeacherCache:
         return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in seqs])
 
     def tau_index(self, tau: float) -> int:
-        for i, t in enumerate(self.temperatures):
-            if abs(t - tau) <= 1e-6 * max(1.0, abs(tau)):
-                return i
+        i = find_tau(self.temperatures, tau)
+        if i is not None:
+            return i
         raise StoreError(f"temperature {tau} was not declared at cache time (the store has {self.temperatures}); "
                          f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
 
@@ -326,10 +262,17 @@ def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: 
     def read(group, key):  # a corrupted chunk is named (array, chunk, file), not a bare checksum error
         return read_checked(group[key]) if key in group else None
 
+    codec = codec_of(view.attrs)  # refuses a codec (version) this reader does not know
+    lse = read(g, "lse")
+    coded = {k: read(g, k) for k in codec.arrays(store.info.num_classes, view.top_k, len(view.temperatures))}
+    topk_logits, topk_ids = codec.decode(coded, lse, view.temperatures, store.info.num_classes, view.top_k)
+    if codec.name == "lossless":
+        topk_ids = coded["topk_ids"]  # keep the stored (narrow) dtype
+
     return LMTeacherCache(
         offsets=read(root, "offsets"), position=read(root, "position"), sample_id=read(root, "sample_id"),
-        label=read(root, "label"), topk_logits=read(g, "topk_logits"), topk_ids=read(g, "topk_ids"),
-        lse=read(g, "lse"), label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
+        label=read(root, "label"), topk_logits=topk_logits, topk_ids=topk_ids, lse=lse,
+        label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
         num_classes=store.info.num_classes, attrs=view.attrs, dataset=dict(store.info.dataset),
         sampled_ids=read(g, "sampled_ids"), sampled_counts=read(g, "sampled_counts"), greedy_ids=read(g, "greedy_ids"))
 
@@ -350,4 +293,4 @@ def store_bytes(store_path: str) -> dict[str, int]:
 
 
 __all__ = ["cache_teacher", "open_lm_cache", "LMTeacherCache", "CacheReport", "check_id_dtype", "check_top_k",
-           "sample_sparse", "teacher_rows", "store_bytes", "TASK"]
+           "sample_sparse", "store_bytes", "TokenJob", "TASK"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, ModelError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm import cache, models
@@ -60,8 +62,12 @@ def test_prompt_tokens_never_stored(tmp_path, teacher, tok, pairs):
     assert tok.bos_token_id not in set(c.label.tolist())
 
 
-@pytest.mark.parametrize("draws", [0, 12])
-def test_resume_is_identical(tmp_path, teacher, tok, enc, draws):
+@pytest.mark.parametrize("draws, threaded", [(0, False), (12, False), (12, True)])
+def test_resume_is_identical(tmp_path, monkeypatch, teacher, tok, enc, draws, threaded):
+    from loca_pipe.pipeline import caching
+
+    if threaded:  # summaries in the Summarizer thread beside the next forward (large batches), same bytes
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 0)
     kw = dict(sample_draws=draws, sample_tau=1.0, seed=3, greedy_max_new_tokens=6, greedy_chunk=10)
     full = _cache(tmp_path / "full", teacher, tok, enc, **kw)
     assert full.complete
@@ -78,13 +84,19 @@ def test_resume_is_identical(tmp_path, teacher, tok, enc, draws):
         assert (x is None) == (y is None) == (k.startswith("sampled") and draws == 0)
         if x is not None:
             np.testing.assert_array_equal(x, y, err_msg=k)
+    if threaded:  # the threaded summaries write the bytes the inline ones do
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 1 << 18)
+        _cache(tmp_path / "inline", teacher, tok, enc, **kw)
+        c = cache.open_lm_cache(str(tmp_path / "inline"))
+        for k in ("topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids", "sampled_counts", "greedy_ids"):
+            np.testing.assert_array_equal(getattr(a, k), getattr(c, k), err_msg=k)
 
 
 def test_sampled_form_counts_and_unbiased(tok):
     torch.manual_seed(0)
     z = torch.randn(3, 40) * 2
     g = torch.Generator().manual_seed(0)
-    out = cache.sample_sparse(z.repeat(2000, 1), 12, 1.0, g)
+    out = {k: v.numpy() for k, v in cache.sample_sparse(z.repeat(2000, 1), 12, 1.0, g).items()}
     assert (out["sampled_counts"].sum(1) == 12).all()
     ids, cnt = out["sampled_ids"], out["sampled_counts"]
     assert ((ids >= 0) == (cnt > 0)).all()
@@ -201,3 +213,125 @@ def test_corrupted_token_chunk_is_named(tmp_path, teacher, tok, enc):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match=r"array 'teachers/t/topk_logits' .*chunk 1 .*CRC32C"):
         cache.open_lm_cache(str(path))
+
+
+def _reference_sample_sparse(logits, draws, tau, generator):
+    """The per-row implementation the vectorised sampler replaced (np.unique per row): the exact reference."""
+    p = torch.softmax(logits.float() / tau, dim=-1)
+    idx = torch.multinomial(p, draws, replacement=True, generator=generator)
+    R = idx.shape[0]
+    ids, counts = np.full((R, draws), -1, np.int32), np.zeros((R, draws), np.int32)
+    srt = torch.sort(idx, dim=1).values.numpy()
+    for r in range(R):
+        u, c = np.unique(srt[r], return_counts=True)
+        order = np.lexsort((u, -c))
+        ids[r, :len(u)], counts[r, :len(u)] = u[order], c[order]
+    return ids, counts
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), vocab=st.integers(2, 300), draws=st.integers(1, 40), tau=st.sampled_from([0.5, 1.0, 3.0]),
+       seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.1, 2.0, 8.0]))
+def test_vectorised_sampler_equals_the_per_row_reference(rows, vocab, draws, tau, seed, scale):
+    z = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    got = cache.sample_sparse(z, draws, tau, torch.Generator().manual_seed(seed + 1))
+    ids, counts = _reference_sample_sparse(z, draws, tau, torch.Generator().manual_seed(seed + 1))
+    np.testing.assert_array_equal(got["sampled_ids"].numpy(), ids)
+    np.testing.assert_array_equal(got["sampled_counts"].numpy(), counts)
+    again = cache.sample_sparse(z, draws, tau, torch.Generator().manual_seed(seed + 1))  # same seed, same draws
+    assert torch.equal(again["sampled_ids"], got["sampled_ids"])
+
+
+def test_sampler_counts_follow_p_chi_square():
+    """Pooled counts of 4,000 rows × 16 draws match p = softmax(z/τ) (chi-square, 20 bins, p-value > 1e-3)."""
+    z = torch.linspace(-3, 3, 20).view(1, -1)
+    tau = 1.5
+    out = cache.sample_sparse(z.repeat(4000, 1), 16, tau, torch.Generator().manual_seed(7))
+    ids, cnt = out["sampled_ids"].numpy(), out["sampled_counts"].numpy()
+    obs = np.bincount(ids[cnt > 0], weights=cnt[cnt > 0], minlength=20)
+    exp = torch.softmax(z[0].double() / tau, 0).numpy() * obs.sum()
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    pvalue = float(torch.special.gammaincc(torch.tensor(19 / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+    assert pvalue > 1e-3, (stat, pvalue)
+    assert (np.diff(cnt, axis=1) <= 0).all()  # most drawn first
+
+
+def test_shards_fill_one_token_store_identically(tmp_path, teacher, tok, enc):
+    """lm-cache through the engine: two shards (polling, no process group) write exactly the one-process store."""
+    kw = dict(sample_draws=6, seed=1, greedy_max_new_tokens=4, greedy_chunk=7)
+    one = _cache(tmp_path / "one", teacher, tok, enc, **kw)
+    a = _cache(tmp_path / "sh", teacher, tok, enc, shard=0, num_shards=2, **kw)
+    assert not a.complete and a.chunks_written == -(-one.chunks_written // 2)
+    b = _cache(tmp_path / "sh", teacher, tok, enc, shard=1, num_shards=2, **kw)
+    assert b.complete and a.chunks_written + b.chunks_written == one.chunks_written
+    x, y = cache.open_lm_cache(str(tmp_path / "one")), cache.open_lm_cache(str(tmp_path / "sh"))
+    for k in ("sample_id", "label", "topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids",
+              "sampled_counts", "greedy_ids"):
+        np.testing.assert_array_equal(getattr(x, k), getattr(y, k), err_msg=k)
+
+
+_KILL_SCRIPT = r"""
+import sys, time, numpy as np, torch
+from loca_pipe.pipeline.lm import cache, models
+from loca_pipe.pipeline.lm.tokenizer import Encoded
+torch.set_num_threads(1)
+model = models.build_lm("llama", 97, 16, 1, 2, 24, None, seed=0).eval()
+if len(sys.argv) > 2:
+    model.register_forward_hook(lambda *a: time.sleep(float(sys.argv[2])))
+rng = np.random.default_rng(0)
+enc = Encoded([rng.integers(3, 97, 20).astype(np.int64) for _ in range(30)], np.full(30, 6, np.int64))
+cache.cache_teacher(sys.argv[1], "t", model, enc, pad_id=0, eos_id=2, top_k=4, temperatures=(1.0, 2.0),
+                    dataset={"name": "k", "split": "train", "fingerprint": "k"}, provenance={}, chunk_rows=32,
+                    batch_size=3, sample_draws=5, seed=2)
+"""
+
+
+@pytest.mark.slow
+def test_token_cache_kill_and_resume_is_bit_identical(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    killed = tmp_path / "killed"
+    slow = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(killed), "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    done_dir = killed / "teachers" / "t" / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and slow.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
+            break
+        time.sleep(0.05)
+    assert slow.poll() is None, f"the slow run ended before the kill: {slow.communicate()[1].decode()[-2000:]}"
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.wait(timeout=30)
+    from loca_pipe.pipeline.store import LogitStore
+
+    pending = LogitStore.open(str(killed)).pending_chunks("t")
+    assert 0 < len(pending) < LogitStore.open(str(killed)).info.num_chunks
+    for path in (killed, tmp_path / "ref"):  # the same command resumes; an uninterrupted run is the reference
+        res = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(path)], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    a, b = cache.open_lm_cache(str(killed)), cache.open_lm_cache(str(tmp_path / "ref"))
+    for k in ("offsets", "position", "sample_id", "label", "topk_logits", "topk_ids", "lse", "label_logit",
+              "sampled_ids", "sampled_counts"):
+        x, y = getattr(a, k), getattr(b, k)
+        assert x.dtype == y.dtype and np.array_equal(x, y), k
+
+
+@pytest.mark.parametrize("codec", ["q8", "compact6"])
+def test_codec_store_reads_back_within_bound_and_refuses_another_codec(tmp_path, teacher, tok, enc, codec):
+    ref = cache.open_lm_cache(str(_cache(tmp_path / "lossless", teacher, tok, enc, top_k=8).store))
+    _cache(tmp_path / "c", teacher, tok, enc, top_k=8, codec=codec)
+    got = cache.open_lm_cache(str(tmp_path / "c"))
+    assert got.attrs["codec"]["name"] == codec
+    for k in ("lse", "label_logit", "label", "sample_id"):  # kept exact by every codec
+        np.testing.assert_array_equal(getattr(got, k), getattr(ref, k), err_msg=k)
+    span = ref.topk_logits[:, :1] - ref.topk_logits[:, -1:]
+    same_ids = (np.sort(got.topk_ids, 1) == np.sort(ref.topk_ids, 1)).all()
+    bound = span / 510 if codec == "q8" else 3 * np.expm1(span / 3) / (2 * 63)  # the codecs' stated bounds (τ0 = 1)
+    assert same_ids and (np.abs(got.topk_logits - ref.topk_logits) <= bound + 1e-5).all()
+    with pytest.raises(StoreConflictError, match=rf"written with codec '{codec}'; this run asks for codec 'lossless'"):
+        _cache(tmp_path / "c", teacher, tok, enc, top_k=8)

@@ -44,6 +44,26 @@ def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
     # a second lm-cache run finds everything written: nothing to redo
     r = _run(["lm-cache"], tmp_path)
     assert r.exit_code == 0 and json.loads(r.stdout)["chunks_written"] == 0
+    # --overwrite re-caches a complete teacher (#14); --codec stores it compactly; readers decode it
+    r = _run(["lm-cache", "--overwrite", "--codec", "compact"], tmp_path)
+    assert r.exit_code == 0 and json.loads(r.stdout)["chunks_written"] > 0, r.output
+    from loca_pipe.pipeline.errors import StoreConflictError
+    from loca_pipe.pipeline.lm.cache import open_lm_cache
+
+    assert open_lm_cache(str(w / "store.zarr")).attrs["codec"]["name"] == "compact"
+    assert "codec compact v1" in _run(["info", str(w / "store.zarr")], tmp_path).output
+    assert _run(["lm-analyze"], tmp_path).exit_code == 0
+    with pytest.raises(StoreConflictError, match="written with codec 'compact'; this run asks for codec 'lossless'"):
+        _run(["lm-cache"], tmp_path)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("loca-pipe"))  # the installed console script: one line, exit 1
+    res = subprocess.run([exe, "lm-cache", "--codec", "q8"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: teacher 'teacher' in ") and \
+        "was written with codec 'compact'; this run asks for codec 'q8'; resume with --codec compact" in res.stderr
 
 
 def test_cli_user_errors(tmp_path, monkeypatch):

@@ -334,3 +334,32 @@ def test_fast_read_fill_value_truncation_and_other_layouts(tmp_path):
         read_checked(a)
     z = zarr.open_group(str(tmp_path / "b.zarr"), mode="w").create_array("z", shape=(10,), chunks=(4,), dtype="i8")
     assert raw_chunks(z) is None  # zstd-compressed (zarr's default): read through zarr
+def test_one_tau_rule_for_image_and_token_readers():
+    """#15: TeacherView and LMTeacherCache find a τ by the same rule (store.find_tau, relative 1e-6)."""
+    from loca_pipe.pipeline.lm.cache import LMTeacherCache
+    from loca_pipe.pipeline.store import find_tau
+
+    temps = [1.0, 4.0, 1e-3]
+    assert find_tau(temps, 4.0 * (1 + 5e-7)) == 1 and find_tau(temps, 4.0 * (1 + 5e-6)) is None
+    assert find_tau(temps, 1e-3 + 5e-7) is None  # relative, not absolute: the old LM rule accepted this
+    e = np.zeros(0)
+    lm = LMTeacherCache(e, e, e, e, e, e, e, e, temps, 3, {}, {})
+    for tau in (4.0 * (1 + 5e-7), 1e-3 * (1 + 5e-7), 1.0):
+        assert lm.tau_index(tau) == find_tau(temps, tau)
+    with pytest.raises(StoreError, match="was not declared"):
+        lm.tau_index(1e-3 + 5e-7)
+
+
+def test_large_cpu_batches_are_summarised_in_blocks_with_the_same_bytes(monkeypatch):
+    from loca_pipe.pipeline import store as st
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(37, 50, generator=g) * 4, torch.randint(0, 50, (37,), generator=g)
+    whole = summarize_logits(z, y, 5, TAUS)
+    monkeypatch.setattr(st, "CPU_BLOCK_ELEMENTS", 4 * 50)  # blocks of 4 rows (the last one partial)
+    blocked = summarize_logits(z, y, 5, TAUS)
+    for k in whole:
+        assert torch.equal(whole[k], blocked[k]), k
+    z[22, 3] = float("nan")
+    with pytest.raises(NumericsError, match=r"NaN or inf logits for 1 row\(s\) \[22\]"):
+        summarize_logits(z, y, 5, TAUS)  # the row number is the batch's, not the block's

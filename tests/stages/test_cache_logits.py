@@ -244,9 +244,9 @@ def test_load_params_per_teacher_overrides(tmp_path):
 
 
 def test_shards_fill_one_store_identically(tmp_path, monkeypatch):
-    from loca_pipe.stages import cache_logits as stage
+    from loca_pipe.pipeline import caching
 
-    monkeypatch.setattr(stage, "SHARD_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(caching, "SHARD_WAIT_SECONDS", 0.3)
     sharded = toy(tmp_path, store=str(tmp_path / "sh.zarr"), num_shards=2)
     with pytest.raises(StoreError, match=r"shard 1 of 2 waited 0 s for shard 0 to create teacher 'teacher'"):
         run(replace(sharded, shard=1))  # shard 0 has not created the store: never created by shard 1
@@ -318,7 +318,12 @@ def test_checkpoint_sidecar_must_describe_the_checkpoint(tmp_path):
     ("nan_teacher", "float32", NumericsError, r"NaN or inf logits for 1 row\(s\) \[11\]"),
     ("huge_teacher", "float16", NumericsError, r"sample ids \[11\] exceed the float16 range; cache with --logits-dtype float32"),
 ])
-def test_bad_numbers_name_samples_and_keep_finished_chunks(tmp_path, teacher, dtype, err, match):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_bad_numbers_name_samples_and_keep_finished_chunks(tmp_path, monkeypatch, teacher, dtype, err, match, threaded):
+    from loca_pipe.pipeline import caching
+
+    if threaded:  # summaries in the Summarizer thread (what a large CPU or any GPU batch gets)
+        monkeypatch.setattr(caching, "SMALL_OP_ELEMENTS", 0)
     p = toy(tmp_path, teacher=f"toy_cache_module:{teacher}", logits_dtype=dtype)
     with pytest.raises(err, match=match):
         run(p)
@@ -484,3 +489,38 @@ def test_cli_cache_logits_with_params_file(tmp_path):
     store = LogitStore.open(str(tmp_path / "p.zarr"))
     assert store.teachers == ["a", "b"]
     assert store.teacher("b").top_k == 4 and store.teacher("a").temperatures == [2.0, 3.0]
+
+
+def test_overwrite_recaches_a_complete_teacher_through_the_console_script(tmp_path):
+    """#14: `cache-logits … --overwrite` on a complete store re-caches (it used to say "nothing to do")."""
+    exe = str(Path(sys.executable).with_name("loca-pipe"))
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    store = tmp_path / "s.zarr"
+    cmd = [exe] + _cli(store)[3:]
+    assert subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120).returncode == 0
+    chunk_file = store / "teachers" / "teacher" / "topk_logits" / "c" / "0" / "0"
+    before, want = chunk_file.stat().st_mtime_ns, _arrays(store)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing left to cache (complete); pass --overwrite to re-cache it" in again.stderr
+    assert chunk_file.stat().st_mtime_ns == before  # without --overwrite, complete work is kept
+    chunk_file.write_bytes(b"corrupt")  # what a user repairs with --overwrite
+    res = subprocess.run(cmd + ["--overwrite"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert re.search(r"teacher 'teacher': 40 rows cached", res.stderr), res.stderr[-2000:]
+    got = _arrays(store)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("amp, cause", [
+    (False, r"ran in full precision \(no autocast\), so its weights or inputs hold NaN/inf"),
+    (True, r"usually an fp16 overflow — cache with autocast off \(--no-amp\)"),
+])
+def test_nan_message_names_the_right_cause(amp, cause):
+    """#14: NaN teacher outputs on CPU (no autocast) must not blame fp16 autocast."""
+    from loca_pipe.pipeline.store import summarize_logits
+
+    z = torch.tensor([[0.0, float("nan")], [1.0, 2.0]])
+    with pytest.raises(NumericsError, match=cause) as exc:
+        summarize_logits(z, torch.tensor([0, 1]), 1, TAUS, amp=amp)
+    assert ("fp16" in str(exc.value)) == amp

@@ -126,3 +126,26 @@ def test_target_methods_are_derived_from_the_registry():
 def test_unknown_method_names_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown loss method 'kdstar'; valid methods: ce, kd, loca, kd_star"):
         get_method("kdstar")
+
+
+# --------------------------------------------------------------------------------------------------
+# training-loop facts the comparisons rest on
+
+
+def test_short_cpu_milestone_scales_with_epochs():
+    from loca_pipe.pipeline.training import preset_config
+
+    assert preset_config("short-cpu").milestones == (4,)
+    assert preset_config("short-cpu", epochs=20).milestones == (16,)
+    assert preset_config("short-cpu", epochs=20, milestones=[3]).milestones == (3,)
+    assert preset_config("paper-cifar", epochs=240).milestones == (150, 180, 210)
+    assert preset_config("paper-cifar", epochs=24).milestones == (15, 18, 21)
+
+
+def test_same_seed_same_data_order_for_every_source():
+    """Paired comparisons: CE (PlainSource) and a teacher signal (TensorSource) see the same sample order."""
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
+
+    a = [b.sample_index for b in PlainSource(50).batches(3, 16, seed=7)]
+    b = [b.sample_index for b in TensorSource(torch.zeros(50, 4)).batches(3, 16, seed=7)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b) == 4

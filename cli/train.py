@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import comma_list
+from loca_pipe.pipeline.losses import method_help
 
 
 class Preset(str, enum.Enum):
@@ -57,7 +58,7 @@ def train_student(
     store: Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: its only teacher).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Targets store from `loca-pipe calibrate` (instead of logits).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Loss: ce, kd, loca, dkd, loca_dkd, ls, loca_ls (the losses registry).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Loss, from the losses registry: {method_help()}.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α (0 < α < 1; paper: 0.9–0.99).")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature τ.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="KD loss weight β.")] = None,
@@ -90,6 +91,8 @@ def train_student(
     online: Annotated[Optional[bool], typer.Option("--online/--offline", help="Run the live teacher instead of the store (A/B).")] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the run's last checkpoint.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run folder that already holds a run (otherwise refused).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe file from `loca-pipe select-recipe` (sets τ, β, γ).")] = None,
     memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
@@ -108,6 +111,7 @@ def train_student(
         "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
         "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
+        "overwrite": overwrite, "recipe": recipe,
         "memory_limit_gb": memory_limit_gb, "progress": progress,
     }
     p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
@@ -115,8 +119,7 @@ def train_student(
                         seeds=_list(seeds, int, "--seeds"))
     from loca_pipe.pipeline.distributed import world
 
-    for r in runs:
-        m = stage.run(r)
+    for m in stage.run_many(runs):
         if world()[0] != 0:
             continue  # under torchrun only rank 0 reports (it also writes the run folder)
         typer.echo(json.dumps({k: m.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",

@@ -45,7 +45,7 @@ def make_teacher(tmp_path: Path) -> tuple[str, torch.nn.Module]:
     ck = tmp_path / "teacher.pt"
     torch.save(t.state_dict(), ck)
     Path(f"{ck}.json").write_text(json.dumps({"arch": "mlp_small", "num_classes": C, "dataset": DS,
-                                              "fingerprint": spec.fingerprint, "test_top1": 77.5}))
+                                              "fingerprint": spec.fingerprint, "test_top1": 0.775}))
     return str(ck), t
 
 
@@ -170,7 +170,7 @@ def test_params_section_and_resume_of_a_finished_run(env, tmp_path):
 
 
 @pytest.mark.parametrize("case, error, pattern", [
-    ("method", ConfigError, r"unknown method 'lcoa'; valid methods: \['ce', 'dkd', 'kd', 'loca'"),
+    ("method", ConfigError, r"unknown method 'lcoa'; valid methods: \['ce', 'dkd', 'kd', 'kd_star', 'loca'"),
     ("fingerprint", DataError, r"fingerprint 'not-this-data'.*re-cache the teacher on this data"),
     ("classes", StoreError, r"has 10 classes but the student outputs 3"),
     ("incomplete", IncompleteStoreError, r"cannot train from this store.*incomplete \(1 of 4 chunks"),

@@ -84,6 +84,7 @@ def train_student(
     seed: Annotated[Optional[int], typer.Option(help="Seed (model init and data order).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated seeds (one process, runs in turn).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated methods.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Sweep: the methods of group NAME of --teacher in the params' train_student.groups.")] = None,
     alphas: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated α for the LoCa methods.")] = None,
     device: Annotated[Optional[Device], typer.Option(help="Where the student trains.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
@@ -115,8 +116,12 @@ def train_student(
         "memory_limit_gb": memory_limit_gb, "progress": progress,
     }
     p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
-    runs = stage.expand(p, methods=_list(methods, str, "--methods"), alphas=_list(alphas, float, "--alphas"),
-                        seeds=_list(seeds, int, "--seeds"))
+    method_list = _list(methods, str, "--methods")
+    if group is not None:
+        if method_list:
+            raise typer.BadParameter("give --methods or --group, not both", param_hint="--group")
+        method_list = stage.group_methods(p, group)
+    runs = stage.expand(p, methods=method_list, alphas=_list(alphas, float, "--alphas"), seeds=_list(seeds, int, "--seeds"))
     from loca_pipe.pipeline.distributed import world
 
     for m in stage.run_many(runs):
@@ -142,7 +147,31 @@ def report(
     typer.echo(stage.run(p))
 
 
+def select_recipe(
+    store: Annotated[Optional[str], typer.Option(help="Logit store (full logits) from `loca-pipe cache-logits`.")] = None,
+    teachers: Annotated[Optional[str], typer.Option(help="Comma-separated teachers of the store (default: all).")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training rows held out for validation (never the test split).")] = None,
+    val_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out rows.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds per grid point.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Where the recipe file goes (train-student --recipe reads it).")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar per student.")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'select_recipe' gives the defaults (and the grid).")] = None,
+) -> None:
+    """Choose the KD recipe (τ, β, γ) by KD-vs-CE top-1 on held-out training rows; writes the recipe file."""
+    import json
+
+    from loca_pipe.stages import select_recipe as stage
+    from loca_pipe.stages.config import load_section
+
+    p = load_section(stage.SelectRecipeParams, "select_recipe", str(params) if params else {},
+                     {"store": store, "teachers": _list(teachers, str, "--teachers"), "val_size": val_size,
+                      "val_seed": val_seed, "seeds": _list(seeds, int, "--seeds"), "out": out, "progress": progress})
+    doc = stage.run(p)
+    typer.echo(json.dumps({"chosen": doc["chosen"], "gains": [round(r["gain"], 3) for r in doc["grid"]]}))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("select-recipe")(select_recipe)
     app.command("train-student")(train_student)
     app.command("report")(report)

@@ -90,6 +90,8 @@ class TrainStudentParams:
     methods: tuple[str, ...] | None = None
     alphas: tuple[float, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    # named method groups per teacher, for the DVC matrix: {teacher: {group: "kd,kd_star"}} (`--group NAME`)
+    groups: dict[str, dict[str, str]] | None = None
 
 
 def takes_alpha(method: str) -> bool:
@@ -143,6 +145,23 @@ def expand(p: TrainStudentParams, methods: list[str] | None = None, alphas: list
                 out.append(dataclasses.replace(p, method=m, alpha=float(a), seed=int(s), methods=None, alphas=None,
                                                seeds=None))
     return out
+
+
+def group_methods(p: TrainStudentParams, group: str) -> list[str]:
+    """The methods of group ``group`` of teacher ``p.teacher`` in ``p.groups``."""
+    groups = p.groups or {}
+    if p.teacher not in groups:
+        raise ConfigError(f"--group {group!r} needs train_student.groups to have an entry for teacher {p.teacher!r}; "
+                          f"it has {sorted(groups) or 'none'}")
+    g = groups[p.teacher]
+    if not isinstance(g, dict) or group not in g:
+        raise ConfigError(f"train_student.groups.{p.teacher} has no group {group!r}; it has "
+                          f"{sorted(g) if isinstance(g, dict) else g!r}")
+    v = g[group]
+    methods = [m.strip() for m in (v.split(",") if isinstance(v, str) else v) if str(m).strip()]
+    if not methods:
+        raise ConfigError(f"train_student.groups.{p.teacher}.{group} lists no methods; write e.g. \"kd,kd_star\"")
+    return methods
 
 
 def run_dir(p: TrainStudentParams) -> Path:

@@ -136,14 +136,16 @@ def report(
     out_dir: Annotated[Optional[str], typer.Option(help="Where report.md/.csv/.json and alpha.png go.")] = None,
     metric: Annotated[Optional[Metric], typer.Option(help="Which accuracy to compare.")] = None,
     teacher_top1: Annotated[Optional[float], typer.Option(help="Teacher accuracy to show (default: from the runs).")] = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse runs that are not comparable (default: leave them out, with the reason).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'report' gives the defaults.")] = None,
 ) -> None:
-    """Gather student runs into a Table-2-style comparison (mean ± std over seeds, Δ vs KD) and an α plot."""
+    """Paired comparisons over seeds (95 % intervals, p-values), mis-instruction and follow-rate tables, figures."""
     from loca_pipe.stages import report as stage
     from loca_pipe.stages.config import load_section
 
     p = load_section(stage.ReportParams, "report", str(params) if params else {},
-                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1})
+                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1,
+                      "strict": strict})
     typer.echo(stage.run(p))
 
 

@@ -15,8 +15,8 @@ and writes into ``out_dir``::
                        mis-instruction ratio
     follow.png         on each teacher's mis-instructed training rows: share of students predicting the
                        teacher's wrong class and the label, per method (CE = reference)
-``metrics`` (a small JSON for ``dvc metrics`` / ``dvc exp show``): per teacher, each method's mean top-1
-and each paired Δ.
+``metrics`` (a small JSON for ``dvc metrics`` / ``dvc exp show``): per teacher its accuracy and
+mis-instruction ratio, per method ``{top1, delta, p}`` (Δ and p against the base method).
 
 Pairing: a method's base comes from the registry (``losses.METHODS[m].base``: KD and DKD vs CE, LoCa and
 KD* vs KD, DKD+LoCa vs DKD). Only seeds present on both sides are paired (same seed ⇒ same initial
@@ -375,20 +375,30 @@ def to_json(rows: list[dict[str, Any]], excluded: list[str]) -> dict[str, Any]:
     return js
 
 
+def _key(r: dict[str, Any]) -> str:
+    k = r["method"] + (f"-a{r['alpha']:g}" if r.get("alpha") is not None else "")
+    return k + ("-online" if "(online)" in r["row"] else "")
+
+
 def to_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The small dvc metrics file: per teacher, each row's mean and each paired Δ (with its p)."""
+    """The small dvc metrics file: per teacher its top-1 and training mis-instruction ratio (%), and per
+    method (run-name style keys: kd, kd_star, loca-a0.95) the mean top-1 and, where it has a base method,
+    the paired Δ and its t-test p."""
     out: dict[str, Any] = {}
     for r in rows:
         t = out.setdefault(_short(r["pair"]), {})
         if r["row"] == "Teacher":
             t["teacher"] = round(r["mean"], 2)
             continue
-        t[r["row"]] = round(r["mean"], 2)
+        if r.get("follow") and "mis_ratio" not in t:
+            t["mis_ratio"] = round(r["follow"]["mis_ratio"], 2)
+        e: dict[str, Any] = {"top1": round(r["mean"], 2)}
         pr = r.get("paired")
         if pr is not None and pr.mean is not None:
-            t[f"{r['row']}-{r['base']}"] = round(pr.mean, 2)
+            e["delta"] = round(pr.mean, 2)
             if pr.p_t is not None:
-                t[f"p({r['row']}-{r['base']})"] = round(pr.p_t, 4)
+                e["p"] = round(pr.p_t, 4)
+        t[_key(r)] = e
     return out
 
 

@@ -132,10 +132,10 @@ def test_make_repro_runs_the_whole_pipeline(project):
     with_report = [r for r in rows if (r.get("metrics") or {}).get("metrics/report.json", {}).get("data")]
     assert len(with_report) >= 2, f"report metrics in {len(with_report)} of {len(rows)} rows"
     keys = [set(r["metrics"]["metrics/report.json"]["data"]["weak"]) for r in with_report]
-    assert any("LoCa-0.8" in k for k in keys) and any("LoCa-0.9" in k for k in keys)
+    assert any("loca-a0.8" in k for k in keys) and any("loca-a0.9" in k for k in keys)
     readable = _run([DVC, "exp", "show", "--no-pager", "--drop", ".*", "--keep", KEEP], dst, env)
     assert max(len(line) for line in readable.splitlines()) < 200, readable
 
 
 # The README's `dvc exp show` pattern: the experiment, α, the recipe, and each teacher's LoCa − KD with its p.
-KEEP = r"Experiment|Created|analyze\.alpha|LoCa-[0-9.]+-KD"
+KEEP = r"Experiment|Created|analyze\.alpha|loca-a[0-9.]+\.delta"

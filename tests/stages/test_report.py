@@ -81,7 +81,9 @@ def test_paired_rows_against_hand_computation(runs, tmp_path):
     assert "| Student (CE) | wrong 30.0 ± 0.0 / label 60.0 ± 0.0 |" in md
     assert "| KD | wrong 52.0 ± 1.6 / label 40.0 ± 0.0 |" in md
     small = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert small["weak"]["LoCa-0.95-KD"] == round(mean, 2) and small["weak"]["teacher"] == 80.0
+    assert small["weak"]["loca-a0.95"] == {"top1": round(sum(LOCA) / 5, 2), "delta": round(mean, 2),
+                                           "p": pytest.approx(lo["p_t"], abs=1e-4)}
+    assert small["weak"]["teacher"] == 80.0 and small["weak"]["mis_ratio"] == 20.0
     for f in ("alpha.png", "delta_vs_mis.png", "follow.png"):
         assert (tmp_path / "rep" / f).stat().st_size > 5000, f
 

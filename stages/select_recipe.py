@@ -118,6 +118,12 @@ def run(p: SelectRecipeParams) -> dict[str, Any]:
     from loca_pipe.pipeline.training import ImageSet, preload, preset_config, seed_everything, train_student
 
     grid = check_grid(p.grid)
+    if len(grid) == 1:  # a declared recipe (e.g. the paper's for its own data set): nothing to choose
+        doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",
+               "validation": None, "grid": [{"recipe": grid[0]}],
+               "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
+        _write(Path(p.out), doc)
+        return doc
     torch.set_num_threads(int(p.threads))
     spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
     fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
@@ -163,9 +169,12 @@ def run(p: SelectRecipeParams) -> dict[str, Any]:
                           "indices_sha256": hashlib.sha256(val.numpy().tobytes()).hexdigest()},
            "teachers": teachers, "student": p.student, "seeds": list(p.seeds), "grid": rows,
            "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
-    out = Path(p.out)
+    _write(Path(p.out), doc)
+    return doc
+
+
+def _write(out: Path, doc: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, out)
-    return doc

@@ -103,3 +103,11 @@ def test_bad_grid_through_the_console_script(tmp_path):
                           timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "error: select_recipe.grid[0] must be a mapping with keys among ['tau', 'beta', 'gamma'" in proc.stderr
+
+
+def test_a_declared_single_recipe_is_taken_without_training(tmp_path, monkeypatch):
+    import loca_pipe.pipeline.data as data
+
+    monkeypatch.setattr(data, "open_dataset", lambda *a, **k: pytest.fail("a declared recipe needs no data"))
+    doc = sr.run(sr.SelectRecipeParams(grid=({"tau": 4.0, "beta": 0.9, "gamma": 0.1},), out=str(tmp_path / "r.json")))
+    assert doc["chosen"] == {"tau": 4.0, "beta": 0.9, "gamma": 0.1} and "declared" in doc["criterion"]

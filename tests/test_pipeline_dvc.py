@@ -7,10 +7,9 @@ second `dvc repro` does nothing; `dvc exp run -S analyze.alpha=...` re-runs only
 students and the report, and `dvc exp show --json` has the report's metrics for both rows.
 """
 
-import json
-
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil

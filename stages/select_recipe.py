@@ -144,7 +144,7 @@ def run(p: SelectRecipeParams) -> dict[str, Any]:
         model = build_model(p.student, C, int(spec.in_channels), int(spec.image_size))
         res = train_student(model, images=fit_img, labels=fit_y, source=source, method=method, loss_cfg=lc, cfg=cfg,
                             eval_images=val_img, eval_labels=val_y, progress=p.progress,
-                            progress_desc=f"select-recipe {method} {recipe}")
+                            progress_desc=f"select-recipe {method} " + " ".join(f"{k} {v:g}" for k, v in recipe.items()))
         return float(res.metrics["test_top1"])  # the held-out rows of the training split
 
     ce_cache: dict[tuple, list[float]] = {}

@@ -24,8 +24,10 @@ weights and data order). Statistics: :mod:`loca_pipe.pipeline.stats` (paired t-t
 the primary numbers, the exact sign-flip p beside them).
 
 Comparability: within a pair every run must agree on the student, data (fingerprint, split, training-set
-size), evaluation split and optimisation settings except the seed; distilled runs also on the store and
-the recipe (τ, β, γ). The most common value of each field is the reference; a run that differs is left out
+size), evaluation split and optimisation settings except the seed; distilled runs also on the recipe
+(τ, β, γ). The teacher is the pair's name; the same teacher read from a logit store or from targets built
+from it counts as one (the report cannot tell a retrained teacher of the same name — retrain into a new
+runs folder). The most common value of each field is the reference; a run that differs is left out
 of every statistic and listed with the reason (``strict``: refused instead). A second run of the same
 (pair, method, α, seed) — e.g. a stale folder from an earlier sweep — is left out the same way.
 """
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("test_top1", "test_top5", "best_test_top1")
 COMMON_KEYS = ("student", "dataset", "fingerprint", "split", "train_size", "eval_split", "preset", "augment")
-DISTILL_KEYS = ("tau", "beta", "gamma", "store", "recipe", "form")
+DISTILL_KEYS = ("tau", "beta", "gamma", "recipe")
 
 
 def _labels() -> dict[str, str]:

@@ -136,6 +136,6 @@ def test_make_repro_runs_the_whole_pipeline(project):
     # the README's terminal view of the experiments (the line itself, run as written)
     line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
                 if ln.strip().startswith("dvc exp show --drop"))
-    readable = _run([DVC] + shlex.split(line)[1:] + ["--no-pager"], dst, env)
+    readable = _run([DVC] + shlex.split(line)[1:] + ["--no-pager"], dst, {**env, "COLUMNS": "200"})
     assert max(len(ln) for ln in readable.splitlines()) < 200, readable
-    assert "analyze.alpha" in readable and "delta" in readable, readable
+    assert "analyze.alpha" in readable and "weak.loca-a0.8.delta" in readable, readable

@@ -18,7 +18,7 @@ from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
 from loca_pipe.stages import select_recipe as sr
 
 HERE = Path(__file__).resolve().parent
-DS = "toy_train_only_module:dataset"
+DS = "toy_train_only_module:dataset"  # its test split raises when opened
 LOCA_PIPE = str(Path(sys.executable).parent / "loca-pipe")
 
 
@@ -111,3 +111,32 @@ def test_a_declared_single_recipe_is_taken_without_training(tmp_path, monkeypatc
     monkeypatch.setattr(data, "open_dataset", lambda *a, **k: pytest.fail("a declared recipe needs no data"))
     doc = sr.run(sr.SelectRecipeParams(grid=({"tau": 4.0, "beta": 0.9, "gamma": 0.1},), out=str(tmp_path / "r.json")))
     assert doc["chosen"] == {"tau": 4.0, "beta": 0.9, "gamma": 0.1} and "declared" in doc["criterion"]
+
+
+def test_kd_star_on_a_teacher_without_mistakes_says_it_is_kd(tmp_path):
+    """A perfect teacher: KD* trains exactly like KD, and the run says so in metrics.json."""
+    from loca_pipe.stages.train_student import TrainStudentParams, run
+
+    spec = open_dataset("toy_student_module:dataset", "train")
+    n = len(spec)
+    info = StoreInfo(task="classification", num_samples=n, num_views=1, num_rows=n, num_classes=10, chunk_rows=64,
+                     dataset={"name": "toy", "split": "train", "fingerprint": spec.fingerprint})
+    st = LogitStore.create_or_open(str(tmp_path / "p.zarr"), info)
+    w = st.begin_teacher("perfect", {"teacher": "oracle"}, top_k=3, temperatures=(1.0,))
+    y = torch.as_tensor(spec.labels)
+    z = 5.0 * torch.nn.functional.one_hot(y, 10).float()
+    for c in range(info.num_chunks):
+        sl = info.chunk_slice(c)
+        st.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
+        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (1.0,)).items()}
+        arrays["logits"] = z[sl].numpy()
+        w.write_chunk(c, arrays)
+    w.finalize()
+    common = dict(store=str(tmp_path / "p.zarr"), dataset="toy_student_module:dataset", epochs=1, batch_size=32,
+                  lr=0.1, device="cpu", progress=False, tau=1.0)
+    star = run(TrainStudentParams(method="kd_star", out_dir=str(tmp_path / "a"), **common))
+    kd = run(TrainStudentParams(method="kd", out_dir=str(tmp_path / "b"), **common))
+    assert star["notes"] == ["KD* is plain KD here: teacher 'perfect' has no mis-instructed training rows"]
+    assert star["train_loss"] == kd["train_loss"] and star["test_top1"] == kd["test_top1"]
+    assert star["follow"]["perfect"]["mis_rows"] == 0 and "nothing to follow" in star["follow"]["perfect"]["note"]
+    assert json.loads((tmp_path / "a" / "kd_star-s0" / "metrics.json").read_text())["notes"] == star["notes"]

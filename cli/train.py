@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import comma_list
+from loca_pipe.pipeline.losses import method_help
 
 
 class Preset(str, enum.Enum):
@@ -57,7 +58,7 @@ def train_student(
     store: Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: its only teacher).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Targets store from `loca-pipe calibrate` (instead of logits).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="Loss: ce, kd, loca, dkd, loca_dkd, ls, loca_ls (the losses registry).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"Loss, from the losses registry: {method_help()}.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α (0 < α < 1; paper: 0.9–0.99).")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature τ.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="KD loss weight β.")] = None,
@@ -83,6 +84,7 @@ def train_student(
     seed: Annotated[Optional[int], typer.Option(help="Seed (model init and data order).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated seeds (one process, runs in turn).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated methods.")] = None,
+    group: Annotated[Optional[str], typer.Option(help="Sweep: the methods of group NAME of --teacher in the params' train_student.groups.")] = None,
     alphas: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated α for the LoCa methods.")] = None,
     device: Annotated[Optional[Device], typer.Option(help="Where the student trains.")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
@@ -90,6 +92,8 @@ def train_student(
     online: Annotated[Optional[bool], typer.Option("--online/--offline", help="Run the live teacher instead of the store (A/B).")] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the run's last checkpoint.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run folder that already holds a run (otherwise refused).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe file from `loca-pipe select-recipe` (sets τ, β, γ).")] = None,
     memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
@@ -108,18 +112,22 @@ def train_student(
         "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
         "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
+        "overwrite": overwrite, "recipe": recipe,
         "memory_limit_gb": memory_limit_gb, "progress": progress,
     }
     p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "student runs", "--out-dir")  # before any training
-    runs = stage.expand(p, methods=_list(methods, str, "--methods"), alphas=_list(alphas, float, "--alphas"),
-                        seeds=_list(seeds, int, "--seeds"))
+    method_list = _list(methods, str, "--methods")
+    if group is not None:
+        if method_list:
+            raise typer.BadParameter("give --methods or --group, not both", param_hint="--group")
+        method_list = stage.group_methods(p, group)
+    runs = stage.expand(p, methods=method_list, alphas=_list(alphas, float, "--alphas"), seeds=_list(seeds, int, "--seeds"))
     from loca_pipe.pipeline.distributed import world
 
-    for r in runs:
-        m = stage.run(r)
+    for m in stage.run_many(runs):
         if world()[0] != 0:
             continue  # under torchrun only rank 0 reports (it also writes the run folder)
         typer.echo(json.dumps({k: m.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",
@@ -131,21 +139,47 @@ def report(
     out_dir: Annotated[Optional[str], typer.Option(help="Where report.md/.csv/.json and alpha.png go.")] = None,
     metric: Annotated[Optional[Metric], typer.Option(help="Which accuracy to compare.")] = None,
     teacher_top1: Annotated[Optional[float], typer.Option(help="Teacher accuracy to show (default: from the runs).")] = None,
+    strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse runs that are not comparable (default: leave them out, with the reason).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'report' gives the defaults.")] = None,
 ) -> None:
-    """Gather student runs into a Table-2-style comparison (mean ± std over seeds, Δ vs KD) and an α plot."""
+    """Paired comparisons over seeds (95 % intervals, p-values), mis-instruction and follow-rate tables, figures."""
     from loca_pipe.stages import report as stage
     from loca_pipe.stages.config import load_section
 
     p = load_section(stage.ReportParams, "report", str(params) if params else {},
-                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1})
+                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1,
+                      "strict": strict})
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "the report", "--out-dir")
     typer.echo(stage.run(p))
 
 
+def select_recipe(
+    store: Annotated[Optional[str], typer.Option(help="Logit store (full logits) from `loca-pipe cache-logits`.")] = None,
+    teachers: Annotated[Optional[str], typer.Option(help="Comma-separated teachers of the store (default: all).")] = None,
+    val_size: Annotated[Optional[int], typer.Option(help="Training rows held out for validation (never the test split).")] = None,
+    val_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out rows.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds per grid point.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Where the recipe file goes (train-student --recipe reads it).")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar per student.")] = None,
+    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'select_recipe' gives the defaults (and the grid).")] = None,
+) -> None:
+    """Choose the KD recipe (τ, β, γ) by KD-vs-CE top-1 on held-out training rows; writes the recipe file."""
+    import json
+
+    from loca_pipe.stages import select_recipe as stage
+    from loca_pipe.stages.config import load_section
+
+    p = load_section(stage.SelectRecipeParams, "select_recipe", str(params) if params else {},
+                     {"store": store, "teachers": _list(teachers, str, "--teachers"), "val_size": val_size,
+                      "val_seed": val_seed, "seeds": _list(seeds, int, "--seeds"), "out": out, "progress": progress})
+    doc = stage.run(p)
+    typer.echo(json.dumps({"chosen": doc["chosen"], "gains": [round(r["gain"], 3) for r in doc["grid"]]}))
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("select-recipe")(select_recipe)
     app.command("train-student")(train_student)
     app.command("report")(report)

@@ -66,6 +66,7 @@ class DatasetSpec:
     fingerprint: str  # sha256 hex of the content (see module docstring / docs/data-and-models.md)
     transform: str  # human-readable description of the transform applied to every item
     labels: np.ndarray = field(repr=False)  # (N,) int64, every label in item order
+    class_names: tuple[str, ...] = ()  # one name per class when the data set has them (figures, tables)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -217,6 +218,7 @@ def _open_fashion_mnist(split: str, root: str | None) -> DatasetSpec:
     files = [(name, raw / name) for name in FASHION_MNIST_FILES[split]]
     return DatasetSpec(
         name="fashion-mnist", split=split, root=str(root), dataset=ds, num_classes=len(tv.classes),
+        class_names=tuple(str(c) for c in tv.classes),
         in_channels=1, image_size=28, fingerprint=fingerprint_files(f"fashion-mnist/{split}", files),
         transform=f"ToTensor; Normalize(mean={mean}, std={std})", labels=ds.targets.numpy().copy())
 
@@ -243,6 +245,7 @@ def _open_cifar(name: str, split: str, root: str | None) -> DatasetSpec:
     names = [n for n, _ in (cls.train_list if split == "train" else cls.test_list)] + [cls.meta["filename"]]
     return DatasetSpec(
         name=name, split=split, root=str(root), dataset=ds, num_classes=len(tv.classes), in_channels=3,
+        class_names=tuple(str(c) for c in tv.classes),
         image_size=32, fingerprint=fingerprint_files(f"{name}/{split}", [(n, base / n) for n in names]),
         transform=f"ToTensor; Normalize(mean={mean}, std={std})", labels=ds.targets.numpy().copy())
 
@@ -273,6 +276,7 @@ def _open_imagefolder(split: str, root: str | None, image_size: int | None) -> D
     files = sorted((Path(p).relative_to(folder).as_posix(), Path(p)) for p, _ in tv.samples)
     return DatasetSpec(
         name="imagefolder", split=split, root=str(folder), dataset=tv, num_classes=len(tv.classes),
+        class_names=tuple(str(c) for c in tv.classes),
         in_channels=3, image_size=size, fingerprint=fingerprint_files("imagefolder", files),
         transform=f"RGB; Resize({resize}); CenterCrop({size}); ToTensor; Normalize(mean={mean}, std={std})",
         labels=np.asarray(tv.targets, dtype=np.int64))
@@ -341,8 +345,11 @@ def _open_callable(name: str, split: str, root: str | None) -> DatasetSpec:
     if labels.min() < 0 or labels.max() >= num_classes:
         raise DataError(f"data set {name!r}: labels span [{labels.min()}, {labels.max()}] but num_classes is "
                         f"{num_classes}; labels must lie in [0, num_classes)")
+    names = getattr(ds, "class_names", None) or getattr(ds, "classes", None)
+    names = tuple(str(c) for c in names) if names is not None and len(names) == num_classes else ()
     return DatasetSpec(
         name=name, split=split, root=root, dataset=ds, num_classes=num_classes, in_channels=int(x0.shape[0]),
+        class_names=names,
         image_size=int(x0.shape[-1]), fingerprint=fingerprint_samples(ds, labels),
         transform=str(getattr(ds, "transform_description", f"as returned by {name}")), labels=labels)
 

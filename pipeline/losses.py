@@ -32,6 +32,7 @@ from loca_pipe.pipeline.calibration import (
     _mask_and_scale,
     check_alpha,
     loca_sparse,
+    mis_instruction_mask,
 )
 from loca_pipe.pipeline.errors import ConfigError, NumericsError
 
@@ -42,6 +43,9 @@ __all__ = [
     "ce_loss",
     "compute_loss",
     "dkd_loss",
+    "get_method",
+    "kd_star_loss",
+    "method_help",
     "dkd_warmup",
     "kd_loss",
     "loca_kd_loss",
@@ -390,6 +394,11 @@ def ls_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: 
 
 
 def _sparse_kd(zs: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
+    return _sparse_kd_rows(zs, sd, tau).mean()
+
+
+def _sparse_kd_rows(zs: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
+    """(B,) per-row sparse KL (without τ²); :func:`sparse_kd_loss` is their mean times τ²."""
     ids, p, tail = sd
     B, C = zs.shape
     K = ids.shape[1] - 1
@@ -406,7 +415,7 @@ def _sparse_kd(zs: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
         lp = p.clamp_min(tiny).log()
         ent = (p * lp).sum(1) + torch.where(has_tail, tail * tail.clamp_min(tiny).log(), 0.0)
     cross = (p * lq_ids).sum(1) + torch.where(has_tail, tail * lq_tail, 0.0)
-    return (ent - cross).mean()
+    return ent - cross
 
 
 def sparse_kd_loss(student_logits: torch.Tensor, sd: SparseDist, tau: float) -> torch.Tensor:
@@ -429,6 +438,60 @@ def sparse_kd_loss(student_logits: torch.Tensor, sd: SparseDist, tau: float) -> 
     return _finite(_sparse_kd(zs, sd, t) * (t * t), "sparse KD loss")
 
 
+def sparse_kept_dense(sd: SparseDist, num_classes: int) -> torch.Tensor:
+    """(B, C) the probabilities a sparse teacher keeps (top-k and the label), −inf for every other class.
+
+    The top-k holds the largest probabilities, so the label-vs-best-other comparison on this tensor is the
+    one on the full distribution (only a tie between the label and a class in the tail is invisible)."""
+    ids, probs, _ = sd
+    K = ids.shape[1] - 1
+    dense = torch.full((ids.shape[0], int(num_classes)), -math.inf, dtype=probs.dtype, device=probs.device)
+    dense.scatter_(1, ids[:, K:], probs[:, K:])  # the label column (0 when the label is in the top-k) ...
+    dense.scatter_(1, ids[:, :K], probs[:, :K])  # ... is overwritten by its top-k entry then
+    return dense
+
+
+def _teacher_mis_mask(teacher: "_Teacher", y: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """(B,) mis-instruction mask of the teacher (label not the strict winner, ties counted), always through
+    :func:`~loca_pipe.pipeline.calibration.mis_instruction_mask`."""
+    with torch.no_grad():
+        x = teacher.value.probs if teacher.kind == "sparse" else teacher.value
+        if bool(torch.isnan(x).any()):  # keep every row: the loss is then NaN and _finite says so
+            return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        if teacher.kind == "sparse":
+            sd = teacher.value
+            C = int(num_classes if num_classes is not None else int(sd.ids.max()) + 1)
+            return mis_instruction_mask(sparse_kept_dense(sd, C), y)
+        return mis_instruction_mask(teacher.value, y)
+
+
+def _kd_star_mean(rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ over kept rows / B: every kept row weighs what it weighs in KD, dropped rows contribute 0."""
+    return torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum() / max(1, rows.numel())
+
+
+def kd_star_loss(student_logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, tau: float, *,
+                 teacher_is: str = "auto") -> torch.Tensor:
+    """KD* (paper Table 1): Hinton KD with the teacher's mis-instructed rows dropped from the KD term,
+
+        τ² · (1/B) · Σ_{i : label strictly wins} KL(p_T,i ‖ p_S,i),
+
+    i.e. KD's per-row terms, each kept row with KD's weight 1/B and mis-instructed rows contributing 0
+    (the batch's CE term, added by :func:`compute_loss`, still covers every row). The mask is
+    :func:`~loca_pipe.pipeline.calibration.mis_instruction_mask` on the teacher (ties count as
+    mis-instructed). With no mis-instructed row it equals :func:`kd_loss`.
+    """
+    t = _check_tau(tau)
+    zs = _check_student(student_logits)
+    zt = _check_pair(zs, teacher)
+    y = _check_labels(labels, *zs.shape)
+    kind = _resolve_teacher_is(zt, teacher_is)
+    p, lp = _teacher_dist(zt, t, kind)
+    rows = _kl_rows(p, lp, F.log_softmax(zs / t, dim=1)).view(-1)
+    keep = ~_teacher_mis_mask(_Teacher(kind, zt), y)
+    return _finite(_kd_star_mean(rows, keep) * (t * t), "KD* loss")
+
+
 # ---------------------------------------------------------------------------------------------------
 # registry
 
@@ -440,14 +503,29 @@ class _Teacher(NamedTuple):
 
 @dataclass(frozen=True)
 class Method:
-    """One training objective. ``distill(zs, labels, teacher, cfg, epoch)`` returns the unweighted
-    distillation term; ``teachers`` lists the teacher forms it accepts."""
+    """One training objective and every fact the rest of the project needs about it (the CLI's choices
+    and help, the stages, the report's labels and pairing, precomputed targets): a new method is one entry
+    of :data:`METHODS`.
+
+    ``distill(zs, labels, teacher, cfg, epoch)`` returns the unweighted distillation term (None: CE only);
+    ``teachers`` lists the teacher forms it accepts; ``loca``: it takes LoCa's α (run names and report rows
+    carry α); ``label``: the report's row label; ``base``: the method its paired difference is taken
+    against (same seeds); ``targets_loss``: the loss to apply to precomputed targets (``loca-pipe
+    calibrate``; None: cannot train from them), whose LoCa targets at α are read when ``loca`` is set.
+    """
 
     name: str
     distill: Callable[..., torch.Tensor] | None
     teachers: tuple[str, ...]
     loca: bool
     description: str
+    label: str = ""
+    base: str | None = None
+    targets_loss: str | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill is not None
 
 
 def _dense(zs, teacher: _Teacher, tau):
@@ -469,6 +547,16 @@ def _m_loca(zs, y, teacher, cfg, epoch):
     p, lp = _dense(zs, teacher, cfg.tau)
     lq = F.log_softmax(zs / cfg.tau, dim=1)
     return _loca_kd_rows(p, lp, lq, y.view(-1, 1), a, teacher.kind == "probs").mean() * cfg.tau ** 2
+
+
+def _m_kd_star(zs, y, teacher, cfg, epoch):
+    keep = ~_teacher_mis_mask(teacher, y, zs.shape[1])
+    if teacher.kind == "sparse":
+        rows = _sparse_kd_rows(zs, teacher.value, cfg.tau)
+    else:
+        p, lp = _dense(zs, teacher, cfg.tau)
+        rows = _kl_rows(p, lp, F.log_softmax(zs / cfg.tau, dim=1)).view(-1)
+    return _kd_star_mean(rows, keep) * cfg.tau ** 2
 
 
 def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
@@ -497,20 +585,42 @@ def _m_loca_ls(zs, y, teacher, cfg, epoch):
     return _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
 
 
+_ALL = ("logits", "probs", "sparse")
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ce", None, (), False, "cross-entropy only (no teacher)"),
-        Method("kd", _m_kd, ("logits", "probs", "sparse"), False,
-               "Hinton KD at tau; with precomputed (e.g. LoCa-calibrated) teacher_probs it is KD on those"),
-        Method("loca", _m_loca, ("logits", "probs", "sparse"), True, "KD against the LoCa-calibrated teacher"),
+        Method("ce", None, (), False, "cross-entropy only (no teacher)", label="Student (CE)"),
+        Method("kd", _m_kd, _ALL, False,
+               "Hinton KD at tau; with precomputed (e.g. LoCa-calibrated) teacher_probs it is KD on those",
+               label="KD", base="ce", targets_loss="kd"),
+        Method("loca", _m_loca, _ALL, True, "KD against the LoCa-calibrated teacher",
+               label="LoCa", base="kd", targets_loss="kd"),
+        Method("kd_star", _m_kd_star, _ALL, False,
+               "KD with the teacher's mis-instructed rows dropped from the KD term (paper Table 1, 'KD*')",
+               label="KD*", base="kd", targets_loss="kd_star"),
         Method("dkd", _m_dkd, ("logits", "probs"), False,
-               "decoupled KD: dkd_alpha·TCKD + dkd_beta·NCKD at tau, linear warm-up"),
-        Method("loca_dkd", _m_loca_dkd, ("logits", "probs"), True, "DKD with a LoCa-calibrated teacher"),
-        Method("ls", _m_ls, ("logits",), False, "KD on z-scored logits at ls_tau (logit standardisation)"),
-        Method("loca_ls", _m_loca_ls, ("logits",), True, "logit standardisation with LoCa on the teacher"),
+               "decoupled KD: dkd_alpha·TCKD + dkd_beta·NCKD at tau, linear warm-up",
+               label="DKD", base="ce", targets_loss="dkd"),
+        Method("loca_dkd", _m_loca_dkd, ("logits", "probs"), True, "DKD with a LoCa-calibrated teacher",
+               label="DKD+LoCa", base="dkd", targets_loss="dkd"),
+        Method("ls", _m_ls, ("logits",), False, "KD on z-scored logits at ls_tau (logit standardisation)",
+               label="KD+LS", base="ce"),
+        Method("loca_ls", _m_loca_ls, ("logits",), True, "logit standardisation with LoCa on the teacher",
+               label="LS+LoCa", base="ls"),
     )
 }
+
+
+def get_method(name: str) -> Method:
+    """The registry entry of ``name``; an unknown name's error lists the valid ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown loss method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_help() -> str:
+    """One line for the CLI: every method name with its report label."""
+    return ", ".join(f"{m.name} ({m.label})" for m in METHODS.values())
 
 
 def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, *,
@@ -526,11 +636,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     entries + tail for sparse) summing to 1 within ``PROB_SUM_TOL`` = 1e-2, as :func:`loca` requires;
     anything else (raw logits passed as probabilities) is a ConfigError. An empty batch is a ConfigError.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown loss method {method!r}; valid methods: {', '.join(METHODS)}")
+    m = get_method(method)
     if not isinstance(cfg, LossConfig):
         raise ConfigError(f"cfg must be a LossConfig; got {type(cfg).__name__}")
-    m = METHODS[method]
     zs = _check_student(student_logits)
     y = _check_labels(labels, *zs.shape)
     ce = F.cross_entropy(zs, y)

@@ -368,8 +368,15 @@ def load_soft_labels(store_path: str, spec: Any, *, teacher: str | None = None, 
     return sl
 
 
-# base loss method on precomputed targets: the targets already hold the (calibrated) teacher distribution
-TARGET_METHODS = {"kd": "kd", "loca": "kd", "dkd": "dkd", "loca_dkd": "dkd"}
+def _target_methods() -> dict[str, str]:
+    from loca_pipe.pipeline.losses import METHODS
+
+    return {name: m.targets_loss for name, m in METHODS.items() if m.targets_loss}
+
+
+# loss method to apply on precomputed targets (the targets already hold the, possibly calibrated, teacher
+# distribution): derived from the registry's ``targets_loss`` (losses.METHODS), never listed here
+TARGET_METHODS = _target_methods()
 
 
 def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float, student_classes: int | None = None,
@@ -393,7 +400,9 @@ def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float,
     if not math.isclose(float(tau), ts.tau, rel_tol=1e-6):
         raise StoreError(f"targets store {path!r} was built at τ={ts.tau:g}, this run asks τ={tau:g}; set "
                          f"train_student.tau to {ts.tau:g}, or re-run `loca-pipe calibrate --tau {tau:g}`")
-    a = float(alpha) if method.startswith("loca") else None
+    from loca_pipe.pipeline.losses import METHODS
+
+    a = float(alpha) if METHODS[method].loca else None
     if a is not None and not any(math.isclose(a, x, rel_tol=1e-9) for x in ts.alphas):
         raise StoreError(f"targets store {path!r} holds LoCa targets for α in {list(ts.alphas)}, not α={a:g}; pick "
                          f"one of those, or re-run `loca-pipe calibrate` with --alpha {a:g}")
@@ -406,7 +415,7 @@ def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float,
     if tv.form == "dense":
         kind, arrays = "probs", {"probs": tv.dense(a)}
     else:
-        if TARGET_METHODS[method] != "kd":
+        if "sparse" not in METHODS[TARGET_METHODS[method]].teachers:
             raise StoreError(f"targets of teacher {tv.name!r} in {path!r} are sparse (top-k); {method!r} needs dense "
                              f"probabilities — use kd/loca, or calibrate from a store with full logits")
         ids, probs, tail = tv.sparse(a)

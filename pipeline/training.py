@@ -77,6 +77,8 @@ class TrainConfig:
 # lr 0.05 — 0.01 for MobileNet/ShuffleNet students.
 # short-cpu: the same recipe shape squeezed to a few seconds per epoch for the Fashion-MNIST default
 # (MLP student, 2 CPU cores): one setting for every method, chosen once, never per method.
+# A preset's milestones belong to its epoch count: when only the epochs are overridden they are scaled with
+# them (short-cpu: decay after 4 of 5 epochs → after 16 of 20), see :func:`preset_config`.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-cifar": dict(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
                         milestones=(150, 180, 210), lr_decay=0.1),
@@ -94,10 +96,27 @@ def preset_config(preset: str, student: str = "", **overrides: Any) -> TrainConf
     values = dict(PRESETS[preset])
     if preset == "paper-cifar" and any(k in student.lower() for k in SMALL_LR_ARCHS):
         values["lr"] = 0.01
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "milestones" not in given and int(given["epochs"]) != values["epochs"]:
+        values["milestones"] = scale_milestones(values["milestones"], values["epochs"], int(given["epochs"]))
+    values.update(given)
     if "milestones" in values:
         values["milestones"] = tuple(int(m) for m in values["milestones"])
     return TrainConfig(**values).validate()
+
+
+def scale_milestones(milestones: tuple[int, ...], epochs: int, new_epochs: int) -> tuple[int, ...]:
+    """The preset's milestones at the same fractions of a new epoch count (rounded, at least epoch 1,
+    strictly increasing, and before the last epoch when the preset's were): 4 of 5 → 16 of 20."""
+    out: list[int] = []
+    for m in milestones:
+        v = max(1, round(m * new_epochs / epochs))
+        if m < epochs:
+            v = min(v, max(1, new_epochs - 1))
+        if out and v <= out[-1]:
+            continue
+        out.append(v)
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +247,14 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _alpha_at_fault(method: str, loss_cfg: Any) -> bool:
+    """True when a numerics error can come from LoCa's α ≥ 1 (label probability pushed below 0)."""
+    from loca_pipe.pipeline.losses import METHODS
+
+    m = METHODS.get(method)
+    return bool(m is not None and m.loca and float(getattr(loss_cfg, "alpha", 0.0)) >= 1.0)
+
+
 def _loss_fn() -> Callable[..., torch.Tensor]:
     from loca_pipe.pipeline.losses import compute_loss
 
@@ -240,7 +267,7 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                   teacher_model: nn.Module | None = None, replay: Any = None, augmenter: Any = None,
                   resume: bool = False, identity: dict[str, Any] | None = None, hooks: Hooks | None = None,
                   progress: bool = False, loss_fn: Callable[..., torch.Tensor] | None = None,
-                  do_eval: bool = True) -> TrainResult:
+                  do_eval: bool = True, progress_desc: str | None = None) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs and return the final metrics.
 
     ``source`` yields :class:`~loca_pipe.pipeline.soft_labels.Batch` es: a ``SoftLabels`` (teacher signal
@@ -302,18 +329,17 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         labels_dev = labels
     n_train = len(source)
     t_total = sum(r.get("seconds", 0.0) for r in history)
+    from loca_pipe.pipeline.progress import progress_bar
+
+    # one bar for the whole run (every remaining epoch): throughput and the run's ETA, live loss / accuracy
+    bar = progress_bar(total=n_train * (cfg.epochs - start), desc=progress_desc or "train", unit="sample",
+                       enabled=bool(progress) and main)
     for epoch in range(start, cfg.epochs):
         net.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_train, unit="sample", unit_scale=True, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False)
         for step, batch in enumerate(source.batches(epoch, cfg.batch_size, cfg.seed)):
             global_b = int(batch.sample_index.numel())
             if ddp:
@@ -341,6 +367,10 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                     loss = compute_loss(method, logits.float(), y, cfg=loss_cfg, epoch=epoch, **teacher)
                 bad = None if bool(torch.isfinite(loss)) else f"loss is {float(loss.detach())}"
             except NumericsError as exc:  # the loss library's own finiteness check
+                if _alpha_at_fault(method, loss_cfg):
+                    raise ConfigError(f"{exc} (at epoch {epoch + 1}, step {step}); this comes from LoCa's α = "
+                                      f"{loss_cfg.alpha:g} ≥ 1, not from the optimiser: use α < 1 (the paper's "
+                                      f"range is 0.9–0.999; 1.0 and 1.01 are its Table-6 arms)") from None
                 bad = str(exc)
             if bad is not None:
                 last = f"{str(ckpt_path)!r} (after epoch {start_of(history)})" if ckpt_path and ckpt_path.exists() \
@@ -362,10 +392,11 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             loss_sum += loss.detach() * b
             correct += (logits.detach().argmax(1) == y).sum()
             seen += b
-            if bar is not None:
+            if bar.disable is False:
+                if step % 50 == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss_sum) / max(1, seen):.4f}",
+                                    acc=f"{100.0 * float(correct) / max(1, seen):.2f}", refresh=False)
                 bar.update(b)
-        if bar is not None:
-            bar.close()
         if ddp:  # train loss / accuracy over every rank's rows
             tot = torch.stack([loss_sum.double(), correct.double(),
                                torch.tensor(float(seen), dtype=torch.float64, device=device)])
@@ -387,10 +418,15 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                          "history": history, "identity": identity, "config": asdict(cfg)}, ckpt_path)
             write_log(out / LOG_CSV, history)
+        if bar.disable is False:
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{row['train_loss']:.4f}",
+                            acc=f"{row['train_top1']:.2f}",
+                            **({"test": f"{row['test_top1']:.2f}"} if "test_top1" in row else {}))
         log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 4) if isinstance(v, float) else v
                                                             for k, v in row.items()})
         if hooks and hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, row)
+    bar.close()
     last = history[-1] if history else {}
     metrics = {**identity, "epochs": cfg.epochs, "train_loss": last.get("train_loss"),
                "train_top1": last.get("train_top1"), "test_top1": last.get("test_top1"),

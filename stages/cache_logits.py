@@ -191,7 +191,8 @@ def run(params: CacheParams) -> CacheReport:
                  "transform": getattr(spec, "transform", None), "image_size": int(spec.image_size),
                  "in_channels": int(spec.in_channels), "size": len(spec.dataset),
                  "augment": AUGMENT_KIND if p.views else None, "view_seed": p.view_seed if p.views else None,
-                 "root": str(p.root) if p.root else None},
+                 "root": str(p.root) if p.root else None,
+                 "classes": list(getattr(spec, "class_names", ()) or []) or None},
         aug_param_names=tuple(augmenter.param_names) if augmenter is not None else ())
     provenance = {
         "teacher": arch, "checkpoint_sha256": ckpt_sha, "weights_sha256": weights_sha256(model),

@@ -9,13 +9,23 @@
 
 The run name comes from :func:`run_name` only: ``<method>-s<seed>`` (``ce-s0``, ``kd-s1``), with the α for
 LoCa methods (``loca-a0.9-s2``, ``loca_dkd-a0.95-s0``) and an ``-online`` suffix for live-teacher runs.
+Names cannot collide silently: a sweep whose runs share a folder is refused before training, and a folder
+that already holds a run is refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set.
+
+:func:`run_many` trains a sweep in one process, loading the data, the teacher signal and the teacher's
+mis-instructed rows once. ``recipe`` (the output of ``loca-pipe select-recipe``) sets τ, β, γ (and epochs
+or lr when it chose them). After training, ``metrics.json`` gains ``follow``: per teacher, the share of its
+mis-instructed training rows where the student predicts the teacher's wrong class / the label
+(:mod:`loca_pipe.pipeline.follow`; a CE student is measured against every teacher of the store).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +79,9 @@ class TrainStudentParams:
     online: bool = False                  # run the live teacher instead of reading the store
     teacher_checkpoint: str | None = None  # for online mode (arch read from its .json sidecar)
     resume: bool = False
+    overwrite: bool = False               # replace a run folder that already holds a run
+    recipe: str | None = None             # recipe file from `loca-pipe select-recipe`: sets tau/beta/gamma(/epochs/lr)
+    follow: bool = True                   # measure the follow rates on the teacher's mis-instructed training rows
     memory_limit_gb: float = 4.0          # teacher signal above this is streamed chunk by chunk
     progress: bool = True
     threads: int | None = None            # torch CPU threads (None: 1 for short-cpu on CPU — tiny models run
@@ -77,12 +90,46 @@ class TrainStudentParams:
     methods: tuple[str, ...] | None = None
     alphas: tuple[float, ...] | None = None
     seeds: tuple[int, ...] | None = None
+    # named method groups per teacher, for the DVC matrix: {teacher: {group: "kd,kd_star"}} (`--group NAME`)
+    groups: dict[str, dict[str, str]] | None = None
+
+
+def takes_alpha(method: str) -> bool:
+    from loca_pipe.pipeline.losses import METHODS
+
+    return bool(METHODS[method].loca) if method in METHODS else method.startswith("loca")
 
 
 def run_name(method: str, alpha: float, seed: int, online: bool = False) -> str:
     """The one place a run's folder name is derived (see the module docstring)."""
-    a = f"-a{alpha:g}" if method.startswith("loca") else ""
+    a = f"-a{alpha:g}" if takes_alpha(method) else ""
     return f"{method}{a}-s{seed}{'-online' if online else ''}"
+
+
+RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr")
+
+
+def read_recipe(path: str) -> dict[str, Any]:
+    """The chosen recipe of a ``select-recipe`` output file: {key: value} for keys in RECIPE_KEYS."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file {path!r} does not exist; run `loca-pipe select-recipe` first or unset "
+                          f"train_student.recipe") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"recipe file {path!r} is not JSON ({exc}); re-run `loca-pipe select-recipe`") from None
+    chosen = doc.get("chosen") if isinstance(doc, dict) else None
+    if not isinstance(chosen, dict) or not set(chosen) <= set(RECIPE_KEYS) or not chosen:
+        raise ConfigError(f"recipe file {path!r} has no 'chosen' recipe with keys among {list(RECIPE_KEYS)}; "
+                          f"re-run `loca-pipe select-recipe`")
+    return dict(chosen)
+
+
+def with_recipe(p: TrainStudentParams) -> TrainStudentParams:
+    """``p`` with the recipe file's choice applied (the file wins over tau/beta/gamma given elsewhere)."""
+    if not p.recipe:
+        return p
+    return dataclasses.replace(p, **read_recipe(p.recipe))
 
 
 def expand(p: TrainStudentParams, methods: list[str] | None = None, alphas: list[float] | None = None,
@@ -93,11 +140,28 @@ def expand(p: TrainStudentParams, methods: list[str] | None = None, alphas: list
     ss = list(seeds or p.seeds or [p.seed])
     out = []
     for m in ms:
-        for a in (al if m.startswith("loca") else [p.alpha]):
+        for a in (al if takes_alpha(m) else [p.alpha]):
             for s in ss:
                 out.append(dataclasses.replace(p, method=m, alpha=float(a), seed=int(s), methods=None, alphas=None,
                                                seeds=None))
     return out
+
+
+def group_methods(p: TrainStudentParams, group: str) -> list[str]:
+    """The methods of group ``group`` of teacher ``p.teacher`` in ``p.groups``."""
+    groups = p.groups or {}
+    if p.teacher not in groups:
+        raise ConfigError(f"--group {group!r} needs train_student.groups to have an entry for teacher {p.teacher!r}; "
+                          f"it has {sorted(groups) or 'none'}")
+    g = groups[p.teacher]
+    if not isinstance(g, dict) or group not in g:
+        raise ConfigError(f"train_student.groups.{p.teacher} has no group {group!r}; it has "
+                          f"{sorted(g) if isinstance(g, dict) else g!r}")
+    v = g[group]
+    methods = [m.strip() for m in (v.split(",") if isinstance(v, str) else v) if str(m).strip()]
+    if not methods:
+        raise ConfigError(f"train_student.groups.{p.teacher}.{group} lists no methods; write e.g. \"kd,kd_star\"")
+    return methods
 
 
 def run_dir(p: TrainStudentParams) -> Path:
@@ -123,7 +187,7 @@ def check_params(p: TrainStudentParams) -> None:
         raise ConfigError(f"unknown augment {p.augment!r}; valid values: {list(AUGMENTS)}")
     if not (p.tau > 0 and math.isfinite(p.tau)):
         raise ConfigError(f"tau must be a positive number; got {p.tau}")
-    if p.method.startswith("loca") and not p.alpha > 0:
+    if takes_alpha(p.method) and not p.alpha > 0:
         raise ConfigError(f"LoCa α must be > 0 (the paper uses 0.9–0.99); got {p.alpha}")
     if p.online and not p.teacher_checkpoint:
         raise ConfigError("online mode runs the live teacher: set train_student.teacher_checkpoint "
@@ -132,41 +196,134 @@ def check_params(p: TrainStudentParams) -> None:
         raise ConfigError(f"memory_limit_gb must be ≥ 0; got {p.memory_limit_gb}")
 
 
+def _sidecar_percent(d: dict[str, Any]) -> float | None:
+    """A teacher's test top-1 in % from a train-teacher record: ``test_top1_percent`` when present, else
+    ``test_top1``, which train-teacher writes as a fraction (its documented unit; never guessed from the value)."""
+    if isinstance(d.get("test_top1_percent"), (int, float)):
+        return float(d["test_top1_percent"])
+    if isinstance(d.get("test_top1"), (int, float)):
+        return 100.0 * float(d["test_top1"])
+    return None
+
+
 def _teacher_accuracy(meta: dict[str, Any], checkpoint: str | None) -> float | None:
-    """The teacher's test top-1 in % as recorded by train-teacher (a fraction there), when it can be found."""
-    v = _teacher_accuracy_raw(meta, checkpoint)
-    return None if v is None else (100.0 * v if v <= 1.0 else v)
-
-
-def _teacher_accuracy_raw(meta: dict[str, Any], checkpoint: str | None) -> float | None:
+    """The teacher's test top-1 in % as recorded by train-teacher, when it can be found."""
     from loca_pipe.pipeline.models import read_sidecar
 
     prov = meta.get("provenance") or {}
     run_info = prov.get("run") or {}
     for d in (prov, run_info.get("sidecar") or {}):
-        if isinstance(d.get("test_top1"), (int, float)):
-            return float(d["test_top1"])
+        v = _sidecar_percent(d)
+        if v is not None:
+            return v
     for ck in (checkpoint, run_info.get("checkpoint"), prov.get("checkpoint")):
         if ck:
             try:
-                v = read_sidecar(ck).get("test_top1")
-                return float(v) if v is not None else None
+                return _sidecar_percent(read_sidecar(ck))
             except Exception:  # noqa: BLE001 - the accuracy is informational only
                 continue
     return None
 
 
-def run(p: TrainStudentParams) -> dict[str, Any]:
+def check_run_folders(runs: list[TrainStudentParams]) -> None:
+    """Refuse a sweep whose runs would share a folder, and folders that already hold a run (unless resume
+    or overwrite) — before any training starts."""
+    seen: dict[Path, TrainStudentParams] = {}
+    for r in runs:
+        d = run_dir(r)
+        if d in seen:
+            raise ConfigError(f"two runs of this sweep would both write {str(d)!r} (method {r.method}, α {r.alpha:g}, "
+                              f"seed {r.seed}); remove the duplicate from --methods/--alphas/--seeds")
+        seen[d] = r
+        held = [f for f in ("metrics.json", "checkpoint.pt") if (d / f).exists()]
+        if held and not (r.resume or r.overwrite):
+            raise ConfigError(f"run folder {str(d)!r} already holds a run ({', '.join(held)}); pass --resume to "
+                              f"continue it, --overwrite to replace it, or another --out-dir")
+
+
+class _Shared:
+    """What the runs of one process share: data sets, image tensors, teacher signals, teacher mistakes."""
+
+    def __init__(self) -> None:
+        self.items: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, make: Any) -> Any:
+        if key not in self.items:
+            self.items[key] = make()
+        return self.items[key]
+
+
+def run_many(runs: list[TrainStudentParams]) -> list[dict[str, Any]]:
+    """Train the runs of a sweep in turn in this process (data and teacher signal loaded once)."""
+    runs = [with_recipe(r) for r in runs]
+    for r in runs:
+        check_params(r)
+    check_run_folders(runs)
+    shared = _Shared()
+    return [run(r, shared) for r in runs]
+
+
+def _check_student_outputs(model: Any, student: str, C: int, in_channels: int, image_size: int, dataset: str) -> None:
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, in_channels, image_size, image_size))
+    model.train(was)
+    k = int(out.shape[-1]) if out.ndim == 2 else None
+    if k != C:
+        got = f"{k} classes" if k is not None else f"an output of shape {tuple(out.shape)}"
+        raise ConfigError(f"student {student!r} outputs {got} but data set {dataset!r} has {C} classes; build "
+                          f"the student with num_classes={C} (a module:callable student receives num_classes)")
+
+
+def _follow(p: TrainStudentParams, shared: _Shared, model: Any, images: Any, source_teacher: str | None,
+            method: str) -> dict[str, Any]:
+    """Follow rates of the trained student on its teacher's (CE: every teacher's) mis-instructed rows."""
+    import torch
+
+    from loca_pipe.pipeline.follow import follow_rates, teacher_mistakes
+    from loca_pipe.pipeline.store import LogitStore
+
+    if not p.store or p.online or not Path(p.store).exists():
+        return {}
+    names = LogitStore.open(p.store).teachers if method == "ce" else [source_teacher or p.teacher]
+    was = model.training
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(images), 4096):
+            preds.append(model(images.get(torch.arange(i, min(len(images), i + 4096)))).argmax(1).cpu())
+    model.train(was)
+    pred = torch.cat(preds).numpy()
+    out = {}
+    for name in names:
+        t = shared.get(("mistakes", p.store, name), lambda: teacher_mistakes(p.store, name))
+        out[t.teacher] = follow_rates(pred, t)
+    return out
+
+
+def run(p: TrainStudentParams, shared: _Shared | None = None) -> dict[str, Any]:
     """Train one student; returns its final metrics (also written to ``<run dir>/metrics.json``)."""
     import torch
 
+    from loca_pipe.pipeline import data as data_mod
     from loca_pipe.pipeline.augment import make_augmenter
-    from loca_pipe.pipeline.data import open_dataset
+    from loca_pipe.pipeline.losses import METHODS
     from loca_pipe.pipeline.models import build_model, load_checkpoint, read_sidecar, resolve_device
     from loca_pipe.pipeline.soft_labels import PlainSource, load_soft_labels, load_targets
-    from loca_pipe.pipeline.training import ImageSet, preset_config, seed_everything, train_student
+    from loca_pipe.pipeline.training import (ImageSet, METRICS_JSON, atomic_write_text, preset_config,
+                                             seed_everything, train_student)
 
+    shared = shared or _Shared()
+    p = with_recipe(p)
     check_params(p)
+    if shared is not None and not shared.items:
+        check_run_folders([p])
+    out = run_dir(p)
+    if p.overwrite and not p.resume and out.exists():
+        shutil.rmtree(out)
     device = resolve_device(p.device)
     from loca_pipe.pipeline.distributed import init_from_env
 
@@ -177,12 +334,14 @@ def run(p: TrainStudentParams) -> dict[str, Any]:
     cfg = preset_config(p.preset, p.student, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                         momentum=p.momentum, weight_decay=p.weight_decay, milestones=p.milestones, seed=p.seed,
                         amp=p.amp)
-    spec = open_dataset(p.dataset, p.split, p.root)
-    eval_spec = open_dataset(p.dataset, p.eval_split, p.root)
+    spec = shared.get(("spec", p.dataset, p.split, p.root), lambda: data_mod.open_dataset(p.dataset, p.split, p.root))
+    eval_spec = shared.get(("spec", p.dataset, p.eval_split, p.root),
+                           lambda: data_mod.open_dataset(p.dataset, p.eval_split, p.root))
     C = int(spec.num_classes)
     method = p.method
     teacher_model = None
     meta: dict[str, Any] = {}
+    mem = int(p.memory_limit_gb * (1 << 30))
     if p.online:
         side = read_sidecar(p.teacher_checkpoint)
         teacher_model = build_model(side["arch"], int(side.get("num_classes", C)), spec.in_channels, spec.image_size)
@@ -196,16 +355,16 @@ def run(p: TrainStudentParams) -> dict[str, Any]:
         source = PlainSource(len(spec))
     elif p.targets:
         source = load_targets(p.targets, spec, method=method, alpha=p.alpha, tau=p.tau, student_classes=C,
-                              teacher=p.teacher, memory_limit_bytes=int(p.memory_limit_gb * (1 << 30)),
-                              view_policy=p.view_policy)
+                              teacher=p.teacher, memory_limit_bytes=mem, view_policy=p.view_policy)
         method = source.method  # targets already hold (calibrated) probabilities: plain KD on them
         meta = source.meta
     else:
         if not p.store:
             raise ConfigError(f"method {method!r} needs a teacher: set train_student.store (a logit store), "
                               f"train_student.targets, or online: true with a teacher_checkpoint")
-        source = load_soft_labels(p.store, spec, teacher=p.teacher, student_classes=C, tau=p.tau, form=p.form,
-                                  memory_limit_bytes=int(p.memory_limit_gb * (1 << 30)), view_policy=p.view_policy)
+        source = shared.get(("soft", p.store, p.teacher, C, p.tau, p.form, mem, p.view_policy),
+                            lambda: load_soft_labels(p.store, spec, teacher=p.teacher, student_classes=C, tau=p.tau,
+                                                     form=p.form, memory_limit_bytes=mem, view_policy=p.view_policy))
         meta = source.meta
     replay = augmenter = None
     if getattr(source, "has_views", False):
@@ -218,30 +377,53 @@ def run(p: TrainStudentParams) -> dict[str, Any]:
         augmenter = make_augmenter(p.augment, p.seed, int(spec.image_size))
         if meta and not p.online:
             log.warning(MISMATCH_WARNING.format(aug=p.augment))
+    notes: list[str] = []
+    if method == "kd_star" and p.store and not p.online and Path(p.store).exists():
+        from loca_pipe.pipeline.follow import teacher_mistakes
+
+        t = shared.get(("mistakes", p.store, meta.get("teacher")), lambda: teacher_mistakes(p.store, meta.get("teacher")))
+        if not t.mis.any():
+            notes.append(f"KD* is plain KD here: teacher {t.teacher!r} has no mis-instructed training rows")
+            log.warning(notes[-1])
     seed_everything(p.seed)
     model = build_model(p.student, C, int(spec.in_channels), int(spec.image_size))
-    identity = {"method": p.method, "loss_method": method, "alpha": p.alpha if p.method.startswith("loca") else None,
+    _check_student_outputs(model, p.student, C, int(spec.in_channels), int(spec.image_size), p.dataset)
+    takes_a = bool(METHODS[p.method].loca)
+    identity = {"method": p.method, "loss_method": method, "alpha": p.alpha if takes_a else None,
                 "tau": p.tau, "beta": p.beta, "gamma": p.gamma, "seed": p.seed, "student": p.student,
                 "dataset": p.dataset, "split": p.split, "eval_split": p.eval_split, "fingerprint": spec.fingerprint,
+                "train_size": len(source),
                 "store": None if method == "ce" and not p.targets else (p.targets or p.store),
                 "teacher": meta.get("teacher"), "online": p.online, "augment": p.augment, "preset": p.preset,
                 "form": getattr(source, "kind", None), "view_policy": p.view_policy,
+                "recipe": read_recipe(p.recipe) if p.recipe else None,
                 "train": dataclasses.asdict(cfg)}
     if p.method in ("dkd", "loca_dkd"):
         identity.update(dkd_alpha=p.dkd_alpha, dkd_beta=p.dkd_beta, warmup_epochs=p.warmup_epochs)
     if p.method in ("ls", "loca_ls"):
         identity.update(ls_tau=loss_config(p).ls_tau)
-    out = run_dir(p)
-    images = ImageSet(spec.dataset, device)
-    eval_images = ImageSet(eval_spec.dataset, device)
+    images = shared.get(("images", p.dataset, p.split, p.root, str(device)), lambda: ImageSet(spec.dataset, device))
+    eval_images = shared.get(("images", p.dataset, p.eval_split, p.root, str(device)),
+                             lambda: ImageSet(eval_spec.dataset, device))
     labels = torch.as_tensor(spec.labels, dtype=torch.int64)
     eval_labels = torch.as_tensor(eval_spec.labels, dtype=torch.int64)
-    log.info("training %s (%s, student %s, %d samples, %s) → %s", run_name(p.method, p.alpha, p.seed, p.online),
-             method, p.student, len(source), device, out)
+    name = run_name(p.method, p.alpha, p.seed, p.online)
+    log.info("training %s (%s, student %s, %d samples, %s) → %s", name, method, p.student, len(source), device, out)
     res = train_student(model, images=images, labels=labels, source=source, method=method, loss_cfg=loss_config(p),
                         cfg=cfg, eval_images=eval_images, eval_labels=eval_labels, out_dir=out,
                         teacher_model=teacher_model, replay=replay, augmenter=augmenter, resume=p.resume,
                         identity={**identity, "run": out.name,
                                   "teacher_test_top1": _teacher_accuracy(meta, p.teacher_checkpoint)},
-                        progress=p.progress)
-    return res.metrics
+                        progress=p.progress, progress_desc=f"{name} ({meta['teacher']})" if meta.get("teacher") else name)
+    metrics = dict(res.metrics)
+    from loca_pipe.pipeline.distributed import world
+
+    if p.follow and world()[0] == 0:
+        follow = _follow(p, shared, model, images, meta.get("teacher"), method)
+        if follow:
+            metrics["follow"] = follow
+    if notes:
+        metrics["notes"] = notes
+    if (metrics.get("follow") or notes) and world()[0] == 0:
+        atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics

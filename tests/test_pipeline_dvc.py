@@ -1,15 +1,18 @@
 """The default DVC pipeline end to end, on a tiny params override (real Fashion-MNIST pixels, 768 images).
 
 Runs the README's main-job command (`make repro`, with set-up already done) in a copy of the project,
-then checks what issue 6 promises: the chart, the comparison table and `dvc metrics show` exist; a second
-`dvc repro` does nothing; `dvc exp run -S analyze.alpha=...` re-runs only calibration, the LoCa students
-and the report.
+then checks: the recipe stage, students from every teacher and the report ran; `make repro` ends with the
+report; the figures and `dvc metrics show` exist and the LM sub-repo stays out of `dvc status` / metrics; a
+second `dvc repro` does nothing; `dvc exp run -S analyze.alpha=...` re-runs only calibration, the LoCa
+students and the report, and `dvc exp show --json` has the report's metrics for both rows.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,7 +35,10 @@ def _tiny_params(params: dict) -> dict:
     for t in p["train_teacher"]["teachers"].values():
         t["epochs"] = 1
     p["analyze"]["alpha"] = [0.9]
-    p["train_student"].update(seeds=[0], epochs=2, milestones=[1], batch_size=64)
+    p["select_recipe"].update(val_size=128, epochs=1, batch_size=64, grid=p["select_recipe"]["grid"][:2])
+    p["train_student"].update(seeds=[0, 1], epochs=2, milestones=[1], batch_size=64,
+                              groups={"weak": {"base": "kd,kd_star,dkd", "loca": "loca,loca_dkd"},
+                                      "strong": {"base": "kd", "loca": "loca"}})
     return p
 
 
@@ -75,12 +81,23 @@ def test_make_repro_runs_the_whole_pipeline(project):
     stamp = VENV / ".installed"
     # The README's main-job command; set-up is already done for this venv, so mark its targets as old.
     out = _run(["make", f"VENV={VENV}", "-o", str(stamp), "-o", str(FMNIST), "repro"], dst, env)
-    assert {"prepare_data", "train_teacher@strong", "cache_logits", "analyze", "calibrate", "report"} <= _ran(out)
-    assert (dst / "data/analysis/figures/mis_instruction.png").stat().st_size > 1000
+    assert {"prepare_data", "train_teacher@strong", "cache_logits", "analyze", "calibrate", "select_recipe",
+            "train_student_ce", "train_student_base@weak", "train_student_base@strong",
+            "train_student_loca@weak-0.9", "train_student_loca@strong-0.9", "report"} <= _ran(out)
+    assert (dst / "data/report/report.md").read_text().rstrip() in out  # make repro prints the report
     table = (dst / "data/report/report.md").read_text()
-    assert "KD" in table and "LoCa" in table
+    for text in ("| KD |", "| KD* |", "| LoCa-0.9 |", "| DKD+LoCa-0.9 |", "| LoCa-0.9 − KD |", "Mis-instruction",
+                 "The mechanism", "delta_vs_mis.png"):
+        assert text in table, table
+    for fig in ("data/analysis/figures/mis_instruction.png", "data/report/delta_vs_mis.png",
+                "data/report/follow.png"):
+        assert (dst / fig).stat().st_size > 1000, fig
+    recipe = json.loads((dst / "data/recipe.json").read_text())
+    assert recipe["validation"]["split"] == "train" and recipe["chosen"] in [r["recipe"] for r in recipe["grid"]]
     metrics = _run([DVC, "metrics", "show"], dst, env)
-    assert "mis_instruction_ratio" in metrics and "data/report/report.json" in metrics
+    assert "metrics/report.json" in metrics and "cache_report" not in metrics
+    status = _run([DVC, "status"], dst, env)
+    assert "lm/" not in status and "Data and pipelines are up to date" in status
 
     again = _run(["make", f"VENV={VENV}", "-o", str(VENV / ".installed"), "-o", str(FMNIST), "repro"], dst, env)
     assert _ran(again) == set(), f"a second dvc repro re-ran {_ran(again)}"
@@ -90,9 +107,35 @@ def test_make_repro_runs_the_whole_pipeline(project):
     env = {**env, "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}  # as after `. .venv/bin/activate`
     exp = _run([DVC, "exp", "run", "-S", "analyze.alpha=[0.8]"], dst, env)
     ran = _ran(exp)
-    assert "calibrate" in ran and "report" in ran and any(s.startswith("train_student_loca@0.8") for s in ran)
-    untouched = {"prepare_data", "cache_logits", "analyze"} | {s for s in ran if s.startswith("train_teacher")} \
-        | {s for s in ran if s.startswith("train_student_base")}
+    assert {"calibrate", "report", "train_student_loca@weak-0.8", "train_student_loca@strong-0.8"} <= ran
+    untouched = {"prepare_data", "cache_logits", "analyze", "select_recipe", "train_student_ce"} \
+        | {s for s in ran if s.startswith(("train_teacher", "train_student_base"))}
     assert not (ran & untouched), f"a new α re-ran stages that do not depend on it: {sorted(ran & untouched)}"
-    show = _run([DVC, "exp", "show", "--md"], dst, env)
-    assert "analyze.alpha" in show
+    proc = subprocess.run([DVC, "exp", "show", "--json"], cwd=dst, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    show = json.loads(proc.stdout)
+    rows = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "metrics" in data:
+                rows.append(data)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(show)
+    with_report = [r for r in rows if (r.get("metrics") or {}).get("metrics/report.json", {}).get("data")]
+    assert len(with_report) >= 2, f"report metrics in {len(with_report)} of {len(rows)} rows"
+    keys = [set(r["metrics"]["metrics/report.json"]["data"]["weak"]) for r in with_report]
+    assert any("loca-a0.8" in k for k in keys) and any("loca-a0.9" in k for k in keys)
+    # the README's terminal view of the experiments (the line itself, run as written)
+    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.strip().startswith("dvc exp show --drop"))
+    readable = _run([DVC] + shlex.split(line)[1:] + ["--no-pager"], dst, {**env, "COLUMNS": "200"})
+    assert max(len(ln) for ln in readable.splitlines()) < 200, readable
+    assert "analyze.alpha" in readable and "weak.loca-a0.8.delta" in readable, readable

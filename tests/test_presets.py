@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from loca_pipe.stages import analyze, cache_logits, calibrate, prepare_data, report, train_student, train_teacher
+from loca_pipe.stages import (analyze, cache_logits, calibrate, prepare_data, report, select_recipe, train_student,
+                              train_teacher)
 from loca_pipe.stages.config import load_section, read_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,10 +23,16 @@ def test_every_section_loads(path):
     load_section(calibrate.CalibrateParams, "calibrate", p)
     load_section(train_student.TrainStudentParams, "train_student", p)
     load_section(report.ReportParams, "report", p)
+    sr = load_section(select_recipe.SelectRecipeParams, "select_recipe", p)
+    select_recipe.check_grid(sr.grid)
     # the keys dvc.yaml interpolates exist
-    for key in ("prepared", "teachers_dir", "store", "targets"):
+    for key in ("prepared", "teachers_dir", "store", "targets", "recipe", "students_dir"):
         assert p["base"][key]
-    assert p["train_student"]["teacher"] in p["cache"]["teachers"]
+    assert p["report"]["metrics"] and not p["report"]["metrics"].startswith("data/")
+    groups = p["train_student"]["groups"]
+    assert groups and set(groups) <= set(p["cache"]["teachers"])
+    for g in groups.values():
+        assert set(g) == {"base", "loca"}
 
 
 @pytest.mark.parametrize("path, teacher, student, tau, beta, gamma", [
@@ -36,4 +43,6 @@ def test_paper_settings(path, teacher, student, tau, beta, gamma):
     p = read_params(ROOT / path)
     s = load_section(train_student.TrainStudentParams, "train_student", p)
     assert (s.teacher, s.student, s.tau, s.beta, s.gamma) == (teacher, student, tau, beta, gamma)
+    assert load_section(select_recipe.SelectRecipeParams, "select_recipe", p).grid == (
+        {"tau": tau, "beta": beta, "gamma": gamma},)  # the paper's recipe, declared
     assert load_section(calibrate.CalibrateParams, "calibrate", p).tau == tau

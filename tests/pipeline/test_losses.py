@@ -396,7 +396,7 @@ def test_total_is_beta_distill_plus_gamma_ce():
 
 def test_unknown_method_lists_valid_ones():
     zs, zt, y = _batch()
-    with pytest.raises(ConfigError, match="unknown loss method 'kdd'; valid methods: ce, kd, loca, dkd"):
+    with pytest.raises(ConfigError, match="unknown loss method 'kdd'; valid methods: ce, kd, loca, kd_star, dkd"):
         compute_loss("kdd", zs, y, teacher_logits=zt)
 
 

@@ -23,3 +23,8 @@ class ToyImages(Dataset):
 
 def dataset(split="train"):
     return ToyImages(split)
+
+
+def five_outputs(in_channels=1, image_size=8):
+    """A student that ignores num_classes and always has 5 outputs (the wrong count for 10 classes)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size * image_size, 5))

@@ -1,0 +1,180 @@
+"""Stage `select-recipe`: choose the KD recipe (τ, β, γ; optionally epochs, lr) on a validation split.
+
+The premise of every comparison is a KD recipe that makes distillation work on this data set, chosen
+without looking at the test set. A fixed, seeded ``val_size`` rows of the **training** split are held out
+(the test split is never opened by this stage); on the remaining rows a CE student and, for every recipe of
+the declared ``grid`` and every teacher, a KD student are trained with the same seeds, and each is scored
+by top-1 on the held-out rows. The recipe with the largest mean paired gain KD − CE over teachers and
+seeds wins (ties: the first in grid order). The output file (``out``) holds the choice under ``chosen``,
+which ``train-student --recipe FILE`` applies, plus every score, so the choice can be audited::
+
+    {"chosen": {"tau": 1.0, "beta": 0.5, "gamma": 0.5},
+     "criterion": "...", "validation": {"split": "train", "size": 5000, "seed": 0, "indices_sha256": "..."},
+     "ce": {"val_top1": [...]}, "grid": [{"recipe": {...}, "gain": 0.8, "kd_val_top1": {teacher: [...]}}, ...]}
+
+LoCa's α is not chosen here: the pipeline pre-registers one value (params.yaml ``analyze.alpha``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loca_pipe.pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr")
+# the paper's two settings (CIFAR-100 and ImageNet) and two between them
+DEFAULT_GRID = ({"tau": 4.0, "beta": 0.9, "gamma": 0.1}, {"tau": 1.0, "beta": 0.5, "gamma": 0.5},
+                {"tau": 2.0, "beta": 0.5, "gamma": 0.5}, {"tau": 4.0, "beta": 0.5, "gamma": 0.5})
+
+
+@dataclass(frozen=True)
+class SelectRecipeParams:
+    """The ``select_recipe`` section of params.yaml."""
+
+    store: str = "data/logits/fashion-mnist-train.zarr"
+    teachers: tuple[str, ...] | None = None   # None: every teacher of the store
+    student: str = "mlp_small"
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    preset: str = "short-cpu"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    val_size: int = 5000
+    val_seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    grid: tuple[dict[str, float], ...] = field(default=DEFAULT_GRID)
+    out: str = "data/recipe.json"
+    threads: int = 1
+    progress: bool = False
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Any, Any]:
+    """(fit, val): sorted data-set indices of the training split; val = the first ``val_size`` of a seeded
+    permutation. A pure function of (n, val_size, seed)."""
+    import torch
+
+    if not 0 < val_size < n:
+        raise ConfigError(f"select_recipe.val_size must be between 1 and {n - 1} (the training split has {n} "
+                          f"rows); got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def check_grid(grid: Any) -> list[dict[str, float]]:
+    if not grid:
+        raise ConfigError("select_recipe.grid is empty; declare at least one recipe, e.g. {tau: 1, beta: 0.5, gamma: 0.5}")
+    out = []
+    for i, g in enumerate(grid):
+        if not isinstance(g, dict) or not g or not set(g) <= set(RECIPE_KEYS):
+            raise ConfigError(f"select_recipe.grid[{i}] must be a mapping with keys among {list(RECIPE_KEYS)}; got {g!r}")
+        out.append({k: (int(v) if k == "epochs" else float(v)) for k, v in g.items()})
+    return out
+
+
+def _teacher_logits(store: str, name: str, spec: Any) -> Any:
+    """(N, C) full logits of ``name`` in data-set order (view 0), after checking the store fits ``spec``."""
+    import numpy as np
+    import torch
+
+    from loca_pipe.pipeline.soft_labels import check_join
+    from loca_pipe.pipeline.store import LogitStore
+
+    st = LogitStore.open(store)
+    tv = st.teacher(name)
+    if not tv.has_full_logits:
+        raise ConfigError(f"select-recipe trains KD students from full logits; teacher {tv.name!r} in {store!r} keeps "
+                          f"only top-{tv.top_k}: re-cache it with --logits-dtype float16 or float32")
+    sid, lab, view = tv["sample_id"][:], tv["label"][:], tv["view"][:]
+    check_join(store, "store", st.info.dataset.get("fingerprint"), spec, st.info.num_classes, int(spec.num_classes),
+               sid, lab)
+    rows = np.flatnonzero(view == 0)
+    z = np.asarray(tv.read("logits", rows), np.float32)
+    out = torch.full((len(spec), z.shape[1]), float("nan"))
+    out[torch.from_numpy(np.asarray(sid[rows], np.int64))] = torch.from_numpy(z)
+    if bool(torch.isnan(out).any()):
+        raise ConfigError(f"teacher {tv.name!r} in {store!r} does not cover every training sample; re-cache it")
+    return out
+
+
+def run(p: SelectRecipeParams) -> dict[str, Any]:
+    """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; returns it."""
+    import torch
+
+    from loca_pipe.pipeline import data as data_mod
+    from loca_pipe.pipeline import stats
+    from loca_pipe.pipeline.losses import LossConfig
+    from loca_pipe.pipeline.models import build_model
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
+    from loca_pipe.pipeline.store import LogitStore
+    from loca_pipe.pipeline.training import ImageSet, preload, preset_config, seed_everything, train_student
+
+    grid = check_grid(p.grid)
+    if len(grid) == 1:  # a declared recipe (e.g. the paper's for its own data set): nothing to choose
+        doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",
+               "validation": None, "grid": [{"recipe": grid[0]}],
+               "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
+        _write(Path(p.out), doc)
+        return doc
+    torch.set_num_threads(int(p.threads))
+    spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
+    fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
+    x = preload(spec.dataset)
+    y = torch.as_tensor(spec.labels, dtype=torch.int64)
+    dev = torch.device("cpu")
+    fit_img, val_img = ImageSet(None, dev, tensor=x[fit]), ImageSet(None, dev, tensor=x[val])
+    fit_y, val_y = y[fit], y[val]
+    teachers = list(p.teachers or LogitStore.open(p.store).teachers)
+    logits = {t: _teacher_logits(p.store, t, spec)[fit] for t in teachers}
+    C = int(spec.num_classes)
+
+    def train(method: str, recipe: dict[str, float], seed: int, source: Any) -> float:
+        cfg = preset_config(p.preset, p.student, epochs=recipe.get("epochs", p.epochs), batch_size=p.batch_size,
+                            lr=recipe.get("lr", p.lr), seed=seed)
+        lc = LossConfig(**{k: recipe[k] for k in ("tau", "beta", "gamma") if k in recipe})
+        seed_everything(seed)
+        model = build_model(p.student, C, int(spec.in_channels), int(spec.image_size))
+        res = train_student(model, images=fit_img, labels=fit_y, source=source, method=method, loss_cfg=lc, cfg=cfg,
+                            eval_images=val_img, eval_labels=val_y, progress=p.progress,
+                            progress_desc=f"select-recipe {method} " + " ".join(f"{k} {v:g}" for k, v in recipe.items()))
+        return float(res.metrics["test_top1"])  # the held-out rows of the training split
+
+    ce_cache: dict[tuple, list[float]] = {}
+    rows = []
+    for recipe in grid:
+        key = (recipe.get("epochs"), recipe.get("lr"))
+        if key not in ce_cache:
+            ce_cache[key] = [train("ce", recipe, s, PlainSource(len(fit))) for s in p.seeds]
+        ce = ce_cache[key]
+        kd = {t: [train("kd", recipe, s, TensorSource(logits[t])) for s in p.seeds] for t in teachers}
+        gains = [k - c for t in teachers for k, c in zip(kd[t], ce)]
+        per_teacher = {t: stats.paired(kd[t], ce).as_dict() for t in teachers}
+        rows.append({"recipe": recipe, "gain": sum(gains) / len(gains), "kd_val_top1": kd, "ce_val_top1": ce,
+                     "paired_vs_ce": per_teacher})
+        log.info("recipe %s: mean KD − CE on validation %+.2f", recipe, rows[-1]["gain"])
+    best = max(range(len(rows)), key=lambda i: (rows[i]["gain"], -i))
+    doc = {"chosen": rows[best]["recipe"],
+           "criterion": "largest mean paired gain (KD − CE) in top-1 on the held-out training rows, over teachers "
+                        "and seeds; ties: first in grid order",
+           "validation": {"split": "train", "size": int(val.numel()), "fit_size": int(fit.numel()),
+                          "seed": int(p.val_seed),
+                          "indices_sha256": hashlib.sha256(val.numpy().tobytes()).hexdigest()},
+           "teachers": teachers, "student": p.student, "seeds": list(p.seeds), "grid": rows,
+           "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
+    _write(Path(p.out), doc)
+    return doc
+
+
+def _write(out: Path, doc: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out)

@@ -1,0 +1,128 @@
+"""The report: paired statistics from metrics files, incomparable runs, one seed, follow rates, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.stages import report as rs
+from loca_pipe.stages.train_student import run_name
+
+TRAIN = {"epochs": 5, "batch_size": 128, "lr": 0.05, "seed": 0}
+LOCA_PIPE = str(Path(sys.executable).parent / "loca-pipe")
+
+
+def write_run(root: Path, method: str, seed: int, acc: float, *, teacher: str | None = "weak", alpha=None,
+              follow=None, **over) -> Path:
+    d = root / (teacher or "ce") / run_name(method, alpha or 0.9, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    m = {"method": method, "alpha": alpha, "seed": seed, "student": "mlp_small", "teacher": teacher,
+         "teacher_test_top1": None if teacher is None else {"weak": 80.0, "strong": 90.0}[teacher],
+         "test_top1": acc, "online": False, "dataset": "d", "fingerprint": "fp", "split": "train",
+         "train_size": 100, "eval_split": "test", "preset": "short-cpu", "augment": "none",
+         "tau": 1.0, "beta": 0.5, "gamma": 0.5, "store": "s.zarr", "recipe": {"tau": 1.0}, "form": "logits",
+         "train": {**TRAIN, "seed": seed}}
+    if follow is not None:
+        m["follow"] = follow
+    for k, v in over.items():
+        if k == "epochs":
+            m["train"] = {**m["train"], "epochs": v}
+        else:
+            m[k] = v
+    (d / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+def _follow(teacher: str, ft: float, fl: float) -> dict:
+    return {teacher: {"teacher": teacher, "rows": 100, "mis_rows": 20, "mis_ratio": 20.0, "follow_teacher": ft,
+                      "follow_label": fl}}
+
+
+KD = [84.0, 85.0, 86.0, 85.5, 84.5]
+LOCA = [85.0, 86.5, 86.5, 86.0, 85.5]  # d = 1, 1.5, 0.5, 0.5, 1.0
+CE = [83.0, 83.5, 84.0, 84.5, 83.0]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for s in range(5):
+        write_run(root, "ce", s, CE[s], teacher=None, follow=_follow("weak", 30.0, 60.0))
+        write_run(root, "kd", s, KD[s], follow=_follow("weak", 50.0 + s, 40.0))
+        write_run(root, "loca", s, LOCA[s], alpha=0.95, follow=_follow("weak", 45.0, 45.0 + s))
+    return root
+
+
+def test_paired_rows_against_hand_computation(runs, tmp_path):
+    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    full = json.loads((tmp_path / "rep" / "full.json").read_text())["pairs"]["weak → mlp_small"]
+    d = [a - b for a, b in zip(LOCA, KD)]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    half = 2.776445 * sd / math.sqrt(5)
+    lo = full["LoCa-0.95"]["paired"]
+    assert full["LoCa-0.95"]["vs"] == "KD" and full["KD"]["vs"] == "Student (CE)"
+    assert lo["mean"] == pytest.approx(mean, abs=1e-6)
+    assert (lo["low"], lo["high"]) == (pytest.approx(mean - half, abs=1e-5), pytest.approx(mean + half, abs=1e-5))
+    assert lo["p_perm"] == pytest.approx(2 / 32)  # every d > 0: only all-plus / all-minus reach |Σ|
+    assert "| Teacher | 80.00 |" in md
+    assert f"| LoCa-0.95 − KD | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" in md
+    assert "weak: LoCa-0.95 − KD is above zero beyond run-to-run noise" in md
+    assert "cannot go below 0.0625" in md
+    # mechanism table and mis-instruction table
+    assert "| weak | 80.00 | 20 of 100 | 20.00 % |" in md
+    assert "| Student (CE) | wrong 30.0 ± 0.0 / label 60.0 ± 0.0 |" in md
+    assert "| KD | wrong 52.0 ± 1.6 / label 40.0 ± 0.0 |" in md
+    small = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert small["weak"]["loca-a0.95"] == {"top1": round(sum(LOCA) / 5, 2), "delta": round(mean, 2),
+                                           "p": pytest.approx(lo["p_t"], abs=1e-4)}
+    assert small["weak"]["teacher"] == 80.0 and small["weak"]["mis_ratio"] == 20.0
+    for f in ("alpha.png", "delta_vs_mis.png", "follow.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 5000, f
+
+
+def test_incomparable_runs_are_left_out_with_the_reason(runs, tmp_path):
+    write_run(runs / "old", "kd", 7, 70.0, epochs=20)
+    write_run(runs / "other", "kd", 8, 70.0, train_size=55)
+    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    assert "Left out (2 run(s)" in md
+    assert "training settings epochs 20, batch_size 128, lr 0.05 differs from the other runs' epochs 5" in md
+    assert "train_size 55 differs from the other runs' 100" in md
+    assert "| KD | 85.00 ± 0.79 (5) |" in md  # the left-out runs are in no statistic
+    with pytest.raises(ConfigError, match="runs are not comparable: .*epochs 20"):
+        rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep2"), strict=True))
+
+
+def test_stale_duplicate_and_other_recipe_left_out(runs, tmp_path):
+    old = write_run(runs / "stale", "kd", 0, 10.0)
+    os.utime(old / "metrics.json", (1, 1))
+    write_run(runs / "r2", "loca", 9, 70.0, alpha=0.95, recipe={"tau": 4.0})
+    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    assert "a second run of KD seed 0 exists" in md and "left out as stale" in md
+    assert 'recipe {"tau": 4.0} differs from the other weak → mlp_small runs\' {"tau": 1.0}' in md
+
+
+def test_one_seed_is_said_in_words(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "kd", 0, 85.0)
+    write_run(root, "loca", 0, 86.0, alpha=0.95)
+    md = rs.run(rs.ReportParams(runs_dir=str(root), out_dir=str(tmp_path / "rep")))
+    assert "+1.00 (1 seed, no interval)" in md
+    assert "only 1 paired seed: no interval or p-value (needs at least 2 seeds)" in md
+    assert "nan" not in md.lower()
+
+
+def test_report_cli_refuses_incomparable_runs_in_strict_mode(runs, tmp_path):
+    write_run(runs / "old", "kd", 7, 70.0, epochs=20)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"report:\n  runs_dir: {runs}\n  out_dir: {tmp_path / 'rep'}\n  strict: true\n")
+    proc = subprocess.run([LOCA_PIPE, "report", "--params", str(p)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: runs are not comparable" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,142 @@
+"""select-recipe: chooses on held-out training rows only, never the test split; the choice reaches students."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loca_pipe.pipeline.data import open_dataset
+from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.models import build_model
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+from loca_pipe.stages import select_recipe as sr
+
+HERE = Path(__file__).resolve().parent
+DS = "toy_train_only_module:dataset"  # its test split raises when opened
+LOCA_PIPE = str(Path(sys.executable).parent / "loca-pipe")
+
+
+@pytest.fixture(autouse=True)
+def _toy_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def _store(tmp_path: Path) -> str:
+    spec = open_dataset(DS, "train")
+    torch.manual_seed(0)
+    t = build_model("mlp_small", 10, 1, 8)
+    with torch.no_grad():
+        z = t(spec.dataset.x) * 3
+    n = len(spec)
+    info = StoreInfo(task="classification", num_samples=n, num_views=1, num_rows=n, num_classes=10, chunk_rows=64,
+                     dataset={"name": DS, "split": "train", "fingerprint": spec.fingerprint})
+    path = str(tmp_path / "s.zarr")
+    st = LogitStore.create_or_open(path, info)
+    w = st.begin_teacher("t1", {"teacher": "mlp_small"}, top_k=3, temperatures=(1.0,))
+    y = torch.as_tensor(spec.labels)
+    for c in range(info.num_chunks):
+        sl = info.chunk_slice(c)
+        st.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
+        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (1.0,)).items()}
+        arrays["logits"] = z[sl].numpy()
+        w.write_chunk(c, arrays)
+    w.finalize()
+    return path
+
+
+def test_split_is_fixed_seeded_and_disjoint():
+    fit, val = sr.split_indices(100, 20, 3)
+    fit2, val2 = sr.split_indices(100, 20, 3)
+    assert torch.equal(val, val2) and torch.equal(fit, fit2)
+    assert len(val) == 20 and len(fit) == 80 and not set(fit.tolist()) & set(val.tolist())
+    assert not torch.equal(val, sr.split_indices(100, 20, 4)[1])
+    with pytest.raises(ConfigError, match="val_size must be between 1 and 99"):
+        sr.split_indices(100, 100, 0)
+
+
+def test_recipe_stage_never_reads_the_test_split(tmp_path, monkeypatch):
+    import loca_pipe.pipeline.data as data
+
+    opened = []
+    real = data.open_dataset
+
+    def spy(name, split="train", *a, **k):
+        opened.append(split)
+        return real(name, split, *a, **k)
+
+    monkeypatch.setattr(data, "open_dataset", spy)
+    grid = ({"tau": 4.0, "beta": 0.9, "gamma": 0.1}, {"tau": 1.0, "beta": 0.5, "gamma": 0.5})
+    doc = sr.run(sr.SelectRecipeParams(store=_store(tmp_path), dataset=DS, val_size=60, seeds=(0, 1), grid=grid,
+                                       epochs=2, batch_size=32, lr=0.1, out=str(tmp_path / "recipe.json")))
+    assert opened == ["train"]  # the data set's test split raises if it is ever opened
+    assert doc["validation"] == {**doc["validation"], "split": "train", "size": 60, "fit_size": 180}
+    gains = [r["gain"] for r in doc["grid"]]
+    assert doc["chosen"] == grid[int(np.argmax(gains))]
+    for r in doc["grid"]:  # the gain is the mean paired KD − CE on the held-out rows
+        kd, ce = r["kd_val_top1"]["t1"], r["ce_val_top1"]
+        assert r["gain"] == pytest.approx(np.mean(np.array(kd) - np.array(ce)))
+    assert json.loads((tmp_path / "recipe.json").read_text())["chosen"] == doc["chosen"]
+
+
+def test_students_read_the_choice(tmp_path):
+    from loca_pipe.stages.train_student import TrainStudentParams, with_recipe
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"chosen": {"tau": 1.0, "beta": 0.5, "gamma": 0.5}}))
+    p = with_recipe(TrainStudentParams(recipe=str(f), tau=4.0, beta=0.9, gamma=0.1))
+    assert (p.tau, p.beta, p.gamma) == (1.0, 0.5, 0.5)
+    f.write_text(json.dumps({"chosen": {"temperature": 2}}))
+    with pytest.raises(ConfigError, match="has no 'chosen' recipe with keys among"):
+        with_recipe(TrainStudentParams(recipe=str(f)))
+
+
+def test_bad_grid_through_the_console_script(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("select_recipe:\n  grid:\n    - {temperature: 4}\n")
+    proc = subprocess.run([LOCA_PIPE, "select-recipe", "--params", str(p)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: select_recipe.grid[0] must be a mapping with keys among ['tau', 'beta', 'gamma'" in proc.stderr
+
+
+def test_a_declared_single_recipe_is_taken_without_training(tmp_path, monkeypatch):
+    import loca_pipe.pipeline.data as data
+
+    monkeypatch.setattr(data, "open_dataset", lambda *a, **k: pytest.fail("a declared recipe needs no data"))
+    doc = sr.run(sr.SelectRecipeParams(grid=({"tau": 4.0, "beta": 0.9, "gamma": 0.1},), out=str(tmp_path / "r.json")))
+    assert doc["chosen"] == {"tau": 4.0, "beta": 0.9, "gamma": 0.1} and "declared" in doc["criterion"]
+
+
+def test_kd_star_on_a_teacher_without_mistakes_says_it_is_kd(tmp_path):
+    """A perfect teacher: KD* trains exactly like KD, and the run says so in metrics.json."""
+    from loca_pipe.stages.train_student import TrainStudentParams, run
+
+    spec = open_dataset("toy_student_module:dataset", "train")
+    n = len(spec)
+    info = StoreInfo(task="classification", num_samples=n, num_views=1, num_rows=n, num_classes=10, chunk_rows=64,
+                     dataset={"name": "toy", "split": "train", "fingerprint": spec.fingerprint})
+    st = LogitStore.create_or_open(str(tmp_path / "p.zarr"), info)
+    w = st.begin_teacher("perfect", {"teacher": "oracle"}, top_k=3, temperatures=(1.0,))
+    y = torch.as_tensor(spec.labels)
+    z = 5.0 * torch.nn.functional.one_hot(y, 10).float()
+    for c in range(info.num_chunks):
+        sl = info.chunk_slice(c)
+        st.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
+        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (1.0,)).items()}
+        arrays["logits"] = z[sl].numpy()
+        w.write_chunk(c, arrays)
+    w.finalize()
+    common = dict(store=str(tmp_path / "p.zarr"), dataset="toy_student_module:dataset", epochs=1, batch_size=32,
+                  lr=0.1, device="cpu", progress=False, tau=1.0)
+    star = run(TrainStudentParams(method="kd_star", out_dir=str(tmp_path / "a"), **common))
+    kd = run(TrainStudentParams(method="kd", out_dir=str(tmp_path / "b"), **common))
+    assert star["notes"] == ["KD* is plain KD here: teacher 'perfect' has no mis-instructed training rows"]
+    assert star["train_loss"] == kd["train_loss"] and star["test_top1"] == kd["test_top1"]
+    assert star["follow"]["perfect"]["mis_rows"] == 0 and "nothing to follow" in star["follow"]["perfect"]["note"]
+    assert json.loads((tmp_path / "a" / "kd_star-s0" / "metrics.json").read_text())["notes"] == star["notes"]

@@ -61,8 +61,8 @@ def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any
 # misspelled section (`analyse:`) would otherwise be ignored silently and its stage run on defaults.
 # Sections named in a dvc.yaml next to the params file (its stages' `params:` lists) count as known too,
 # so a new stage is accepted once dvc.yaml reads its section.
-SECTIONS = ("base", "prepare_data", "train_teacher", "cache", "select_recipe", "analyze", "calibrate", "train_student",
-            "report",
+SECTIONS = ("base", "prepare_data", "train_teacher", "cache", "select_recipe", "analyze", "calibrate",
+            "train_student", "report",
             "lm_base", "lm_prepare", "lm_tokenizer", "lm_train_teacher", "lm_cache", "lm_analyze",
             "lm_train_student", "lm_report")
 

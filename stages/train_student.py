@@ -197,13 +197,10 @@ def check_params(p: TrainStudentParams) -> None:
 
 
 def _sidecar_percent(d: dict[str, Any]) -> float | None:
-    """A teacher's test top-1 in % from a train-teacher record: ``test_top1_percent`` when present, else
-    ``test_top1``, which train-teacher writes as a fraction (its documented unit; never guessed from the value)."""
-    if isinstance(d.get("test_top1_percent"), (int, float)):
-        return float(d["test_top1_percent"])
-    if isinstance(d.get("test_top1"), (int, float)):
-        return 100.0 * float(d["test_top1"])
-    return None
+    """A teacher's test top-1 in % from a train-teacher record (``test_top1``, which train-teacher writes in
+    percent like every other evaluation; never guessed from the value)."""
+    v = d.get("test_top1")
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def _teacher_accuracy(meta: dict[str, Any], checkpoint: str | None) -> float | None:

@@ -237,3 +237,12 @@ def test_ls_tau_reaches_the_loss_config():
 
     assert loss_config(TrainStudentParams(method="ls", ls_tau=3.0)).ls_tau == 3.0
     assert loss_config(TrainStudentParams(method="ls")).ls_tau == 2.0  # the library's default
+
+
+def test_teacher_accuracy_is_read_in_percent_as_train_teacher_writes_it():
+    """train-teacher records test_top1 in percent (like every evaluation); the student side must not rescale it."""
+    from loca_pipe.stages.train_student import _sidecar_percent
+
+    assert _sidecar_percent({"test_top1": 90.46}) == 90.46
+    assert _sidecar_percent({"test_top1": 0.5}) == 0.5   # a 0.5 % teacher, not 50 %
+    assert _sidecar_percent({}) is None

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list
+from loca_pipe.cli.options import comma_list, store_option
 
 
 class Entropy(str, enum.Enum):
@@ -42,12 +42,16 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
 
 
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Logit store path (the same as the argument STORE).")]
+
+
 def analyze(
-    store: Annotated[Optional[str], typer.Argument(help="Logit store path (default: analyze.store of --params).")] = None,
+    store: Annotated[Optional[str], typer.Argument(metavar="STORE", help="Logit store path (or --store; default: analyze.store of --params).")] = None,
+    store_opt: StoreOpt = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", "-t", help="Comma-separated teacher names (default: all in the store).")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Comma-separated LoCa α values for the scale statistics, each in (0, 1) (default 0.95).")] = None,
     tau: Annotated[Optional[float], typer.Option(help="Temperature τ of p = softmax(z/τ) (default 4; must be declared at cache time for top-k-only teachers).")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output folder (default results/analysis).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder (default data/analysis, where the pipeline writes).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address (tcp://host:8786); default: local threads.")] = None,
     bins: Annotated[Optional[int], typer.Option(help="Histogram bins.")] = None,
     top_confusions: Annotated[Optional[int], typer.Option(help="(label → prediction) pairs kept per teacher.")] = None,
@@ -61,12 +65,14 @@ def analyze(
 ) -> None:
     """Mis-instruction statistics of every teacher in a logit store: ratios, confusions, confidences, figures."""
     from loca_pipe.stages import analyze as stage
+    from loca_pipe.stages.config import check_writable
 
     p = _params("analyze", stage.AnalyzeParams, params, {
-        "store": store, "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
+        "store": store_option(store, store_opt), "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
         "scheduler": scheduler, "bins": bins, "top_confusions": top_confusions,
         "entropy": entropy.value if entropy else None, "samples": samples, "figures": figures, "overwrite": overwrite,
         "scale": scale})
+    check_writable(p.out, "analysis results", "--out")
     rep = stage.execute(p)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))
@@ -82,16 +88,18 @@ def analyze(
 
 
 def calibrate(
-    store: Annotated[Optional[str], typer.Argument(help="Logit store path (default: calibrate.store of --params).")] = None,
+    store: Annotated[Optional[str], typer.Argument(metavar="STORE", help="Logit store path (or --store; default: calibrate.store of --params).")] = None,
+    store_opt: StoreOpt = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", "-t", help="Comma-separated teacher names (default: all in the store).")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="Comma-separated LoCa α values; one loca_<α> target each (default 0.95).")] = None,
     tau: Annotated[Optional[float], typer.Option(help="Temperature τ of the targets (default 4).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Targets store path (a Zarr v3 folder).")] = None,
-    metrics: Annotated[Optional[str], typer.Option(help="Metrics JSON path (dvc metrics).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Metrics JSON path (dvc metrics; default data/calibrate.json).")] = None,
     form: Annotated[Optional[Form], typer.Option(help="auto: dense (R, C) for full-logit teachers, sparse top-k form otherwise.")] = None,
     dense_max_classes: Annotated[Optional[int], typer.Option(help="With form auto, more classes than this → sparse.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address; default: local threads.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace targets made from another store or with other settings.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar over the rows (rows/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'calibrate' gives the defaults.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
@@ -99,9 +107,9 @@ def calibrate(
     from loca_pipe.stages import calibrate as stage
 
     p = _params("calibrate", stage.CalibrateParams, params, {
-        "store": store, "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
+        "store": store_option(store, store_opt), "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
         "metrics": metrics, "form": form.value if form else None, "dense_max_classes": dense_max_classes,
-        "scheduler": scheduler, "overwrite": overwrite})
+        "scheduler": scheduler, "overwrite": overwrite, "progress": progress})
     rep = stage.execute(p)
     if as_json:
         typer.echo(json.dumps(rep, indent=2))

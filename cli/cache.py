@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list
+from loca_pipe.cli.options import comma_list, store_option
 
 
 class LogitsDtype(str, enum.Enum):
@@ -87,13 +87,18 @@ def _short(h: Any, n: int = 12) -> str:
 
 
 def info(
-    store: Annotated[str, typer.Argument(help="Logit store path.")],
+    store: Annotated[Optional[str], typer.Argument(metavar="STORE", help="Logit store path (or --store).")] = None,
+    store_opt: Annotated[Optional[str], typer.Option("--store", help="Logit store path (the same as the argument STORE).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
 ) -> None:
     """Print what a logit store holds: teachers, samples, classes, k, dtypes, temperatures, completeness, provenance."""
-    from loca_pipe.pipeline.store import LogitStore
+    from loca_pipe.pipeline.errors import ConfigError
+    from loca_pipe.pipeline.store import VERIFY_ATTR, LogitStore
 
-    d = LogitStore.open(store).describe()
+    path = store_option(store, store_opt)
+    if path is None:
+        raise ConfigError("info needs a logit store: `loca-pipe info STORE` (or --store STORE)")
+    d = LogitStore.open(path).describe()
     if as_json:
         typer.echo(json.dumps(d, indent=2, sort_keys=True, default=str))
         return
@@ -109,7 +114,11 @@ def info(
         lines.append(f"  views     {ds.get('augment')} seed {ds.get('view_seed')}, aug_params {d['aug_param_names']}")
     lines.append(f"  teachers  {len(d['teachers'])}")
     for t, a in d["teachers"].items():
-        state = "complete" if a.get("complete") else f"INCOMPLETE ({a['chunks_done']}/{d['num_chunks']} chunks)"
+        if a.get(VERIFY_ATTR):
+            state = (f"CORRUPT (verify found bad chunks {a[VERIFY_ATTR].get('row_chunks')}; run `loca-pipe verify "
+                     f"{path} --repair`)")
+        else:
+            state = "complete" if a.get("complete") else f"INCOMPLETE ({a['chunks_done']}/{d['num_chunks']} chunks)"
         lines.append(f"    {t}: {state}; top-k {a.get('top_k')}; temperatures {a.get('temperatures')}; "
                      f"full logits {a.get('logits_dtype') or 'no'}"
                      + (f"; codec {a['codec'].get('name')} v{a['codec'].get('version')}" if a.get("codec") else ""))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from loca_pipe.pipeline.errors import ConfigError
-
 
 def comma_list(text: Optional[str], option: str, kind: Callable[[str], Any] = str,
                example: str = "'0.9,0.95'") -> Optional[list[Any]]:
@@ -15,4 +13,20 @@ def comma_list(text: Optional[str], option: str, kind: Callable[[str], Any] = st
     try:
         return [kind(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError as exc:
+        from loca_pipe.pipeline.errors import ConfigError  # here, not at import: usage errors stay fast
+
         raise ConfigError(f"{option} takes comma-separated values such as {example}; got {text!r}") from exc
+
+
+STORE_RULE = ("every command names the logit store with --store PATH; info, verify, analyze and calibrate "
+              "also take it as their first argument")
+
+
+def store_option(positional: Optional[str], option: Optional[str]) -> Optional[str]:
+    """The store of a command that takes it both ways (``loca-pipe analyze STORE`` = ``--store STORE``)."""
+    if positional is not None and option is not None and positional != option:
+        from loca_pipe.pipeline.errors import ConfigError
+
+        raise ConfigError(f"two stores given: {positional!r} as the argument and {option!r} as --store; give one "
+                          f"({STORE_RULE})")
+    return option if option is not None else positional

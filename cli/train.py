@@ -111,6 +111,9 @@ def train_student(
         "memory_limit_gb": memory_limit_gb, "progress": progress,
     }
     p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
+    from loca_pipe.stages.config import check_writable
+
+    check_writable(p.out_dir, "student runs", "--out-dir")  # before any training
     runs = stage.expand(p, methods=_list(methods, str, "--methods"), alphas=_list(alphas, float, "--alphas"),
                         seeds=_list(seeds, int, "--seeds"))
     from loca_pipe.pipeline.distributed import world
@@ -136,6 +139,9 @@ def report(
 
     p = load_section(stage.ReportParams, "report", str(params) if params else {},
                      {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1})
+    from loca_pipe.stages.config import check_writable
+
+    check_writable(p.out_dir, "the report", "--out-dir")
     typer.echo(stage.run(p))
 
 

@@ -1,8 +1,8 @@
 """LoCa — label-aware logit calibration of a teacher's tempered distribution (arXiv 2409.04778, Eq. 14–18).
 
 Notation: p = softmax(z/τ) the teacher's tempered distribution over C classes, y the label, and
-p_k = max_{i≠y} p_i the strongest *other* class. A sample is a **mis-instruction** when the label is not
-the strict winner: p_y ≤ p_k. Only those rows change:
+p_k = max_{i≠y} p_i the strongest *other* class. Only **mis-instruction** rows change — the rule (label
+not the strict winner, ties counted) is stated once, in :func:`mis_instruction_mask`:
 
     σ = 1 / (1 − p_y + p_k),   s = α·σ,
     p′_i = s·p_i  (i ≠ y),      p′_y = 1 − s·(1 − p_y).
@@ -11,11 +11,9 @@ the strict winner: p_y ≤ p_k. Only those rows change:
 Consequences, for 0 < α < 1: Σp′ = 1; p′_y − max_{i≠y} p′_i = 1 − α; p′_i/p′_j = p_i/p_j for i, j ≠ y;
 rows where the label already strictly wins are returned bit for bit.
 
-Tie rule: a row whose label *ties* for the maximum (e.g. all-equal logits) counts as a mis-instruction
-(p_y ≤ p_k). There p_k = p_y, so σ = 1, s = α and the label ends strictly ahead by 1 − α. This is the
-only rule under which "after calibration the label wins" holds for every row; it differs from
-``argmax ≠ y`` only on exact ties. The mask is computed on the same fp32 probabilities that are
-calibrated, so the guarantees hold for the returned numbers, not only in exact arithmetic.
+On a tie row p_k = p_y, so σ = 1, s = α and the label ends strictly ahead by 1 − α. The mask is computed
+on the same fp32 probabilities that are calibrated, so the guarantees hold for the returned numbers, not
+only in exact arithmetic.
 
 Everything here is vectorised torch (no Python loop over samples) and computes in fp32 for fp16/bf16
 inputs (fp64 stays fp64). NaN inputs raise :class:`NumericsError`, bad arguments :class:`ConfigError`.
@@ -106,13 +104,14 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
-def _check_tau(tau: float) -> float:
+def _check_tau(tau: float, name: str = "tau") -> float:
+    """A temperature: a finite number > 0 (the one check, used by calibration and the losses)."""
     try:
         t = float(tau)
     except (TypeError, ValueError):
-        raise ConfigError(f"temperature tau must be a positive number; got {tau!r}") from None
+        raise ConfigError(f"{name} must be a positive number; got {tau!r}") from None
     if not math.isfinite(t) or t <= 0.0:
-        raise ConfigError(f"temperature tau must be a finite number > 0 (e.g. 4.0 for CIFAR-100, "
+        raise ConfigError(f"{name} must be a finite temperature > 0 (e.g. 4.0 for CIFAR-100, "
                           f"1.0 for ImageNet); got {tau!r}")
     return t
 
@@ -135,18 +134,20 @@ def _check_2d(x: Any, labels: Any, what: str) -> tuple[torch.Tensor, torch.Tenso
     return x, labels
 
 
-def _check_labels(labels: Any, B: int, C: int, device: torch.device) -> torch.Tensor:
+def _check_labels(labels: Any, B: int, C: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B,) int64 class ids in [0, C) on ``device`` (the one check, used by calibration and the losses)."""
     if not isinstance(labels, torch.Tensor):
         labels = torch.as_tensor(np.asarray(labels))
     if labels.ndim != 1 or labels.shape[0] != B:
         raise ConfigError(f"labels must be a ({B},) tensor to match the batch; got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.dtype == torch.bool:
         raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
-    labels = labels.to(device=device, dtype=torch.long)
+    labels = labels.to(device=device if device is not None else labels.device, dtype=torch.long)
     if B and bool(((labels < 0) | (labels >= C)).any()):
         bad = labels[(labels < 0) | (labels >= C)].unique().tolist()[:10]
-        raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got {bad}. Check that the "
-                          f"teacher and the data set have the same number of classes")
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got values in [{lo}, {hi}] (bad: "
+                          f"{bad}). Check that the teacher and the data set have the same number of classes")
     return labels
 
 
@@ -158,8 +159,12 @@ def _raise_nan(x: torch.Tensor, what: str) -> None:
                         f"calibrating (fp16 overflow is the usual cause)")
 
 
-def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
-    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL (two passes)."""
+_LOGITS_FIX = "use loca_from_logits(logits, labels, alpha, tau)"
+
+
+def _check_probs(p: torch.Tensor, what: str = "probabilities", fix: str = _LOGITS_FIX) -> None:
+    """p is fp32/fp64 (B, C): finite, in [0, 1], rows sum to 1 within PROB_SUM_TOL (two passes).
+    ``fix`` completes "If these are logits, ..." in the error message."""
     if p.numel() == 0:
         return
     sums = p.sum(1)
@@ -168,24 +173,43 @@ def _check_probs(p: torch.Tensor, what: str = "probabilities") -> None:
     lo, hi = (float(v) for v in torch.aminmax(p))
     if lo < 0.0 or hi > 1.0:
         raise ConfigError(f"{what} must lie in [0, 1]; got values in [{lo:g}, {hi:g}]. If these are logits, "
-                          f"use loca_from_logits(logits, labels, alpha, tau)")
+                          f"{fix}")
     dev = float((sums - 1.0).abs().max())
     if dev > PROB_SUM_TOL:
         raise ConfigError(f"{what} must sum to 1 over classes (within {PROB_SUM_TOL}); a row is off by "
-                          f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau), or use loca_from_logits")
+                          f"{dev:.3g}. Pass the tempered softmax p = softmax(z/tau); if these are logits, {fix}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # the maths (internal: inputs already validated, fp32/fp64)
 
 
+def _is_mis(x_y: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
+    """The one comparison behind every mis-instruction mask (rule: :func:`mis_instruction_mask`)."""
+    return x_y <= x_k
+
+
+def _sparse_label_and_rival(ids: torch.Tensor, p: torch.Tensor, labels: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(column of the label's mass, p_y, p_k) of a validated sparse teacher, all (B, 1)."""
+    K1 = p.shape[1]
+    y = labels.view(-1, 1)
+    is_lab_top = (ids == y)[:, :-1]
+    in_top = is_lab_top.any(1, keepdim=True)
+    # column holding the label's mass: its top-k position, else column K
+    pos = torch.where(in_top, is_lab_top.to(torch.uint8).argmax(1, keepdim=True), torch.full_like(y, K1 - 1))
+    p_y = p.gather(1, pos)
+    p_k = p[:, :-1].masked_fill(is_lab_top, -1.0).amax(1, keepdim=True)
+    return pos, p_y, p_k
+
+
 def _mask_and_scale(p_y: torch.Tensor, p_k: torch.Tensor, alpha: float) -> tuple[torch.Tensor, ...]:
     """Per-row LoCa factors from p_y and p_k = max_{i≠y} p_i (any matching shapes).
 
-    Returns (mis, s, new_py): the mis-instruction mask, s (1 for correct rows) and p′_y (= p_y exactly for
-    correct rows).
+    Returns (mis, s, new_py): the mis-instruction mask (:func:`_is_mis`), s (1 for correct rows) and p′_y
+    (= p_y exactly for correct rows).
     """
-    mis = p_y <= p_k
+    mis = _is_mis(p_y, p_k)
     rest = 1.0 - p_y
     # σ ∈ (1/2, 1] on mis rows since p_k ≥ p_y: no division blow-up.
     s = torch.where(mis, alpha / (rest + p_k), torch.ones_like(p_y))
@@ -223,28 +247,51 @@ def _loca_dense(p: torch.Tensor, labels: torch.Tensor, alpha: float, what: str =
 # public API
 
 
-def mis_instruction_mask(logits_or_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: True where the label is not the strict argmax (x_y ≤ max_{i≠y} x_i).
+def mis_instruction_mask(logits_or_probs: torch.Tensor | SparseDist, labels: torch.Tensor,
+                         tau: float | None = None) -> torch.Tensor:
+    """(B,) bool: the project's one definition of a **mis-instruction** — every other module points here.
 
-    Works on logits or probabilities alike (softmax is monotone). Equals ``argmax(x) != y`` except on
-    exact ties for the maximum, which count as mis-instructions (see the module docstring).
+    Rule: a row is mis-instructed when its label is not the *strict* winner, x_y ≤ max_{i≠y} x_i. Ties
+    for the maximum count (all-equal logits, or the label tied with another class, are mis-instructions):
+    that is the only rule under which "after LoCa the label wins" holds for every row, and it is exactly
+    the set of rows :func:`loca`, :func:`loca_from_logits` and :func:`loca_sparse` calibrate (their
+    ``LocaResult.calibrated``). It differs from ``argmax(x) != y`` only on exact ties, where torch's argmax
+    may return the label; use this function, never argmax, for ratios, follow rates and confusions.
+
+    Inputs: dense (B, C) probabilities, or logits, or a :class:`SparseDist` (the rule on its kept
+    entries, exactly as :func:`loca_sparse`). With ``tau`` the input is logits and the rule is applied to
+    p = softmax(z/τ) computed exactly as :func:`loca_from_logits` does, so the mask is LoCa's bit for bit
+    even where distinct logits round to equal probabilities; without ``tau`` it is applied to the numbers
+    given (softmax is monotone, so logits and their probabilities agree except for such rounding ties).
     """
+    if isinstance(logits_or_probs, SparseDist):
+        if tau is not None:
+            raise ConfigError("mis_instruction_mask: tau applies to dense logits only; a SparseDist is already "
+                              "a distribution at its tau")
+        sd, labels = _check_sparse(logits_or_probs, labels)
+        if sd.ids.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.bool, device=sd.ids.device)
+        _, p_y, p_k = _sparse_label_and_rival(sd.ids, sd.probs, labels)
+        return _is_mis(p_y, p_k).view(-1)
     x, labels = _check_2d(logits_or_probs, labels, "logits_or_probs")
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
     x = x.to(_compute_dtype(x))
+    if tau is not None:
+        x = torch.softmax(x / _check_tau(tau), dim=1)
     y = labels.view(-1, 1)
     x_y = x.gather(1, y).view(-1)
     x_k = x.scatter(1, y, -math.inf).amax(1)  # amax propagates NaN
     if bool(torch.isnan(x_y).any() | torch.isnan(x_k).any()):
         _raise_nan(x, "logits/probabilities")
-    return x_y <= x_k
+    return _is_mis(x_y, x_k)
 
 
 def loca(probs: torch.Tensor, labels: torch.Tensor, alpha: float) -> LocaResult:
     """LoCa on dense tempered probabilities (B, C) → :class:`LocaResult` (probs fp32, or fp64 for fp64 input).
 
-    p′_i = s·p_i (i ≠ y), p′_y = 1 − s(1 − p_y), s = α/(1 − p_y + p_k), on mis-instruction rows only.
+    p′_i = s·p_i (i ≠ y), p′_y = 1 − s(1 − p_y), s = α/(1 − p_y + p_k), on mis-instruction rows only
+    (:func:`mis_instruction_mask`).
     """
     a = check_alpha(alpha)
     p, labels = _check_2d(probs, labels, "probs")
@@ -302,6 +349,10 @@ def sparse_from_topk(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: tor
 
     p_i = exp(z_i/τ − lse) with lse = logsumexp(z/τ) over all C classes (stored at cache time);
     column K = the label (p_y if outside the top-k, else 0); tail = max(0, 1 − Σ kept).
+
+    Validated: Σ kept ≤ 1 + ``PROB_SUM_TOL`` (1e-2) per row, else :class:`ConfigError` — an lse taken at
+    another τ is the usual cause (it gives "probabilities" far above 1); a ±inf lse is a
+    :class:`NumericsError`. (An lse that is too large cannot be told from a teacher with a heavy tail.)
     """
     t = _check_tau(tau)
     if topk_logits.ndim != 2 or topk_ids.shape != topk_logits.shape:
@@ -332,7 +383,18 @@ def sparse_from_topk(topk_logits: torch.Tensor, topk_ids: torch.Tensor, lse: tor
     py = torch.where(in_top, torch.zeros_like(zy), torch.exp(zy / t - lse))
     probs = torch.cat([pk, py], dim=1)
     ids = torch.cat([ids_k, y], dim=1)
-    tail = (1.0 - probs.sum(1)).clamp_min(0.0)
+    kept = probs.sum(1)
+    if B and not bool(torch.isfinite(lse).all()):
+        rows = torch.nonzero(~torch.isfinite(lse.view(-1))).flatten().tolist()
+        raise NumericsError(f"sparse teacher lse is ±inf in {len(rows)} row(s) {rows[:20]}; lse must be the "
+                            f"finite logsumexp(z/tau) over all classes — re-cache the teacher")
+    if B and float(kept.max()) > 1.0 + PROB_SUM_TOL:
+        bad = kept > 1.0 + PROB_SUM_TOL
+        raise ConfigError(f"sparse teacher is not a distribution: the kept probabilities exp(z/tau - lse) of "
+                          f"{int(bad.sum())} row(s) sum to up to {float(kept.max()):.4g} (expected <= 1 + "
+                          f"{PROB_SUM_TOL}). lse must be logsumexp(z/tau) over all classes at this same "
+                          f"tau={t}: select the store's lse column for tau={t} (TeacherView.tau_index)")
+    tail = (1.0 - kept).clamp_min(0.0)
     return SparseDist(ids, probs, tail)
 
 
@@ -352,6 +414,14 @@ def _check_sparse(sd: SparseDist, labels: torch.Tensor) -> tuple[SparseDist, tor
     p, tl = probs.to(dt), tail.to(device=probs.device, dtype=dt)
     if B and (bool(torch.isnan(p).any()) or bool(torch.isnan(tl).any())):
         _raise_nan(torch.cat([p, tl.view(-1, 1)], 1), "sparse teacher probabilities")
+    if B:
+        lo = min(float(p.min()), float(tl.min()))
+        total = p.sum(1) + tl
+        dev = float((total - 1.0).abs().max())
+        if lo < 0.0 or dev > PROB_SUM_TOL:
+            raise ConfigError(f"SparseDist is not a distribution: probs and tail must be >= 0 and sum to 1 per row "
+                              f"(within {PROB_SUM_TOL}); got a minimum of {lo:.4g} and a row off by {dev:.4g}. "
+                              f"Build it with sparse_from_topk from the lse at the same tau")
     return SparseDist(ids.long(), p, tl), labels
 
 
@@ -367,16 +437,7 @@ def loca_sparse(sd: SparseDist, labels: torch.Tensor, alpha: float) -> tuple[Spa
     a = check_alpha(alpha)
     sd, labels = _check_sparse(sd, labels)
     ids, p, tail = sd
-    B, K1 = p.shape
-    y = labels.view(-1, 1)
-    is_lab = ids == y  # (B, K+1); column K is always True
-    is_lab_top = is_lab[:, :-1]
-    in_top = is_lab_top.any(1, keepdim=True)
-    # column holding the label's mass: its top-k position, else column K
-    pos = torch.where(in_top, is_lab_top.to(torch.uint8).argmax(1, keepdim=True),
-                      torch.full_like(y, K1 - 1))
-    p_y = p.gather(1, pos)
-    p_k = p[:, :-1].masked_fill(is_lab_top, -1.0).amax(1, keepdim=True)
+    pos, p_y, p_k = _sparse_label_and_rival(ids, p, labels)
     mis, s, new_py = _mask_and_scale(p_y, p_k, a)
     out = (p * s).scatter_(1, pos, new_py)
     tail_out = tail * s.view(-1)

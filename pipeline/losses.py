@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from loca_pipe.pipeline.calibration import (
     SparseDist,
+    _check_labels,
+    _check_probs,
     _check_sparse,
+    _check_tau,
     _mask_and_scale,
     check_alpha,
     loca_sparse,
@@ -106,7 +109,19 @@ def _check_student(student_logits: torch.Tensor, what: str = "student_logits") -
         raise ConfigError(f"{what} must be a (batch, classes) tensor; got {shape}")
     if not student_logits.is_floating_point():
         raise ConfigError(f"{what} must be floating point; got dtype {student_logits.dtype}")
+    if student_logits.shape[0] == 0:
+        raise ConfigError(f"{what} is an empty batch (0 rows, shape {tuple(student_logits.shape)}); a loss needs at "
+                          f"least one sample: skip empty batches before calling the loss")
     return _float(student_logits)
+
+
+_PROBS_FIX = "pass them as teacher_logits (compute_loss) or teacher_is='logits'"
+
+
+def _check_teacher_probs(p: torch.Tensor) -> None:
+    """A teacher given as probabilities must be one: in [0, 1], rows summing to 1 within PROB_SUM_TOL (1e-2),
+    the rule :func:`~loca_pipe.pipeline.calibration.loca` applies."""
+    _check_probs(p, "teacher probabilities", fix=_PROBS_FIX)
 
 
 def _check_pair(zs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -119,30 +134,6 @@ def _check_pair(zs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return _float(teacher.detach()).to(zs.dtype)
 
 
-def _check_labels(labels: torch.Tensor, B: int, C: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor) or labels.shape != (B,):
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
-        raise ConfigError(f"labels must be a ({B},) tensor of class ids; got {shape}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}")
-    if B:
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= C:
-            raise ConfigError(f"labels must lie in [0, {C}) for {C} classes; got values in [{lo}, {hi}]")
-    return labels.long()
-
-
-def _check_tau(tau: float, name: str = "tau") -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive number; got {tau!r}") from None
-    if not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"{name} must be a finite temperature > 0; got {tau!r}")
-    return t
-
-
 def _finite(loss: torch.Tensor, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(loss.detach())):
         raise NumericsError(f"{what} is {loss.item()}: the student or teacher inputs contain NaN/inf (or a "
@@ -152,6 +143,8 @@ def _finite(loss: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _resolve_teacher_is(teacher: torch.Tensor, teacher_is: str) -> str:
+    if teacher_is == "probs":
+        _check_teacher_probs(teacher)
     if teacher_is in ("logits", "probs"):
         return teacher_is
     if teacher_is != "auto":
@@ -165,7 +158,8 @@ def _resolve_teacher_is(teacher: torch.Tensor, teacher_is: str) -> str:
 
 def _teacher_dist(teacher: torch.Tensor, tau: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, log p) of the tempered teacher, no grad. For probabilities, log p uses p clamped at the
-    smallest normal number so that p·log p = 0 where p = 0."""
+    smallest normal number so that p·log p = 0 where p = 0 (harmless in KD's Σ p·log p; DKD renormalises
+    the non-target part and takes exact logs instead, see :func:`_dkd_parts`)."""
     with torch.no_grad():
         if kind == "logits":
             lp = F.log_softmax(teacher / tau, dim=1)
@@ -223,8 +217,8 @@ def _loca_kd_rows(p: torch.Tensor, lp: torch.Tensor, lq: torch.Tensor, y1: torch
 
     Written for few tensor ops (small batches are dominated by per-op overhead): the teacher-only terms
     are computed once (no autograd graph: p, lp are detached), and correct rows get s = 1, c0 = 0, so their KL is KD's bit for bit.
-    The mask: for a logits teacher the label must strictly win in log p (the numbers this loss uses); for
-    given probabilities, in p itself (exactly :func:`loca`'s rule).
+    The mask is :func:`~loca_pipe.pipeline.calibration.mis_instruction_mask`'s rule applied to the numbers
+    this loss uses: log p for a logits teacher, p itself for given probabilities (exactly :func:`loca`'s).
     """
     # p, lp are teacher-only (built under no_grad and detached): these ops record no autograd graph
     lp_y = lp.gather(1, y1)
@@ -296,17 +290,27 @@ def _dkd_parts(zs: torch.Tensor, p: torch.Tensor, lp: torch.Tensor, y1: torch.Te
     """(TCKD, NCKD) batch means (without τ²), DKD written on probabilities so LoCa composes.
 
     b_T = [p_y, 1 − p_y], b_S = [q_y, 1 − q_y]: TCKD = KL(b_T ‖ b_S).
-    p̂_i = p_i / (1 − p_y), q̂_i = q_i / (1 − q_y) for i ≠ y: NCKD = KL(p̂ ‖ q̂).
+    p̂_i = p_i / Σ_{j≠y} p_j, q̂_i = q_i / Σ_{j≠y} q_j for i ≠ y: NCKD = KL(p̂ ‖ q̂).
     LoCa scales every non-target p_i by s, so p̂ is unchanged and only b_T moves to [p′_y, s(1 − p_y)].
+    0·log 0 = 0 throughout (exact zeros contribute nothing); the non-target mass is a logsumexp of the
+    non-target log-probabilities, exact for saturated rows (p_y = 1 in floating point, subnormal rest);
+    a row with no non-target mass has NCKD = 0.
     """
     lq = F.log_softmax(zs / tau, dim=1)
     lq_y = lq.gather(1, y1)
     lq_masked = lq.scatter(1, y1, -math.inf)
     lq_rest = torch.logsumexp(lq_masked, dim=1, keepdim=True)  # log(1 − q_y), stable
     with torch.no_grad():
+        if from_probs:
+            # exact logs of the given probabilities: −inf at exact zeros (0·log 0 = 0 is handled below,
+            # xlogy-style), subnormals keep their true log. A clamp at finfo.tiny would turn zeros and
+            # subnormal entries into a near-uniform p̂ once the non-target part is renormalised.
+            lp = p.log()
         lp_y = lp.gather(1, y1)
         lp_masked = lp.scatter(1, y1, -math.inf)
-        lp_rest = torch.logsumexp(lp_masked, dim=1, keepdim=True)  # log(1 − p_y)
+        # log Σ_{i≠y} p_i from the non-target entries themselves (never 1 − p_y, which is 0 on a saturated
+        # row whose p_y rounds to 1): −inf iff the teacher has no non-target mass
+        lp_rest = torch.logsumexp(lp_masked, dim=1, keepdim=True)
         if loca_alpha is not None:
             r = _loca_rows(p, lp, y1, loca_alpha, lp_masked, from_probs)
             t_y, lt_y = r.new_py, r.log_new_py
@@ -314,14 +318,17 @@ def _dkd_parts(zs: torch.Tensor, p: torch.Tensor, lp: torch.Tensor, y1: torch.Te
         else:
             t_y, lt_y, lt_rest = lp_y.exp(), lp_y, lp_rest
         t_rest = lt_rest.exp()
-        # non-target teacher distribution p̂ (label column: p̂ = 0)
-        lp_hat = lp_masked - lp_rest
+        # a one-hot teacher has no non-target information: NCKD = 0. The guards below test "== 0" (and
+        # "!= −inf") so that a NaN teacher stays NaN and reaches the finiteness check
+        empty = lp_rest == -math.inf
+        # non-target teacher distribution p̂ (label column and exact zeros: p̂ = 0, log p̂ = −inf)
+        lp_hat = torch.where(empty, -math.inf, lp_masked - lp_rest)
         p_hat = lp_hat.exp()
-        valid = torch.isfinite(lp_rest)  # a one-hot teacher has no non-target information
-    tckd = t_y * (lt_y - lq_y) + torch.where(t_rest > 0, t_rest * (lt_rest - lq_rest), 0.0)
+    tckd = (torch.where(t_y == 0, 0.0, t_y * (lt_y - lq_y))
+            + torch.where(t_rest == 0, 0.0, t_rest * (lt_rest - lq_rest)))
     lq_hat = lq_masked - lq_rest
-    diff = torch.where(p_hat > 0, lp_hat - lq_hat, 0.0)
-    nckd = torch.where(valid, (p_hat * diff).sum(1, keepdim=True), 0.0)
+    diff = torch.where(p_hat == 0, 0.0, lp_hat - lq_hat)
+    nckd = (p_hat * diff).sum(1, keepdim=True)
     return tckd.mean(), nckd.mean()
 
 
@@ -515,6 +522,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     Exactly one teacher form for the distillation methods: ``teacher_logits`` (B, C), ``teacher_probs``
     (B, C) = tempered teacher probabilities at cfg.tau, or ``teacher_sparse`` (a :class:`SparseDist` at
     cfg.tau). ``epoch`` is 0-based (DKD warm-up). Raises NumericsError if the loss is not finite.
+    ``teacher_probs`` and ``teacher_sparse`` must be distributions: entries in [0, 1], each row (kept
+    entries + tail for sparse) summing to 1 within ``PROB_SUM_TOL`` = 1e-2, as :func:`loca` requires;
+    anything else (raw logits passed as probabilities) is a ConfigError. An empty batch is a ConfigError.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown loss method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -543,5 +553,7 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
             raise ConfigError(f"sparse teacher (rows {sd.ids.shape[0]}, max id {int(sd.ids.max()) if sd.ids.numel() else -1})"
                               f" does not fit the student batch {tuple(zs.shape)}")
         value = SparseDist(sd.ids, sd.probs.to(zs.dtype), sd.tail.to(zs.dtype))
+    elif kind == "probs" and isinstance(value, torch.Tensor) and value.is_floating_point():
+        _check_teacher_probs(_float(value.detach()))
     distill = m.distill(zs, y, _Teacher(kind, value), cfg, epoch)
     return _finite(cfg.beta * distill + cfg.gamma * ce, f"{method} loss")

@@ -369,16 +369,26 @@ def sidecar_path(checkpoint: str | Path) -> Path:
     return Path(f"{checkpoint}.json")
 
 
-def read_sidecar(checkpoint: str | Path) -> dict[str, Any]:
-    """The sidecar dict (arch, num_classes, dataset, fingerprint, test_top1, ...) of a checkpoint."""
+def read_sidecar(checkpoint: str | Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """The sidecar dict (arch, num_classes, dataset, fingerprint, test_top1 in %, ...) of a checkpoint.
+
+    The one sidecar contract: the file is ``<ckpt>.json`` (:func:`sidecar_path`) and holds a JSON object.
+    A missing sidecar raises :class:`ModelError` unless the caller asks for an optional one with
+    ``missing_ok=True`` (then ``{}``); unreadable JSON or a non-object always raises.
+    """
     p = sidecar_path(checkpoint)
     if not p.is_file():
+        if missing_ok:
+            return {}
         raise ModelError(f"checkpoint {str(checkpoint)!r} has no sidecar {str(p)!r}; pass the architecture "
                          f"and class count explicitly or retrain with `loca-pipe train-teacher`")
     try:
-        return json.loads(p.read_text())
+        data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise ModelError(f"sidecar {str(p)!r} is not valid JSON: {exc}") from exc
+        raise ModelError(f"sidecar {str(p)!r} is not valid JSON ({exc}); fix or delete it") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"sidecar {str(p)!r} must hold a JSON object; got {type(data).__name__}. Fix or delete it")
+    return data
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -62,6 +62,7 @@ from loca_pipe.pipeline.errors import (
     StoreConflictError,
     StoreError,
 )
+from loca_pipe.pipeline.io import versions
 
 FORMAT = "loca-pipe/logit-store"
 FORMAT_VERSION = 1
@@ -114,21 +115,6 @@ def find_tau(temperatures: Iterable[float], tau: float) -> int | None:
         if math.isclose(float(t), float(tau), rel_tol=1e-6):
             return i
     return None
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour the stored numbers depend on."""
-    import loca_pipe
-
-    out = {"loca_pipe": loca_pipe.__version__, "torch": torch.__version__, "zarr": zarr.__version__,
-           "numpy": np.__version__}
-    try:
-        import torchvision
-
-        out["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return out
 
 
 def now() -> str:
@@ -300,18 +286,32 @@ def _same_identity(a: StoreInfo, b: StoreInfo) -> list[str]:
 
 _ROW_ARRAYS = ("sample_id", "label", "view", "aug_params", "rows_done")
 
+# Zarr v3 ``dimension_names`` of every array, so xarray.open_zarr (and other readers that label axes) open the
+# store and each teacher group as a data set: rows share the dimension ``row``, flags the dimension ``chunk``.
+DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
+    "sample_id": ("row",), "label": ("row",), "view": ("row",), "aug_params": ("row", "aug_param"),
+    "rows_done": ("chunk",), "logits": ("row", "class"), "topk_logits": ("row", "k"), "topk_ids": ("row", "k"),
+    "lse": ("row", "temperature"), "label_logit": ("row",), "done": ("chunk",),
+}
+
+
+def dims(name: str) -> dict[str, Any]:
+    """``{"dimension_names": …}`` for array ``name`` (empty for an array not in DIMENSION_NAMES)."""
+    return {"dimension_names": DIMENSION_NAMES[name]} if name in DIMENSION_NAMES else {}
+
 
 def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
     R, ch = info.num_rows, info.chunk_rows
     for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
-        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **array_codecs(np.dtype(dt), True))
+        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **array_codecs(np.dtype(dt), True),
+                           **dims(name))
     if info.aug_param_names:
         P = len(info.aug_param_names)
         group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
-                           fill_value=0.0, **array_codecs(np.dtype(np.float32), True))
+                           fill_value=0.0, **array_codecs(np.dtype(np.float32), True), **dims("aug_params"))
     # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
     group.create_array("rows_done", shape=(info.num_chunks,), chunks=(1,), dtype=np.uint8,
-                       fill_value=0, **array_codecs(np.dtype(np.uint8), False))
+                       fill_value=0, **array_codecs(np.dtype(np.uint8), False), **dims("rows_done"))
 
 
 def open_zarr_group(path: str, mode: str) -> zarr.Group:
@@ -333,6 +333,41 @@ def open_zarr_group(path: str, mode: str) -> zarr.Group:
                          f"s3://bucket/name.zarr or memory://name.zarr") from exc
 
 
+def _stores_below(path: str, limit: int = 3) -> str:
+    """``"; stores below it: 'a.zarr', …"`` for logit stores up to two levels under a local folder, else ``""``."""
+    import json
+    from pathlib import Path
+
+    if "://" in path or not Path(path).is_dir():
+        return ""
+    found = []
+    for meta in sorted(Path(path).glob("*/zarr.json")) + sorted(Path(path).glob("*/*/zarr.json")):
+        try:
+            a = json.loads(meta.read_text()).get("attributes", {}).get(ATTR) or {}
+        except (OSError, ValueError):
+            continue
+        if a.get("format") == FORMAT:
+            found.append(str(meta.parent))
+    if not found:
+        return ""
+    more = f" (+{len(found) - limit} more)" if len(found) > limit else ""
+    return f"; logit stores below it: {', '.join(repr(f) for f in found[:limit])}{more}"
+
+
+def not_a_store_message(path: str) -> str:
+    """Why ``path`` cannot be opened as a logit store, and what to pass instead (one line)."""
+    from pathlib import Path
+
+    local = "://" not in path
+    if local and Path(path).is_file():
+        return f"{path!r} is a file, not a logit store (a Zarr v3 folder written by `loca-pipe cache-logits`)"
+    if local and Path(path).is_dir():
+        return (f"{path!r} is not a loca-pipe logit store: a folder without zarr.json{_stores_below(path)}; pass a "
+                f"store folder written by `loca-pipe cache-logits` (for example data/logits/fashion-mnist-train.zarr)")
+    return (f"no logit store at {path!r} (nothing is there); check the path, or create one with "
+            f"`loca-pipe cache-logits --store {path} …`")
+
+
 class LogitStore:
     """A logit store on local disk or any fsspec URL zarr understands."""
 
@@ -341,8 +376,14 @@ class LogitStore:
         self.path = path
         attrs = dict(group.attrs).get(ATTR)
         if not attrs or attrs.get("format") != FORMAT:
-            raise StoreError(f"{path!r} is not a loca-pipe logit store (no {ATTR!r} attributes with format "
-                             f"{FORMAT!r}); point --store at a folder written by `loca-pipe cache-logits`")
+            if attrs and attrs.get("format") == "loca-pipe/targets":
+                src = (attrs.get("source") or {}).get("store")
+                raise StoreError(f"{path!r} is a targets store (written by `loca-pipe calibrate`), not a logit store; "
+                                 f"pass the logit store it was made from{f' ({src!r})' if src else ''}, or give "
+                                 f"this folder to train-student as --targets")
+            raise StoreError(f"{path!r} is not a loca-pipe logit store (a Zarr group without {ATTR!r} attributes "
+                             f"of format {FORMAT!r}); point --store at a folder written by `loca-pipe cache-logits`"
+                             f"{_stores_below(path)}")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path!r} has store format version {attrs.get('format_version')}, this loca-pipe "
                              f"reads version {FORMAT_VERSION}; re-cache or use a matching loca-pipe")
@@ -355,7 +396,7 @@ class LogitStore:
         try:
             group = open_zarr_group(str(path), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
-            raise StoreError(f"no logit store at {str(path)!r}; create one with `loca-pipe cache-logits --store {path}`") from exc
+            raise StoreError(not_a_store_message(str(path))) from exc
         return cls(group, str(path))
 
     @classmethod
@@ -512,20 +553,24 @@ class LogitStore:
         if logits_dtype is not None:
             dt = np.dtype(logits_dtype)
             g.create_array("logits", shape=(R, C), chunks=(ch, C), dtype=dt, fill_value=0,
-                           **array_codecs(dt, compress_logits))
+                           **array_codecs(dt, compress_logits), **dims("logits"))
         f32 = np.dtype(np.float32)
         for key, (width, dt, fill) in cod.arrays(C, K, T).items():  # the top-k values and ids, as the codec keeps them
             dt = np.dtype(dt)
             g.create_array(key, shape=(R, width), chunks=(ch, width), dtype=dt, fill_value=fill,
-                           **array_codecs(dt, compress_logits or cod.compress))
-        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **array_codecs(f32, False))
-        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32, False))
+                           **array_codecs(dt, compress_logits or cod.compress),
+                           dimension_names=DIMENSION_NAMES.get(key, ("row", f"{key}_col")))
+        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **array_codecs(f32, False),
+                       **dims("lse"))
+        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32, False),
+                       **dims("label_logit"))
         for key, spec in (extra_arrays or {}).items():
             dt = np.dtype(spec["dtype"])
             g.create_array(key, shape=tuple(spec["shape"]), chunks=tuple(spec["chunks"]), dtype=dt,
-                           fill_value=spec.get("fill_value", 0), **array_codecs(dt, spec.get("compress", True)))
+                           fill_value=spec.get("fill_value", 0), **array_codecs(dt, spec.get("compress", True)),
+                           dimension_names=tuple(spec["dimension_names"]))
         g.create_array("done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8, fill_value=0,
-                       **array_codecs(np.dtype(np.uint8), False))
+                       **array_codecs(np.dtype(np.uint8), False), **dims("done"))
         rows = [k for k, spec in (extra_arrays or {}).items() if spec.get("rows")]
         g.attrs[ATTR] = {**meta, "name": name, "created": now(), "versions": versions(), "complete": False,
                          **({"row_arrays": rows} if rows else {})}
@@ -539,6 +584,8 @@ class LogitStore:
             a = self.teacher_attrs(t)
             pending = len(self.pending_chunks(t))
             out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending}
+            if a.get(VERIFY_ATTR):  # `loca-pipe verify` found bad chunks: never reported as complete
+                out["teachers"][t]["complete"] = False
         return out
 
 
@@ -654,9 +701,16 @@ def _checked(arr: zarr.Array, read: Any, rows: Any) -> np.ndarray:
                           for c in bad[:5]) or "a chunk"
         raise StoreError(
             f"array {arr.path!r} of the logit store: {names} failed its CRC32C checksum — the file is corrupted "
-            f"(disk or copy error), so its numbers cannot be trusted; re-cache that teacher (delete the store's "
-            f"teachers/<name> folder or run cache-logits with --overwrite) or restore the store from a copy") from exc \
+            f"(disk or copy error), so its numbers cannot be trusted; run `loca-pipe verify {_location(arr)} --repair` (it "
+            f"marks the bad chunks not done), then the same `loca-pipe cache-logits` command again to rewrite only them") from exc \
             if where is not None else exc
+
+
+def _location(arr: zarr.Array) -> str:
+    """The folder or URL of the store holding ``arr`` (``STORE`` when the back-end does not say)."""
+    st = arr.store_path.store
+    where = getattr(st, "root", None) or getattr(st, "path", None)
+    return str(where) if where else "STORE"
 
 
 class CheckedArray:
@@ -777,3 +831,200 @@ class TeacherView:
                 "label": self._read(self.store.group["label"], rows).astype(np.int64),
                 "label_prob": np.exp(self._read(self.group["label_logit"], rows).astype(np.float64) / tau
                                      - lse[:, 0]).astype(np.float32)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verification on demand (`loca-pipe verify`) and chunk-wise repair: mark exactly the bad chunks not done,
+# so re-running the same `loca-pipe cache-logits` command rewrites only those.
+
+VERIFY_ATTR = "verify_failed"  # teacher attribute set by verify_store(record=True) while bad chunks are known
+
+
+@dataclass(frozen=True)
+class BadChunk:
+    """One chunk file that failed verification."""
+
+    array: str                 # array path in the store, e.g. 'teachers/strong/logits'
+    chunk: tuple[int, ...]     # chunk grid coordinates
+    file: str                  # the chunk's store key (its file, relative to the store folder)
+    reason: str                # 'CRC32C mismatch' | 'missing file' | a decoding error
+    teachers: tuple[str, ...]  # teachers whose data it is (every teacher for the shared row arrays)
+    row_chunk: int | None      # the store's row chunk it belongs to (None: not row-aligned)
+    flag: str | None           # the done-flag array that repair clears for it (None: not repairable chunk-wise)
+
+    def describe(self) -> str:
+        rows = f", row chunk {self.row_chunk}" if self.row_chunk is not None else ""
+        return f"array {self.array!r} chunk {list(self.chunk)}{rows} (file {self.file!r}): {self.reason}"
+
+
+def _chunk_key(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+
+def _key_exists(arr: zarr.Array, key: str) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(arr.store_path.store.exists(key)))
+
+
+def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, flag: str) -> tuple[str | None, Any]:
+    """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``."""
+    if name == flag or name.endswith("_done"):  # a flag array: chunk c of it is flag c
+        return name, lambda co: co[0]
+    if arr.ndim >= 1 and arr.shape[0] == info.num_rows and arr.chunks[0] == info.chunk_rows:
+        return flag, lambda co: co[0]
+    prefix = name.split("_")[0]
+    side = f"{prefix}_done"
+    if side != name and side in group.array_keys() and group[side].shape[0] == arr.cdata_shape[0]:
+        return side, lambda co: co[0]  # e.g. LM greedy_ids chunk g ↔ greedy_done[g]
+    return None, None
+
+
+def _scan_group(group: zarr.Group, names: Iterable[str], info: StoreInfo, flag: str, owners: tuple[str, ...],
+                done: dict[str, np.ndarray], bar: Any) -> list[BadChunk]:
+    bad: list[BadChunk] = []
+    for name in names:
+        arr = group[name]
+        fname, to_flag = _flag_for(group, name, arr, info, flag)
+        for coords in np.ndindex(*arr.cdata_shape):
+            coords = tuple(int(c) for c in coords)
+            key = _chunk_key(arr, coords)
+            reason = None
+            try:
+                arr.blocks[coords]
+            except ValueError as exc:
+                reason = "CRC32C mismatch (the file is corrupted)" if _is_checksum_error(exc) else f"unreadable ({exc})"
+            except Exception as exc:  # a decoder error on garbage bytes (zstd, truncated file)
+                reason = f"unreadable ({type(exc).__name__}: {exc})"
+            if reason is None and np.issubdtype(arr.dtype, np.signedinteger) and arr.fill_value is not None \
+                    and int(arr.fill_value) < 0 and fname is not None and fname in done:
+                idx = to_flag(coords)
+                # an id/label array never holds only its negative fill value where the chunk is marked done
+                if idx < len(done[fname]) and done[fname][idx] and not _key_exists(arr, key):
+                    reason = "missing file (chunk marked done)"
+            if reason is not None:
+                rc = coords[0] if (arr.ndim >= 1 and arr.shape[0] == info.num_rows
+                                   and arr.chunks[0] == info.chunk_rows) or name == flag else None
+                bad.append(BadChunk(arr.path, coords, key, reason, owners, rc, fname))
+            bar.update(1)
+    return bad
+
+
+def _flags(group: zarr.Group) -> dict[str, np.ndarray]:
+    out = {}
+    for name in group.array_keys():
+        if name == "done" or name.endswith("_done"):
+            try:
+                out[name] = group[name][:]
+            except ValueError:  # a corrupted flag chunk: verify names it; treat flags as unknown
+                out[name] = np.zeros(group[name].shape, np.uint8)
+    return out
+
+
+def verify_store(path: str, teachers: Iterable[str] | None = None, record: bool = True,
+                 progress: bool = False) -> dict[str, Any]:
+    """Check every chunk of every array (the shared row arrays and each teacher's) against its CRC32C.
+
+    Returns ``{"path", "chunks_checked", "bad": [BadChunk…], "teachers": {name: [bad row chunks]}}``. With
+    ``record``, a teacher with bad chunks gets the attribute ``verify_failed`` (its chunks and the time), so
+    ``describe``/``loca-pipe info`` no longer call it complete; a later clean verify or a repair removes it.
+    """
+    from loca_pipe.pipeline.progress import progress_bar
+
+    store = LogitStore.open(path, mode="r+" if record else "r")
+    names = list(teachers) if teachers else store.teachers
+    for t in names:
+        store._teacher_group(t)  # unknown teacher → StoreError naming the ones there
+    root = store.group
+    row_names = [k for k in root.array_keys()]
+    total = sum(int(np.prod(root[k].cdata_shape)) for k in row_names)
+    groups = {t: store._teacher_group(t) for t in names}
+    total += sum(int(np.prod(g[k].cdata_shape)) for g in groups.values() for k in g.array_keys())
+    bad: list[BadChunk] = []
+    with progress_bar(total=total, desc="verify", unit="chunk", enabled=progress) as bar:
+        bad += _scan_group(root, row_names, store.info, "rows_done", tuple(store.teachers), _flags(root), bar)
+        for t, g in groups.items():
+            bad += _scan_group(g, list(g.array_keys()), store.info, "done", (t,), _flags(g), bar)
+    per: dict[str, list[int]] = {t: sorted({b.row_chunk for b in bad if t in b.teachers and b.row_chunk is not None})
+                                 for t in names}
+    if record:
+        try:
+            _record_verify(store, groups, bad, per)
+        except (StoreError, OSError) as exc:  # a read-only copy can still be verified
+            import logging
+
+            logging.getLogger(__name__).warning("verify: result not recorded in %s (%s)", path, exc)
+    return {"path": str(path), "chunks_checked": total, "bad": bad, "teachers": per}
+
+
+def _record_verify(store: "LogitStore", groups: dict[str, zarr.Group], bad: list[BadChunk],
+                   per: dict[str, list[int]]) -> None:
+    with io_guard(store.path, "recording the verify result"):
+        for t in groups:
+            a = store.teacher_attrs(t)
+            if not a:  # its creation was interrupted: nothing of it counts yet, nothing to record
+                continue
+            hit = [b for b in bad if t in b.teachers]
+            if hit:
+                a[VERIFY_ATTR] = {"time": now(), "chunks": [b.describe() for b in hit[:50]], "row_chunks": per[t]}
+                groups[t].attrs[ATTR] = a
+            elif VERIFY_ATTR in a:
+                a.pop(VERIFY_ATTR)
+                groups[t].attrs[ATTR] = a
+
+
+def invalidate_chunks(path: str, bad: Iterable[BadChunk]) -> dict[str, list[int]]:
+    """Repair step: delete each bad chunk file and clear the done flag it belongs to; mark the teachers
+    concerned incomplete. Re-running the same `loca-pipe cache-logits` command then rewrites exactly those
+    chunks (for the shared row arrays: every teacher's chunk, each by its own command).
+
+    Takes each teacher's writer lease (a job still writing it is refused). Raises StoreError for a chunk that
+    no done flag covers (it cannot be rewritten chunk-wise; re-cache the teacher with --overwrite).
+    Returns ``{teacher: [row chunks cleared]}``.
+    """
+    from zarr.core.sync import sync
+
+    from loca_pipe.pipeline.distributed import WriterLease
+
+    bad = list(bad)
+    loose = [b for b in bad if b.flag is None]
+    if loose:
+        raise StoreError(f"{len(loose)} bad chunk(s) are not covered by a done flag ({loose[0].describe()}); they "
+                         f"cannot be rewritten chunk by chunk — re-cache the teacher with `loca-pipe cache-logits "
+                         f"--overwrite` (or restore the store from a copy)")
+    store = LogitStore.open(path, mode="r+")
+    owners = sorted({t for b in bad for t in b.teachers})
+    leases = [WriterLease(str(path), t) for t in owners]
+    cleared: dict[str, set[int]] = {t: set() for t in owners}
+    taken: list[Any] = []
+    with io_guard(str(path), "repairing"):
+        try:
+            for lease in leases:
+                lease.acquire()
+                taken.append(lease)
+            for b in bad:
+                arr = store.group[b.array]
+                sync(arr.store_path.store.delete(b.file))
+                parent = store.group if "/" not in b.array else store.group[b.array.rsplit("/", 1)[0]]
+                idx = b.chunk[0]
+                if b.flag == "rows_done":  # a shared row chunk: every teacher rewrites (and re-checks) it
+                    parent[b.flag][idx] = 0
+                    for t in store.teachers:
+                        store._teacher_group(t)["done"][idx] = 0
+                        cleared.setdefault(t, set()).add(idx)
+                else:
+                    parent[b.flag][idx] = 0
+                    for t in b.teachers:
+                        cleared.setdefault(t, set()).add(idx)
+            for t in cleared:
+                g = store._teacher_group(t)
+                a = store.teacher_attrs(t)
+                if not a:
+                    continue
+                a.pop(VERIFY_ATTR, None)
+                a["complete"] = False
+                g.attrs[ATTR] = a
+        finally:
+            for lease in taken:
+                lease.release()
+    return {t: sorted(c) for t, c in cleared.items()}

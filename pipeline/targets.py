@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import zarr
-from loca_pipe.pipeline.analysis import (_one_torch_thread, alpha_key, check_alpha_tau, chunk_groups, cluster_threads,
-                                         resolve_teachers, run_tasks)
+
+from loca_pipe.pipeline.analysis import (_one_torch_thread, _TorchThreads, alpha_key, check_alpha_tau, chunk_groups,
+                                         cluster_threads, local_workers, resolve_teachers)
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import ATTR, LogitStore, array_codecs, id_dtype, now, open_zarr_group, versions
+from loca_pipe.pipeline.store import ATTR, LogitStore, array_codecs, dims, id_dtype, now, open_zarr_group, versions
 
 log = logging.getLogger(__name__)
 
@@ -189,34 +191,47 @@ def _create_teacher(root: zarr.Group, name: str, form: str, tv, alphas: Sequence
     if form == "dense":
         names = [dense_name(None)] + [dense_name(a) for a in alphas]
         for a in names:
-            g.create_array(a, shape=(R, C), chunks=(ch, C), dtype=f32, fill_value=0, **array_codecs(f32))
+            g.create_array(a, shape=(R, C), chunks=(ch, C), dtype=f32, fill_value=0, **array_codecs(f32),
+                           dimension_names=("row", "class"))
     else:
         K1 = tv.top_k + 1
         idt = id_dtype(C)
-        g.create_array("ids", shape=(R, K1), chunks=(ch, K1), dtype=idt, fill_value=-1, **array_codecs(idt))
+        g.create_array("ids", shape=(R, K1), chunks=(ch, K1), dtype=idt, fill_value=-1, **array_codecs(idt),
+                       dimension_names=("row", "k"))
         names = ["ids"]
         for a in [None, *alphas]:
             _, pn, tn = sparse_names(a)
-            g.create_array(pn, shape=(R, K1), chunks=(ch, K1), dtype=f32, fill_value=0, **array_codecs(f32))
-            g.create_array(tn, shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32))
+            g.create_array(pn, shape=(R, K1), chunks=(ch, K1), dtype=f32, fill_value=0, **array_codecs(f32),
+                           dimension_names=("row", "k"))
+            g.create_array(tn, shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32),
+                           dimension_names=("row",))
             names += [pn, tn]
     u8 = np.dtype(np.uint8)
-    g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **array_codecs(u8))
+    g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **array_codecs(u8),
+                   dimension_names=("row",))
     g.create_array("violations", shape=(n, len(CHECKS)), chunks=(1, len(CHECKS)), dtype=np.int64, fill_value=0,
-                   **array_codecs(np.dtype(np.int64)))
+                   **array_codecs(np.dtype(np.int64)), dimension_names=("chunk", "check"))
     # Σσ over the chunk's calibrated rows (σ = s/α = 1/(1 − p_y + p_k)): the mean LoCa scale per α for the metrics
     # without reading the targets again
     g.create_array("sigma_sum", shape=(n,), chunks=(1,), dtype=np.float64, fill_value=0.0,
-                   **array_codecs(np.dtype(np.float64)))
-    g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **array_codecs(u8))
+                   **array_codecs(np.dtype(np.float64)), dimension_names=("chunk",))
+    g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **array_codecs(u8), dimension_names=("chunk",))
     g.attrs[ATTR] = {"form": form, "tau": tau, "alphas": list(alphas), "alpha_keys": [alpha_key(a) for a in alphas],
                      "arrays": names + ["mis_instructed"], "checks": list(CHECKS), "top_k": tv.top_k,
                      "provenance": {k: v for k, v in tv.attrs.items()}, "complete": False}
 
 
+# Set when the driver is interrupted (Ctrl-C): local tasks stop after the chunk they are writing, so every
+# chunk marked done stays whole and the same command resumes from there.
+_STOP = threading.Event()
+
+
 def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: float,
-                 alphas: Sequence[float]) -> int:
-    """One dask task: compute, validate and write ``chunks`` of one teacher's targets; returns chunks written."""
+                 alphas: Sequence[float], on_chunk: Any = None) -> int:
+    """One dask task: compute, validate and write ``chunks`` of one teacher's targets; returns chunks written.
+
+    ``on_chunk(rows)`` (local threads only) is called after each chunk written, for the progress bar.
+    """
     _one_torch_thread()
     store = LogitStore.open(src)
     tv = store.teacher(teacher)
@@ -228,6 +243,8 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LocaWarning)  # warned once by the driver
         for c in chunks:
+            if _STOP.is_set():
+                break
             if g["done"][c]:
                 continue  # resume: this chunk is already whole
             sl = info.chunk_slice(c)
@@ -270,7 +287,39 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
                 g["sigma_sum"][c] = float((res.scale[res.calibrated].double() / alphas[-1]).sum())
             g["done"][c] = 1
             written += 1
+            if on_chunk is not None:
+                on_chunk(sl.stop - sl.start)
     return written
+
+
+def _run_targets(args: list[tuple], client: Any, bar: Any, rows: list[int]) -> list[int]:
+    """``targets_task(*a)`` for every ``a``: on ``client`` (distributed; the bar moves per finished task) or on
+    local threads (the bar moves per chunk). An interrupt stops local tasks after their current chunk."""
+    if client is not None:
+        import dask
+        from distributed import as_completed
+
+        futures = client.compute([dask.delayed(targets_task, pure=False)(*a) for a in args])
+        where = {f.key: i for i, f in enumerate(futures)}
+        out = [0] * len(args)
+        for f in as_completed(futures):
+            i = where[f.key]
+            out[i] = f.result()
+            bar.update(rows[i])
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    _STOP.clear()
+    pool = ThreadPoolExecutor(max_workers=local_workers(), thread_name_prefix="calibrate")
+    try:
+        with _TorchThreads(1):
+            futures = [pool.submit(targets_task, *a, on_chunk=bar.update) for a in args]
+            return [f.result() for f in futures]
+    except BaseException:
+        _STOP.set()  # running tasks finish the chunk they are on; queued ones do not start
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -291,10 +340,12 @@ class TargetsReport:
 
 def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float, *,
                   teachers: Sequence[str] | None = None, form: str = "auto", dense_max_classes: int = 4096,
-                  overwrite: bool = False, client=None, tasks_per_thread: int = 4) -> TargetsReport:
+                  overwrite: bool = False, client=None, tasks_per_thread: int = 4,
+                  progress: bool = False) -> TargetsReport:
     """Write (or resume) the targets store ``out`` for ``teachers`` of the logit store at ``store_path``.
 
     A targets store made from another source, τ, α list or form raises StoreConflictError unless ``overwrite``.
+    ``progress`` shows a bar over the rows still to write (throughput, ETA; one line per update off a terminal).
     Raises NumericsError (after writing, without marking the store complete) if any chunk violates an invariant.
     """
     import time
@@ -326,7 +377,13 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
             _create_teacher(root, n, forms[n], store.teacher(n), alphas, tau)
     groups = chunk_groups(info.num_chunks, tasks_per_thread * cluster_threads(client))
     args = [(str(store_path), str(out), n, g, tau, alphas) for n in names for g in groups]
-    written = run_tasks(targets_task, args, client=client)
+    from loca_pipe.pipeline.progress import progress_bar
+
+    done = {n: root["teachers"][n]["done"][:] for n in names}
+    rows = [sum(info.chunk_slice(c).stop - info.chunk_slice(c).start for c in g if not done[n][c])
+            for (_, _, n, g, _, _) in args]
+    with progress_bar(total=sum(rows), desc="calibrate", unit="row", enabled=progress) as bar:
+        written = _run_targets(args, client, bar, rows)
     report: dict[str, dict[str, Any]] = {}
     total = 0
     for i, n in enumerate(names):
@@ -426,7 +483,7 @@ def _copy_rows(store: LogitStore, root: zarr.Group) -> None:
     for k in names:
         src = store.group[k]
         dst = root.create_array(k, shape=src.shape, chunks=src.chunks, dtype=src.dtype, fill_value=src.fill_value,
-                                overwrite=True, **array_codecs(src.dtype))
+                                overwrite=True, **array_codecs(src.dtype), **dims(k))
         for c in range(info.num_chunks):
             sl = info.chunk_slice(c)
             dst[sl] = src[sl]

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from loca_pipe.pipeline.errors import ConfigError, NumericsError, StoreError
+from loca_pipe.pipeline.io import atomic_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -178,24 +178,6 @@ def evaluate(model: nn.Module, images: ImageSet, labels: torch.Tensor, batch_siz
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:

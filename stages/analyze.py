@@ -42,7 +42,7 @@ class AnalyzeParams:
     teachers: tuple[str, ...] = ()  # empty: every teacher in the store
     alpha: tuple[float, ...] = (0.95,)  # LoCa α for the scale statistics (paper: 0.9–0.999, best 0.95 on CIFAR-100)
     tau: float = 4.0  # temperature of p = softmax(z/τ) (paper: 4 on CIFAR-100, 1 on ImageNet)
-    out: str = "results/analysis"
+    out: str = "data/analysis"  # where the pipeline (params.yaml) writes it
     scheduler: str | None = None  # dask.distributed scheduler address; empty: local threads
     overwrite: bool = False  # replace results of another store in `out`
     bins: int = 50  # histogram bins

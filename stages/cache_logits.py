@@ -16,7 +16,6 @@ teacher is a separate store (``views: 0``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -104,19 +103,6 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
 # Resolution of the teacher and the data
 
 
-def read_sidecar(checkpoint: str | Path) -> dict[str, Any]:
-    """The checkpoint's JSON sidecar (``<ckpt>.json``, or the checkpoint path with suffix .json), or {}."""
-    ckpt = Path(checkpoint)
-    for cand in (Path(str(ckpt) + ".json"), ckpt.with_suffix(".json")):
-        if cand.is_file() and cand != ckpt:
-            try:
-                data = json.loads(cand.read_text())
-            except json.JSONDecodeError as exc:
-                raise ModelError(f"checkpoint sidecar {str(cand)!r} is not valid JSON ({exc}); fix or delete it") from exc
-            if not isinstance(data, dict):
-                raise ModelError(f"checkpoint sidecar {str(cand)!r} must hold a JSON object")
-            return data
-    return {}
 
 
 def _validate(p: CacheParams) -> None:
@@ -150,7 +136,7 @@ def run(params: CacheParams) -> CacheReport:
 
     p = params
     _validate(p)
-    sidecar = read_sidecar(p.checkpoint) if p.checkpoint else {}
+    sidecar = _models.read_sidecar(p.checkpoint, missing_ok=True) if p.checkpoint else {}
     if p.checkpoint and not Path(p.checkpoint).is_file():
         raise ModelError(f"checkpoint {p.checkpoint!r} not found; train one with `loca-pipe train-teacher` or "
                          f"fix --checkpoint")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from loca_pipe.pipeline.analysis import connect
 from loca_pipe.pipeline.targets import write_targets
+from loca_pipe.stages.config import check_writable
 
 
 @dataclass(frozen=True)
@@ -25,20 +26,24 @@ class CalibrateParams:
     alpha: tuple[float, ...] = (0.95,)  # one loca_<α> target per value (paper: 0.9–0.999)
     tau: float = 4.0  # temperature of the targets p = softmax(z/τ); students must use the same τ
     out: str = "data/targets/fashion-mnist-train.zarr"
-    metrics: str = "results/calibrate.json"
+    metrics: str = "data/calibrate.json"  # where the pipeline (params.yaml) writes it
     form: Literal["auto", "dense", "sparse"] = "auto"  # auto: dense for full-logit teachers with C ≤ dense_max_classes
     dense_max_classes: int = 4096
     scheduler: str | None = None  # dask.distributed scheduler address; empty: local threads
     overwrite: bool = False  # replace targets made from another store / other settings
+    progress: bool = True  # a bar over the rows (throughput, ETA; one line per update off a terminal)
 
 
 def execute(params: CalibrateParams) -> dict[str, Any]:
     """Write (or resume) the targets; returns the report (what ``--json`` prints)."""
+    check_writable(params.out, "the targets store", "--out")  # before any work
+    if params.metrics:
+        check_writable(params.metrics, "the calibrate metrics", "--metrics", kind="file")
     client = connect(params.scheduler)
     try:
         rep = write_targets(params.store, params.out, params.alpha, params.tau, teachers=params.teachers,
                             form=params.form, dense_max_classes=params.dense_max_classes,
-                            overwrite=params.overwrite, client=client)
+                            overwrite=params.overwrite, client=client, progress=params.progress)
     finally:
         if client is not None:
             client.close()

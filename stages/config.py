@@ -8,7 +8,11 @@ wrong types with a message that names the key and the file, like nanoGPT's confi
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import errno
+import os
 import re
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -53,8 +57,44 @@ def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any
     return walk(params, ())
 
 
+# The sections a params file may hold: one per stage of dvc.yaml and lm/dvc.yaml, plus the shared ones. A
+# misspelled section (`analyse:`) would otherwise be ignored silently and its stage run on defaults.
+# Sections named in a dvc.yaml next to the params file (its stages' `params:` lists) count as known too,
+# so a new stage is accepted once dvc.yaml reads its section.
+SECTIONS = ("base", "prepare_data", "train_teacher", "cache", "analyze", "calibrate", "train_student", "report",
+            "lm_base", "lm_prepare", "lm_tokenizer", "lm_train_teacher", "lm_cache", "lm_analyze",
+            "lm_train_student", "lm_report")
+
+
+def _dvc_sections(params_file: Path) -> set[str]:
+    """Top-level params keys that the stages of ``dvc.yaml`` beside ``params_file`` declare as params."""
+    dvc = params_file.parent / "dvc.yaml"
+    try:
+        stages = (yaml.safe_load(dvc.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    out: set[str] = set()
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        for entry in (stage.get("params") or []) if isinstance(stage, dict) else ():
+            if isinstance(entry, str):
+                out.add(entry.split(".")[0])
+    return out
+
+
+def check_sections(data: dict[str, Any], where: str, extra: set[str] | frozenset[str] = frozenset()) -> None:
+    """Refuse a top-level key that is no known section, suggesting the closest one (``analyse`` → ``analyze``)."""
+    known = set(SECTIONS) | set(extra)
+    for key in data:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{where}: unknown section {key!r}; {hint}the sections are {sorted(SECTIONS)} "
+                          f"(a new stage's section is accepted once dvc.yaml lists it in that stage's params)")
+
+
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read a params file into a dict (empty file → empty dict)."""
+    """Read a params file into a dict (empty file → empty dict); unknown sections are refused."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {str(path)!r} not found; run from the project folder or pass --params PATH")
@@ -64,6 +104,7 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ConfigError(f"params file {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"params file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    check_sections(data, f"params file {str(path)!r}", _dvc_sections(path))
     return resolve_refs(data, str(path))
 
 
@@ -150,3 +191,45 @@ def load_section(cls: type[T], section: str, params: dict[str, Any] | str | Path
     values = dict(params.get(section) or {})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build(cls, values, section)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outputs: refuse an unwritable location before the expensive work, in one line.
+
+_WRITE_REASONS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def check_writable(path: str | Path, what: str, option: str, kind: str = "dir") -> None:
+    """Raise ConfigError unless ``path`` (a folder, or with ``kind="file"`` a file) can be written.
+
+    Probes with a real temporary file in the deepest folder that exists (``os.access`` is not enough: root
+    passes it on a read-only mount), creates nothing else, and says what to change. URLs (``s3://…``) are
+    left to their back-end.
+    """
+    text = str(path)
+    if not text or "://" in text:
+        return
+    p = Path(text)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ConfigError(f"cannot write {what} to {text!r}: it is a file, not a folder; choose another {option}")
+    if kind == "file" and p.is_dir():
+        raise ConfigError(f"cannot write {what} to {text!r}: it is a folder, not a file; choose another {option}")
+    folder = p if kind == "dir" else p.parent
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot write {what} to {text!r}: {str(probe)!r} is a file, not a folder; "
+                          f"choose another {option}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".loca-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        reason = _WRITE_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        code = errno.errorcode.get(exc.errno or 0, "")
+        raise ConfigError(f"cannot write {what} to {text!r}: {reason}{f' ({code})' if code else ''} in "
+                          f"{str(probe)!r}; choose another {option} or make that folder writable — checked "
+                          f"before any work, nothing was written") from exc

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from loca_pipe.pipeline import io as _io
 from loca_pipe.stages.config import load_section, read_params
 
 T = TypeVar("T")
@@ -76,11 +77,9 @@ def set_threads(base: LMBase) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    """:func:`loca_pipe.pipeline.io.write_json` (atomic) with the LM outputs' options: keys in insertion
+    order, numpy scalars as floats."""
+    _io.write_json(path, obj, sort_keys=False, default=float)
 
 
 def read_json(path: str | Path) -> Any:

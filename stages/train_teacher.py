@@ -4,7 +4,7 @@ Outputs, all written atomically (temporary file, then ``os.replace``), for check
 
 * ``OUT`` — the plain state dict (``torch.save(model.state_dict())``);
 * ``OUT.json`` — sidecar: arch, num_classes, in_channels, image_size, dataset, split, fingerprint,
-  transform, test_top1, train_top1, sha256 of ``OUT``, the training params and package versions;
+  transform, test_top1 and train_top1 (percent), sha256 of ``OUT``, the training params and package versions;
 * ``OUT`` with suffix ``.metrics.json`` — metrics for DVC (test/train top-1, mis-instruction rate on the
   training set, seconds, samples/s).
 
@@ -15,10 +15,8 @@ and the order of epoch ``e`` is a permutation drawn from a generator seeded with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +25,14 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from loca_pipe.pipeline.augment import make_augmenter
 from loca_pipe.pipeline.data import DatasetSpec, get_batch, open_dataset
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.io import atomic_save, versions, write_json
 from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
+from loca_pipe.pipeline.progress import progress_bar
+from loca_pipe.stages.config import check_writable
 
 log = logging.getLogger(__name__)
 SECTION = "train_teacher"
@@ -100,20 +100,6 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", name: str |
 
 # ----------------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
 def _batches(spec: DatasetSpec, indices: np.ndarray, batch_size: int, num_workers: int
              ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """(sample ids, images, labels) in the order of ``indices``."""
@@ -134,20 +120,12 @@ def _batches(spec: DatasetSpec, indices: np.ndarray, batch_size: int, num_worker
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, spec: DatasetSpec, n: int, batch_size: int, device: torch.device,
              num_workers: int = 0) -> float:
-    """Top-1 accuracy of ``model`` on the first ``n`` samples of ``spec``."""
+    """Top-1 accuracy of ``model`` on the first ``n`` samples of ``spec``, in percent."""
     model.eval()
     correct = 0
     for _, x, y in _batches(spec, np.arange(n), batch_size, num_workers):
         correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return correct / max(n, 1)
-
-
-def _versions() -> dict[str, str]:
-    import torchvision
-
-    from loca_pipe import __version__
-
-    return {"loca_pipe": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__}
+    return 100.0 * correct / max(n, 1)
 
 
 def run(p: TrainTeacherParams) -> dict[str, Any]:
@@ -169,6 +147,9 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
         raise ConfigError(f"{SECTION}: epochs, batch_size, lr and max_samples must be positive; got epochs={p.epochs}, "
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
     check_model_name(p.arch)  # before the data set is opened
+    opt_name = "--out" if p.out else "--out-dir"  # before training: a trained teacher must never be lost
+    for path in (p.checkpoint, sidecar_path(p.checkpoint), metrics_path(p.checkpoint)):
+        check_writable(path, "the teacher checkpoint", opt_name, kind="file")
     device = resolve_device(p.device)
     train = open_dataset(p.dataset, "train", p.root)
     test = open_dataset(p.dataset, "test", p.root)
@@ -187,8 +168,7 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
         opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if p.schedule == "cosine" else (lambda s: 1.0))
     augmenter = make_augmenter(p.augment, p.seed, train.image_size)
 
-    bar = tqdm(total=p.epochs * n_train, unit="img", unit_scale=True, desc=f"train {p.name or p.arch}",
-               disable=not p.progress, mininterval=0.5, dynamic_ncols=True)
+    bar = progress_bar(total=p.epochs * n_train, desc=f"train {p.name or p.arch}", unit="img", enabled=p.progress)
     t0, c0 = time.perf_counter(), time.process_time()
     loss_sum, loss_n = 0.0, 0
     for epoch in range(p.epochs):
@@ -218,9 +198,9 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
 
     ckpt = p.checkpoint
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
+    atomic_save(state, ckpt)
     metrics = {
-        "test_top1": test_top1, "train_top1": train_top1, "train_mis_instruction": 1.0 - train_top1,
+        "test_top1": test_top1, "train_top1": train_top1, "train_mis_instruction": 1.0 - train_top1 / 100.0,
         "final_train_loss": loss_sum / max(loss_n, 1), "train_seconds": round(seconds, 3),
         "train_cpu_seconds": round(cpu_seconds, 3),  # all threads; a fairer measure on a busy machine
         "samples_per_second": round(p.epochs * n_train / max(seconds, 1e-9), 1), "num_train": n_train,
@@ -231,10 +211,10 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
         "image_size": train.image_size, "dataset": train.name, "split": "train", "root": train.root,
         "fingerprint": train.fingerprint, "test_fingerprint": test.fingerprint, "transform": train.transform,
         "test_top1": test_top1, "train_top1": train_top1, "num_train": n_train, "sha256": file_sha256(ckpt),
-        "params": dataclasses.asdict(p), "versions": _versions(),
+        "params": dataclasses.asdict(p), "versions": versions(),
     }
-    _write_json(sidecar_path(ckpt), sidecar)
-    _write_json(metrics_path(ckpt), metrics)
-    log.info("teacher %s: test top-1 %.4f, train top-1 %.4f, %.1f s -> %s", p.name or p.arch, test_top1,
+    write_json(sidecar_path(ckpt), sidecar)
+    write_json(metrics_path(ckpt), metrics)
+    log.info("teacher %s: test top-1 %.2f%%, train top-1 %.2f%%, %.1f s -> %s", p.name or p.arch, test_top1,
              train_top1, seconds, ckpt)
     return metrics

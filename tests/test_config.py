@@ -47,18 +47,18 @@ def test_references_resolve_to_the_named_key(tmp_path):
     path.write_text("analyze:\n  alpha: [0.9, 0.95]\n  tau: 4\n"
                     "calibrate:\n  alpha: =analyze.alpha\n  tau: '= analyze.tau'\n  note: 'a =analyze.tau'\n"
                     "  dvc: ${analyze.tau}\n"
-                    "train:\n  alphas: =calibrate.alpha\n")
+                    "train_student:\n  alphas: =calibrate.alpha\n")
     p = read_params(path)
     assert p["calibrate"]["alpha"] == [0.9, 0.95]
     assert p["calibrate"]["tau"] == 4
     assert p["calibrate"]["note"] == "a =analyze.tau"  # only whole values are references
     assert p["calibrate"]["dvc"] == "${analyze.tau}"  # DVC's syntax is left alone
-    assert p["train"]["alphas"] == [0.9, 0.95]  # chains resolve
+    assert p["train_student"]["alphas"] == [0.9, 0.95]  # chains resolve
 
 
 @pytest.mark.parametrize("text, message", [
-    ("a:\n  x: =b.y\n", r"reference =b.y names no key"),
-    ("a:\n  x: =a.y\n  y: =a.x\n", "reference cycle"),
+    ("analyze:\n  x: =base.y\n", r"reference =base.y names no key"),
+    ("analyze:\n  x: =analyze.y\n  y: =analyze.x\n", "reference cycle"),
 ])
 def test_bad_references(tmp_path, text, message):
     from loca_pipe.stages.config import read_params

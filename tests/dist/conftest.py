@@ -2,9 +2,10 @@
 
 ``reliability`` (fixture): a test that tries a fault or a bad input records one row — what was tried, what
 the user sees (the error message, normalised: temporary paths, ports, pids, hosts and times replaced), what
-was kept. The rows of a session are compared with ``tests/dist/reliability.json`` (the committed record
-docs/reliability.md is rendered from) by ``test_zz_reliability_doc.py``; ``python -m
-tests.dist.make_reliability_doc`` re-runs the tests and rewrites both.
+was kept. Each row is compared with ``tests/dist/reliability.json`` (the committed record docs/reliability.md
+is rendered from) by :func:`check_row` as the test records it, so a fault test fails on its own when its row
+drifts, whatever else runs; ``python -m tests.dist.make_reliability_doc`` (``LOCA_RELIABILITY_OUT`` set)
+re-runs the tests and rewrites both instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ REPO = HERE.parents[1]
 STAGES_TESTS = REPO / "tests" / "stages"
 RECORD = HERE / "reliability.json"
 SESSION_ROWS: dict[str, dict[str, str]] = {}
+HINT = "run `python -m tests.dist.make_reliability_doc` and commit docs/reliability.md + tests/dist/reliability.json"
+
+
+def check_row(key: str, row: dict[str, str], record: dict[str, dict[str, str]] | None = None) -> None:
+    """A row a fault test just recorded must be the committed record's row (AssertionError with the fix)."""
+    record = json.loads(RECORD.read_text()) if record is None else record
+    assert key in record, f"new fault row {key!r}; {HINT}"
+    assert record[key] == row, f"row {key!r} changed: {row} vs {record[key]}; {HINT}"
 
 
 def normalise(text: str) -> str:
@@ -43,8 +52,11 @@ def reliability(request):
     """record(key, tried, seen, kept): one row of the fault / bad-input table."""
 
     def record(key: str, tried: str, seen: str, kept: str) -> None:
-        SESSION_ROWS[key] = {"tried": tried, "seen": normalise(seen), "kept": kept,
-                             "test": f"{Path(request.node.fspath).name}::{request.node.originalname}"}
+        row = {"tried": tried, "seen": normalise(seen), "kept": kept,
+               "test": f"{Path(request.node.fspath).name}::{request.node.originalname}"}
+        SESSION_ROWS[key] = row
+        if not os.environ.get("LOCA_RELIABILITY_OUT"):  # regenerating: rows may change
+            check_row(key, row)
 
     return record
 

@@ -51,7 +51,21 @@ FOOTER = """
   check-then-write; several shards started by hand (`--shard/--num-shards` without torchrun) must share
   `LOCA_JOB_ID`.
 * **File-system errors** (ENOSPC, EDQUOT, EROFS, EACCES, EPERM) while writing become a StoreError that says
-  what happened, that finished chunks are kept, and that the same command resumes.
+  what happened, that finished chunks are kept, and that the same command resumes. Output folders of
+  analyze, calibrate, train-teacher, train-student and report are probed with a real temporary file
+  *before* any work, so a read-only folder is one line (`cannot write … : the file system is read-only`),
+  never a traceback after training.
+* **Verify and repair.** `loca-pipe verify STORE` reads every chunk of every array (shared row arrays and
+  each teacher's) and names each one failing its CRC32C — or, for id/label arrays, missing although its
+  chunk is marked done — as array, chunk, file; it exits 1 and records the finding in the teacher's
+  attributes (`verify_failed`), so `info` calls the teacher CORRUPT instead of complete. `--repair` takes
+  the teacher's writer lease, deletes those chunk files, clears their done flags (`rows_done` and every
+  teacher's `done` for a shared row chunk) and marks the teacher incomplete; the same `cache-logits`
+  command then recomputes exactly those chunks, with the same batches, so the store is bit-identical to
+  the original (only the `finished` time differs).
+* **Interrupts.** Ctrl-C (SIGINT) in any command exits 130 with `interrupted; rerun the same command to
+  resume`; chunks whose done flag is set are whole and kept, and calibrate's local workers stop after the
+  chunk they are writing.
 """
 
 

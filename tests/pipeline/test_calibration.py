@@ -354,8 +354,8 @@ def test_bad_dense_inputs(probs, labels, err, match):
 @pytest.mark.parametrize("logits, tau, err, match", [
     (torch.tensor([[0.0, float("nan")]]), 1.0, NumericsError, "NaN"),
     (torch.tensor([[0.0, float("inf")]]), 1.0, NumericsError, "\\+inf"),
-    (torch.tensor([[0.0, 1.0]]), 0.0, ConfigError, "tau must be a finite number > 0"),
-    (torch.tensor([[0.0, 1.0]]), float("nan"), ConfigError, "tau must be a finite number > 0"),
+    (torch.tensor([[0.0, 1.0]]), 0.0, ConfigError, "tau must be a finite temperature > 0"),
+    (torch.tensor([[0.0, 1.0]]), float("nan"), ConfigError, "tau must be a finite temperature > 0"),
 ])
 def test_bad_logits(logits, tau, err, match):
     with pytest.raises(err, match=match):
@@ -387,3 +387,57 @@ def test_no_warning_for_valid_alpha():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loca(P4, Y2, 0.999)
+
+
+# ------------------------------------------------------------------------------------------------
+# the one mis-instruction rule (issue #15): mis_instruction_mask == "LoCa changes this row"
+
+
+def _tied_batch(B: int, C: int, seed: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer logits (ties everywhere) with forced ties of the label and the maximum on some rows."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-3, 4, (B, C), generator=g).float() * tau
+    y = torch.randint(0, C, (B,), generator=g)
+    tie = torch.rand(B, generator=g) < 0.4
+    rows = torch.nonzero(tie).flatten()
+    z[rows, y[rows]] = z[rows].max(1).values  # label ties the maximum (or is it, when alone)
+    allsame = torch.rand(B, generator=g) < 0.1
+    z[allsame] = 1.0
+    return z, y
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(2, 12), st.integers(0, 2**31 - 1), st.sampled_from([0.5, 1.0, 4.0]),
+       st.floats(0.5, 0.99))
+def test_mask_is_exactly_the_rows_loca_changes(B, C, seed, tau, alpha):
+    z, y = _tied_batch(B, C, seed, tau)
+    res = loca_from_logits(z, y, alpha, tau)
+    p = torch.softmax(z / tau, 1)
+    changed = (res.probs != p).any(1)
+    ref = torch.from_numpy(_strict_winner_ref(p.numpy(), y.numpy()))
+    assert torch.equal(mis_instruction_mask(z, y, tau=tau), res.calibrated)
+    assert torch.equal(res.calibrated, changed)
+    assert torch.equal(res.calibrated, ref)
+    assert torch.equal(mis_instruction_mask(p, y), loca(p, y, alpha).calibrated)
+    # sparse teacher: the rule on the kept entries, as loca_sparse calibrates (k = C keeps everything)
+    sd = _sparse(z, y, C, tau)
+    sres = loca_sparse(sd, y, alpha)[1]
+    assert torch.equal(mis_instruction_mask(sd, y), sres.calibrated)
+    assert torch.equal(sres.calibrated, ref)
+    k = max(1, C // 2)
+    sdk = _sparse(z, y, k, tau)
+    assert torch.equal(mis_instruction_mask(sdk, y), loca_sparse(sdk, y, alpha)[1].calibrated)
+
+
+def test_mask_with_tau_follows_softmax_rounding_like_loca():
+    # two logits that differ by less than softmax's rounding: on logits the label strictly wins, on the
+    # probabilities LoCa calibrates it is a tie — with tau the mask is LoCa's
+    z = torch.tensor([[1.0, 0.0, -5.0]], dtype=torch.float32)
+    z[0, 1] = torch.nextafter(z[0, 0], torch.tensor(-math.inf))  # one ulp below the label's logit
+    y = torch.tensor([0])
+    p = torch.softmax(z / 4.0, 1)
+    assert bool(p[0, 0] == p[0, 1])  # precondition: fp32 softmax at τ = 4 rounds the two to one number
+    assert not bool(mis_instruction_mask(z, y)[0])
+    assert bool(mis_instruction_mask(z, y, tau=4.0)[0]) and bool(loca_from_logits(z, y, 0.9, 4.0).calibrated[0])
+    with pytest.raises(ConfigError, match="tau applies to dense logits only"):
+        mis_instruction_mask(_sparse(z, y, 2, 4.0), y, tau=4.0)

@@ -204,6 +204,72 @@ def test_dkd_one_hot_teacher_and_huge_logits_finite():
     assert torch.isfinite(dkd_loss(zs, p, y, 1.0, teacher_is="probs"))
 
 
+def test_dkd_one_hot_probability_teacher_has_zero_nckd():
+    # docs/maths.md: a teacher with no non-target mass contributes NCKD = 0 (a clamp at finfo.tiny made p̂
+    # near-uniform and gave NCKD ≈ 0.19-0.36 here)
+    zs, _, y = _batch(B=5, C=10, seed=4)
+    p = F.one_hot(y, 10).float()
+    for la in (None, 0.9):
+        assert dkd_loss(zs, p, y, 1.0, alpha=0.0, beta=1.0, teacher_is="probs", loca_alpha=la).item() == 0.0
+    # TCKD alone is the fp64 reference's (= −log q_y)
+    z = zs.clone().requires_grad_(True)
+    out = dkd_loss(z, p, y, 2.0, teacher_is="probs")
+    assert out.item() == pytest.approx(ref_dkd_loop(zs, p, y, 2.0, 1.0, 8.0), rel=1e-5)
+    assert torch.isfinite(torch.autograd.grad(out, z)[0]).all()
+
+
+def _saturated(B=6, C=10, margin=95.0, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    zs = torch.randn(B, C, generator=g)
+    zt = torch.randn(B, C, generator=g)
+    y = torch.randint(0, C, (B,), generator=g)
+    zt.scatter_(1, y.view(-1, 1), zt.max(1, keepdim=True).values + margin)
+    return zs, zt, y
+
+
+@pytest.mark.parametrize("la", [None, 0.9])
+def test_dkd_saturated_fp32_probabilities_match_logits_and_fp64(la):
+    # margin 95 at τ = 1: in fp32 p_y rounds to 1 and every other p_i is subnormal (1e-42..1e-44), so
+    # 1 − p_y = 0 and a clamp at finfo.tiny flattens p̂; the exact logs keep ~12 bits of each subnormal
+    zs, zt, y = _saturated()
+    p = F.softmax(zt, 1)
+    assert bool((p.gather(1, y.view(-1, 1)) == 1).all()) and 0 < float(p[p < 1].min()) < torch.finfo().tiny
+    ref = ref_dkd_loop(zs, F.softmax(zt.double(), 1) if la is None else loca_from_logits(zt.double(), y, la, 1.0).probs,
+                       y, 1.0, 1.0, 8.0)
+    z1, z2 = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
+    from_logits = dkd_loss(z1, zt, y, 1.0, teacher_is="logits", loca_alpha=la)
+    from_probs = dkd_loss(z2, p, y, 1.0, teacher_is="probs", loca_alpha=la)
+    assert from_logits.item() == pytest.approx(ref, rel=1e-5)
+    assert from_probs.item() == pytest.approx(ref, rel=1e-3)  # subnormal p: ~2^-12 relative precision
+    g1, g2 = torch.autograd.grad(from_logits, z1)[0], torch.autograd.grad(from_probs, z2)[0]
+    assert torch.isfinite(g2).all()
+    # the smallest subnormals carry only a few bits: compare on the gradient's own scale
+    assert float((g2 - g1).abs().max()) <= 1e-3 * float(g1.abs().max())
+
+
+def test_dkd_probabilities_with_exact_zeros_match_fp64_reference():
+    # some non-target entries exactly 0 (0·log 0 = 0), one row with every non-target entry 0, one row
+    # whose label has probability 0 (a mis-instruction row for LoCa)
+    zs, zt, y = _batch(B=6, C=8, seed=6)
+    p = F.softmax(zt / 2.0, 1)
+    p[0, (int(y[0]) + 1) % 8] = 0.0
+    p[1, [(int(y[1]) + k) % 8 for k in (1, 2, 3)]] = 0.0
+    p[2] = 0.0
+    p[2, int(y[2])] = 1.0
+    p[3, int(y[3])] = 0.0
+    p = p / p.sum(1, keepdim=True)
+    for la in (None, 0.95):
+        target = p if la is None else loca(p, y, la).probs
+        z = zs.clone().requires_grad_(True)
+        out = dkd_loss(z, p, y, 2.0, teacher_is="probs", loca_alpha=la)
+        assert out.item() == pytest.approx(ref_dkd_loop(zs, target, y, 2.0, 1.0, 8.0), rel=1e-5)
+        assert torch.isfinite(torch.autograd.grad(out, z)[0]).all()
+        # the registry goes through the same code
+        m = "dkd" if la is None else "loca_dkd"
+        cfg = LossConfig(tau=2.0, beta=1.0, gamma=0.0, warmup_epochs=0, alpha=la or 0.9)
+        assert compute_loss(m, zs, y, teacher_probs=p, cfg=cfg).item() == pytest.approx(out.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("epoch, warmup, expected", [(0, 20, 0.05), (9, 20, 0.5), (19, 20, 1.0), (50, 20, 1.0),
                                                      (0, 0, 1.0)])
 def test_dkd_warmup(epoch, warmup, expected):
@@ -407,3 +473,62 @@ def test_alpha_above_one_that_leaves_the_simplex_raises():
     with pytest.warns(UserWarning, match="no longer guaranteed"):
         with pytest.raises(NumericsError, match="negative"):
             loca_from_logits(zt, y, 1.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# teacher inputs that are not distributions (issue #15): refused with the tolerance and the fix
+
+
+def test_sparse_from_topk_refuses_an_lse_at_another_tau():
+    zs, zt, y = _batch(B=8, C=20, seed=7, scale=3.0)
+    top = zt.topk(5, 1)
+    zy = zt.gather(1, y.view(-1, 1)).view(-1)
+    # the lse at τ = 4 used at τ = 1: the kept "probabilities" sum far above 1
+    with pytest.raises(ConfigError, match=r"not a distribution.*expected <= 1 \+ 0\.01.*lse column for tau=1\.0"):
+        sparse_from_topk(top.values, top.indices, torch.logsumexp(zt / 4.0, 1), zy, y, 1.0)
+    with pytest.raises(NumericsError, match="lse is ±inf in 1 row"):
+        lse = torch.logsumexp(zt, 1)
+        lse[3] = float("inf")
+        sparse_from_topk(top.values, top.indices, lse, zy, y, 1.0)
+    # the right lse passes; so does one that rounds up to 1 + 1e-2 (fp rounding of the cache), not beyond
+    sd = sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1), zy, y, 1.0)
+    assert float((sd.probs.sum(1) + sd.tail - 1).abs().max()) < 1e-6
+    sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1) - math.log(1.009), zy, y, 1.0)
+    with pytest.raises(ConfigError, match="not a distribution"):
+        sparse_from_topk(top.values, top.indices, torch.logsumexp(zt, 1) - math.log(1.02), zy, y, 1.0)
+
+
+def test_sparse_kd_refuses_a_sparse_dist_that_is_not_a_distribution():
+    zs, zt, y = _batch(B=8, C=20, seed=8)
+    good = _sparse(zt, y, 4, 2.0)
+    big = SparseDist(good.ids, good.probs * 300.0, good.tail)
+    neg = SparseDist(good.ids, good.probs - good.probs.max(), good.tail)
+    for bad in (big, neg):
+        with pytest.raises(ConfigError, match=r"SparseDist is not a distribution.*within 0\.01.*sparse_from_topk"):
+            sparse_kd_loss(zs, bad, 2.0)
+        with pytest.raises(ConfigError, match="SparseDist is not a distribution"):
+            compute_loss("kd", zs, y, teacher_sparse=bad, cfg=LossConfig(tau=2.0))
+    assert torch.isfinite(sparse_kd_loss(zs, good, 2.0))
+
+
+@pytest.mark.parametrize("method", ["kd", "loca", "dkd", "loca_dkd"])
+def test_teacher_probs_that_are_logits_are_refused(method):
+    # compute_loss(teacher_probs=<raw logits>) returned ~15,000; loca() refuses the same input
+    zs, zt, y = _batch(B=6, C=10, seed=9)
+    with pytest.raises(ConfigError, match=r"teacher probabilities must lie in \[0, 1\].*teacher_logits"):
+        compute_loss(method, zs, y, teacher_probs=zt)
+    off = F.softmax(zt, 1) * 1.05  # in [0, 1] but rows sum to 1.05
+    with pytest.raises(ConfigError, match=r"must sum to 1 over classes \(within 0\.01\)"):
+        compute_loss(method, zs, y, teacher_probs=off)
+    with pytest.raises(ConfigError, match="teacher probabilities must lie in"):
+        kd_loss(zs, zt, 4.0, teacher_is="probs")
+    assert torch.isfinite(compute_loss(method, zs, y, teacher_probs=F.softmax(zt / 4.0, 1)))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_empty_batch_has_its_own_message(method):
+    zs, zt, y = _batch(B=0, C=10)
+    with pytest.raises(ConfigError, match=r"empty batch \(0 rows"):
+        compute_loss(method, zs, y, teacher_logits=zt)
+    with pytest.raises(ConfigError, match="empty batch"):
+        kd_loss(zs, zt, 4.0)

@@ -295,16 +295,9 @@ DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def dims(name: str, ndim: int | None = None, rows: bool = True) -> dict[str, Any]:
-    """``{"dimension_names": …}`` for array ``name``: its DIMENSION_NAMES entry, else (given ``ndim``) ``row``
-    (when the array is row-aligned) and dimensions of its own (``<name>_1``…), so that xarray never sees one
-    dimension name with two sizes; empty for an unknown name without ``ndim``."""
-    if name in DIMENSION_NAMES:
-        return {"dimension_names": DIMENSION_NAMES[name]}
-    if ndim is None:
-        return {}
-    first = "row" if rows else f"{name}_0"
-    return {"dimension_names": (first,) + tuple(f"{name}_{j}" for j in range(1, ndim))}
+def dims(name: str) -> dict[str, Any]:
+    """``{"dimension_names": …}`` for array ``name`` (empty for an array not in DIMENSION_NAMES)."""
+    return {"dimension_names": DIMENSION_NAMES[name]} if name in DIMENSION_NAMES else {}
 
 
 def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
@@ -565,7 +558,8 @@ class LogitStore:
         for key, (width, dt, fill) in cod.arrays(C, K, T).items():  # the top-k values and ids, as the codec keeps them
             dt = np.dtype(dt)
             g.create_array(key, shape=(R, width), chunks=(ch, width), dtype=dt, fill_value=fill,
-                           **array_codecs(dt, compress_logits or cod.compress), **dims(key, 2))
+                           **array_codecs(dt, compress_logits or cod.compress),
+                           dimension_names=DIMENSION_NAMES.get(key, ("row", f"{key}_col")))
         g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **array_codecs(f32, False),
                        **dims("lse"))
         g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32, False),
@@ -574,7 +568,7 @@ class LogitStore:
             dt = np.dtype(spec["dtype"])
             g.create_array(key, shape=tuple(spec["shape"]), chunks=tuple(spec["chunks"]), dtype=dt,
                            fill_value=spec.get("fill_value", 0), **array_codecs(dt, spec.get("compress", True)),
-                           **dims(key, len(spec["shape"]), rows=bool(spec.get("rows"))))
+                           dimension_names=tuple(spec["dimension_names"]))
         g.create_array("done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8, fill_value=0,
                        **array_codecs(np.dtype(np.uint8), False), **dims("done"))
         rows = [k for k, spec in (extra_arrays or {}).items() if spec.get("rows")]

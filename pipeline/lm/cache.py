@@ -108,9 +108,9 @@ def _write_index(store: LogitStore, enc: Encoded) -> None:
     ch = store.info.chunk_rows
     i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
     g.create_array("offsets", shape=offsets.shape, chunks=(max(1, min(len(offsets), 1 << 16)),), dtype=i64,
-                   fill_value=-1, overwrite=True, **array_codecs(i64))
+                   fill_value=-1, overwrite=True, **array_codecs(i64), dimension_names=("sequence_edge",))
     g.create_array("position", shape=position.shape, chunks=(ch,), dtype=i32, fill_value=-1, overwrite=True,
-                   **array_codecs(i32))
+                   **array_codecs(i32), dimension_names=("row",))
     g["offsets"][:] = offsets
     if len(position):
         g["position"][:] = position
@@ -154,12 +154,16 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
     extra: dict[str, dict[str, Any]] = {}
     if sample_draws:
         S = int(sample_draws)
-        extra["sampled_ids"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.int32, fill_value=-1, rows=True)
-        extra["sampled_counts"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.uint16, fill_value=0, rows=True)
+        extra["sampled_ids"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.int32, fill_value=-1, rows=True,
+                                    dimension_names=("row", "draw"))
+        extra["sampled_counts"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.uint16, fill_value=0, rows=True,
+                                       dimension_names=("row", "draw"))
     G, n_greedy = int(greedy_max_new_tokens), -(-N // greedy_chunk)
     if G:
-        extra["greedy_ids"] = dict(shape=(N, G), chunks=(greedy_chunk, G), dtype=np.int32, fill_value=-1)
-        extra["greedy_done"] = dict(shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, compress=False)
+        extra["greedy_ids"] = dict(shape=(N, G), chunks=(greedy_chunk, G), dtype=np.int32, fill_value=-1,
+                                   dimension_names=("sequence", "new_token"))
+        extra["greedy_done"] = dict(shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, compress=False,
+                                    dimension_names=("greedy_chunk",))
     written = [0]
 
     def finish(writer, shard: int, num_shards: int) -> bool:  # greedy responses, chunk by chunk, sharded likewise

@@ -335,3 +335,15 @@ def test_codec_store_reads_back_within_bound_and_refuses_another_codec(tmp_path,
     assert same_ids and (np.abs(got.topk_logits - ref.topk_logits) <= bound + 1e-5).all()
     with pytest.raises(StoreConflictError, match=rf"written with codec '{codec}'; this run asks for codec 'lossless'"):
         _cache(tmp_path / "c", teacher, tok, enc, top_k=8)
+
+
+def test_xarray_opens_a_compact_token_store(tmp_path, teacher, tok, enc):
+    """dimension_names on the codec, sampled, greedy and index arrays: xarray.open_zarr reads every group."""
+    xr = pytest.importorskip("xarray")
+    _cache(tmp_path / "s", teacher, tok, enc, top_k=8, codec="compact", sample_draws=4, greedy_max_new_tokens=3)
+    t = xr.open_zarr(str(tmp_path / "s"), group="teachers/t", consolidated=False)
+    root = xr.open_zarr(str(tmp_path / "s"), consolidated=False)
+    R = int(enc.response_len.sum())
+    assert t.sizes["row"] == root.sizes["row"] == R and t.sizes["draw"] == 4
+    assert {"topk_code", "topk_idlo", "sampled_ids", "greedy_ids", "lse"} <= set(t.data_vars)
+    assert {"offsets", "position", "label"} <= set(root.data_vars)

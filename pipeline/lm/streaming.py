@@ -24,6 +24,8 @@ TASK = "causal-lm"
 # arrays of a teacher that the students and the analysis read (row-aligned); "root" arrays are the store's
 ROOT_ARRAYS = ("sample_id", "label", "position")
 TEACHER_ARRAYS = ("topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids", "sampled_counts")
+# what the teacher's codec (pipeline/codecs.py) stores in its own arrays and :meth:`TokenTeacher.read` decodes
+DECODED = ("topk_logits", "topk_ids")
 # Rows read per call when streaming (the store's small int arrays go through zarr: a few calls per million rows)
 READ_BLOCK_ROWS = 1 << 16
 
@@ -50,8 +52,14 @@ class TokenTeacher:
         self.chunk_rows = store.info.chunk_rows
         self.attrs = self.view.attrs
         self.dataset = dict(store.info.dataset)
-        self.arrays = {k: store.group[k] for k in ROOT_ARRAYS}
-        self.arrays.update({k: g[k] for k in TEACHER_ARRAYS if k in g})
+        from loca_pipe.pipeline.codecs import codec_of
+
+        self.codec = codec_of(self.attrs)  # refuses a codec (version) this reader does not know
+        self.top_k = self.view.top_k
+        self._coded = {k: g[k] for k in self.codec.arrays(self.num_classes, self.top_k, len(self.temperatures))}
+        self.arrays = {k: store.group[k] for k in ROOT_ARRAYS}  # stored as read; the top-k come through the codec
+        self.arrays.update({k: g[k] for k in TEACHER_ARRAYS if k in g and k not in DECODED})
+        self.keys = tuple(self.arrays) + DECODED  # every array a reader may ask for
         self.has_sampled = "sampled_ids" in g and "sampled_counts" in g
         self.has_greedy = "greedy_ids" in g
 
@@ -66,8 +74,12 @@ class TokenTeacher:
 
     def row_bytes(self, keys: Sequence[str] | None = None) -> int:
         """Bytes per row in memory of the given arrays (all the students' arrays by default)."""
-        keys = keys or tuple(self.arrays)
-        return sum(int(np.prod(self.arrays[k].shape[1:], dtype=np.int64)) * np.dtype(self.arrays[k].dtype).itemsize
+        keys = keys or self.keys
+        decoded = {"topk_logits": 4 * self.top_k,  # float32 logits; ids as the codec returns them
+                   "topk_ids": self.top_k * (np.dtype(self._coded["topk_ids"].dtype).itemsize
+                                             if self.codec.name == "lossless" else 8)}
+        return sum(decoded[k] if k in decoded else
+                   int(np.prod(self.arrays[k].shape[1:], dtype=np.int64)) * np.dtype(self.arrays[k].dtype).itemsize
                    for k in keys)
 
     def nbytes(self) -> int:
@@ -86,7 +98,16 @@ class TokenTeacher:
         """Rows [lo, hi) of the given arrays (CRC32C checked; a bad chunk raises a StoreError naming it)."""
         from loca_pipe.pipeline.store import CheckedArray
 
-        return {k: CheckedArray(self.arrays[k])[lo:hi] for k in (keys or tuple(self.arrays))}
+        keys = keys or self.keys
+        out = {k: CheckedArray(self.arrays[k])[lo:hi] for k in keys if k not in DECODED}
+        if any(k in DECODED for k in keys):
+            coded = {k: CheckedArray(a)[lo:hi] for k, a in self._coded.items()}
+            lse = out["lse"] if "lse" in out else CheckedArray(self.arrays["lse"])[lo:hi]
+            zl, ids = self.codec.decode(coded, lse, self.temperatures, self.num_classes, self.top_k)
+            if self.codec.name == "lossless":
+                ids = coded["topk_ids"]  # keep the stored (narrow) dtype, as open_lm_cache does
+            out.update({k: v for k, v in (("topk_logits", zl), ("topk_ids", ids)) if k in keys})
+        return out
 
     def blocks(self, keys: Sequence[str] | None = None, block_rows: int = READ_BLOCK_ROWS
                ) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
@@ -161,7 +182,7 @@ class StreamedTeacher(_Source):
 
     def __init__(self, teacher: TokenTeacher, buffer_bytes: int, seed: int = 0, keys: Sequence[str] | None = None):
         self.t = teacher
-        self.keys = tuple(keys or teacher.arrays)
+        self.keys = tuple(keys or teacher.keys)
         off = teacher.offsets
         starts = off[:-1]
         chunk_of = starts // teacher.chunk_rows
@@ -244,12 +265,8 @@ class InMemoryTeacher(_Source):
 
     def __init__(self, teacher: TokenTeacher, seed: int = 0, keys: Sequence[str] | None = None):
         self.t = teacher
-        self.keys = tuple(keys or teacher.arrays)
-        self.data = {}
-        for k in self.keys:
-            from loca_pipe.pipeline.store import read_checked
-
-            self.data[k] = read_checked(teacher.arrays[k])
+        self.keys = tuple(keys or teacher.keys)
+        self.data = teacher.read(0, teacher.num_rows, self.keys)
         self.rng = np.random.default_rng(seed)
         self.peak_buffer_bytes = _nbytes(self.data)
 
@@ -277,7 +294,7 @@ def open_teacher(store_path: str, name: str | None, *, memory_limit_mb: float, s
     of ``buffer_fraction`` × the limit (the rest is headroom for the batch being read and the loss)."""
     limit = parse_memory_limit(memory_limit_mb)
     t = TokenTeacher(store_path, name, expect_fingerprint)
-    keys = tuple(k for k in (keys or t.arrays) if k in t.arrays)
+    keys = tuple(k for k in (keys or t.keys) if k in t.keys)
     need = t.num_rows * t.row_bytes(keys)
     if need <= limit:
         return InMemoryTeacher(t, seed, keys)

@@ -726,11 +726,13 @@ def raw_chunks(arr: zarr.Array) -> RawChunks | None:
 
 def _crc_error(arr_path: str, lay: RawChunks, c: int, why: str) -> StoreError:
     n = lay.shape[0]
+    folder = lay.folder.replace("\\", "/")
+    store_root = folder[:-len(arr_path)].rstrip("/") if arr_path != "?" and folder.endswith(arr_path) else "STORE"
     return StoreError(
         f"array {arr_path!r} of the logit store: chunk {c} (rows {c * lay.chunk_rows}..{min(n, (c + 1) * lay.chunk_rows) - 1}, "
         f"file {arr_path + '/' + lay.key(c)!r}) {why} — the file is corrupted (disk or copy error), so its numbers "
-        f"cannot be trusted; re-cache that teacher (delete the store's teachers/<name> folder or run cache-logits "
-        f"with --overwrite) or restore the store from a copy")
+        f"cannot be trusted; run `loca-pipe verify {store_root} --repair` (it marks the bad chunks not done), then "
+        f"the same `loca-pipe cache-logits` command again to rewrite only them")
 
 
 def read_raw_chunk(lay: RawChunks, c: int, out: np.ndarray, arr_path: str = "?", row0: int = 0,

@@ -330,8 +330,9 @@ def test_fast_read_fill_value_truncation_and_other_layouts(tmp_path):
     assert (read_checked(a)[64:128] == 0).all()
     g = tmp_path / "a.zarr" / "x" / "y" / "c" / "2" / "0"
     g.write_bytes(g.read_bytes()[:-10])  # torn: bytes lost
-    with pytest.raises(StoreError, match=r"array 'x/y' .*chunk 2 \(rows 128\.\.191, file 'x/y/c/2/0'\) has"):
+    with pytest.raises(StoreError, match=r"array 'x/y' .*chunk 2 \(rows 128\.\.191, file 'x/y/c/2/0'\) has") as err:
         read_checked(a)
+    assert f"loca-pipe verify {tmp_path / 'a.zarr'} --repair" in str(err.value)  # the fix, as the zarr path says it
     z = zarr.open_group(str(tmp_path / "b.zarr"), mode="w").create_array("z", shape=(10,), chunks=(4,), dtype="i8")
     assert raw_chunks(z) is None  # zstd-compressed (zarr's default): read through zarr
 def test_one_tau_rule_for_image_and_token_readers():

@@ -667,7 +667,7 @@ def chunk_key(arr: zarr.Array, c: int) -> str:
 # the bytes are still in the CPU cache: one copy from the page cache and one checksum pass, nothing else.
 # Any other layout (compressed, fsspec URL, big-endian) goes through zarr, with the same error contract.
 
-CRC_PIECE_BYTES = 1 << 20  # checksum each MiB right after reading it
+CRC_PIECE_BYTES = 1 << 18  # checksum each 256 KiB right after reading it (in L2; measured 1.29× np.load vs 1.41× at 1 MiB)
 # Reads of at least this many bytes may use READ_THREADS threads (interleaved chunks). One by default: measured
 # on this shared 2-core VM (load ≈ 5), best of 6, 1.28 GB of fp16 logits: 1 thread 1.30× np.load of the
 # same .npy, 2 threads 1.75× (on a 400 MB read at lower load 2 threads were faster, 0.6–1.0×).

@@ -1,0 +1,94 @@
+"""The store's array table (pipeline/layout.py) and the on-disk format it must keep byte for byte.
+
+``store_layout_frozen.json`` holds every ``zarr.json`` of a tiny image store and a tiny token store as the
+code wrote them before the table existed (volatile attributes — times, versions — removed); a store written
+now must match it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loca_pipe.pipeline.store import LogitStore, StoreInfo
+
+FROZEN = Path(__file__).with_name("store_layout_frozen.json")
+VOLATILE = ("created", "finished", "versions")
+
+
+def _metadata(root: Path) -> dict[str, dict]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        if "zarr.json" in files:
+            rel = os.path.relpath(dirpath, root)
+            meta = json.loads((Path(dirpath) / "zarr.json").read_text())
+            for a in meta.get("attributes", {}).values():
+                if isinstance(a, dict):
+                    for k in VOLATILE:
+                        a.pop(k, None)
+            out[rel] = meta
+    return dict(sorted(out.items()))
+
+
+def _image_store(path: Path) -> None:
+    R, C, V = 12, 7, 2
+    info = StoreInfo(task="classification", num_samples=R // V, num_views=V, num_rows=R, num_classes=C,
+                     chunk_rows=4, dataset={"name": "t", "split": "train", "fingerprint": "fp"},
+                     aug_param_names=("top", "left", "flip"))
+    s = LogitStore.create_or_open(str(path), info)
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(R, C)).astype(np.float32)
+    lab = rng.integers(0, C, R)
+    for name, kw in (("full", dict(logits_dtype="float16", compress_logits=True)), ("topk", dict(logits_dtype=None))):
+        w = s.begin_teacher(name, {"teacher_sha256": "x"}, top_k=3, temperatures=[1.0, 4.0], **kw)
+        for c in range(info.num_chunks):
+            sl = info.chunk_slice(c)
+            s.write_rows(c, np.arange(sl.start, sl.stop) // V, lab[sl], np.arange(sl.start, sl.stop) % V,
+                         np.zeros((sl.stop - sl.start, 3), np.float32))
+            zz = torch.as_tensor(z[sl])
+            top = torch.topk(zz, 3, dim=1)
+            lse = torch.stack([torch.logsumexp(zz / t, 1) for t in (1.0, 4.0)], 1)
+            w.write_chunk(c, {"topk_logits": top.values.numpy(), "topk_ids": top.indices.numpy(), "lse": lse.numpy(),
+                              "label_logit": z[sl][np.arange(sl.stop - sl.start), lab[sl]], "logits": z[sl]})
+        assert w.finalize()
+
+
+def _token_store(path: Path) -> None:
+    from loca_pipe.pipeline.lm import cache, models
+    from loca_pipe.pipeline.lm.tokenizer import Encoded
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(3, 40, n).astype(np.int64) for n in (5, 7, 6, 9, 4)]
+    enc = Encoded(ids=ids, prompt_len=np.array([2, 3, 2, 4, 2], np.int64))
+    model = models.build_lm("llama", 40, 16, 1, 2, 32, None, seed=0).eval()
+    for name, kw in (("a", dict(codec="compact", sample_draws=2, greedy_max_new_tokens=3, greedy_chunk=2)),
+                     ("b", dict(logits_dtype="float32"))):
+        rep = cache.cache_teacher(str(path), name, model, enc, pad_id=0, eos_id=2, top_k=4, temperatures=(1.0, 2.0),
+                                  dataset={"name": "t", "split": "train", "fingerprint": "fp"},
+                                  provenance={"teacher_sha256": "y"}, chunk_rows=8, batch_size=4, **kw)
+        assert rep.complete
+
+
+def _both(tmp_path: Path) -> dict[str, dict]:
+    _image_store(tmp_path / "img")
+    _token_store(tmp_path / "tok")
+    return {"image": _metadata(tmp_path / "img"), "token": _metadata(tmp_path / "tok")}
+
+
+def test_store_metadata_is_unchanged(tmp_path):
+    """Every zarr.json (shapes, chunks, dtypes, codecs, fill values, dimension names, attributes) as before."""
+    got = _both(tmp_path)
+    if os.environ.get("LOCA_FREEZE_LAYOUT"):  # how the frozen file was made (on the code before the table)
+        FROZEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(FROZEN.read_text())
+    assert got.keys() == want.keys()
+    for kind in want:
+        assert sorted(got[kind]) == sorted(want[kind]), kind
+        for node, meta in want[kind].items():
+            assert got[kind][node] == meta, f"{kind}: {node}"

@@ -92,3 +92,43 @@ def test_store_metadata_is_unchanged(tmp_path):
         assert sorted(got[kind]) == sorted(want[kind]), kind
         for node, meta in want[kind].items():
             assert got[kind][node] == meta, f"{kind}: {node}"
+
+
+def _tiny_token_store(path: Path, temperatures=(1.0, 2.0), **kw) -> None:
+    from loca_pipe.pipeline.lm import cache, models
+    from loca_pipe.pipeline.lm.tokenizer import Encoded
+
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(3, 40, n).astype(np.int64) for n in (5, 7, 6, 9, 4)]
+    enc = Encoded(ids=ids, prompt_len=np.array([2, 3, 2, 4, 2], np.int64))
+    model = models.build_lm("llama", 40, 16, 1, 2, 32, None, seed=0).eval()
+    rep = cache.cache_teacher(str(path), "t", model, enc, pad_id=0, eos_id=2, top_k=4, temperatures=temperatures,
+                              dataset={"name": "t", "split": "train", "fingerprint": "fp"},
+                              provenance={"teacher_sha256": "y"}, chunk_rows=8, batch_size=4, **kw)
+    assert rep.complete
+
+
+# τ asked for → index among the declared (0.5, 2.0) under relative tolerance 1e-6 (None: not declared)
+TAU_CASES = [(0.5, 0), (0.5 + 3e-7, 0), (0.5 + 7e-7, None), (0.5 - 7e-7, None), (2.0, 1), (2.0 * (1 + 5e-7), 1),
+             (2.0 * (1 + 3e-6), None), (3.0, None)]
+
+
+def test_every_reader_uses_the_one_tau_rule(tmp_path):
+    """TeacherView, the in-memory LM cache and the streamed TokenTeacher find the same τ (the streamed one
+    used an absolute tolerance 1e-6 below τ = 1: 0.5 + 7e-7 was accepted as 0.5 there, refused elsewhere)."""
+    from loca_pipe.pipeline.errors import StoreError
+    from loca_pipe.pipeline.lm.cache import open_lm_cache
+    from loca_pipe.pipeline.lm.streaming import TokenTeacher
+    from loca_pipe.pipeline.store import find_tau
+
+    _tiny_token_store(tmp_path / "s", temperatures=(0.5, 2.0))
+    readers = {"TeacherView": LogitStore.open(str(tmp_path / "s")).teacher("t"),
+               "LMTeacherCache": open_lm_cache(str(tmp_path / "s")), "TokenTeacher": TokenTeacher(str(tmp_path / "s"))}
+    for tau, want in TAU_CASES:
+        assert find_tau((0.5, 2.0), tau) == want, tau
+        for name, r in readers.items():
+            if want is None:
+                with pytest.raises(StoreError, match="not declared"):
+                    r.tau_index(tau)
+            else:
+                assert r.tau_index(tau) == want, (name, tau)

@@ -1096,7 +1096,21 @@ def _key_exists(arr: zarr.Array, key: str) -> bool:
 
 
 def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, flag: str) -> tuple[str | None, Any]:
-    """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``."""
+    """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``.
+
+    From the array's table entry (pipeline/layout.py) when it has one; a codec's own top-k arrays (and arrays
+    of older stores) are mapped by their shape."""
+    from loca_pipe.pipeline import layout
+
+    spec = layout.spec(name)
+    if spec is not None:
+        if spec.writer == layout.FLAG:
+            return name, lambda co: co[0]
+        if spec.flag is not None:
+            return (spec.flag, lambda co: co[0]) if spec.flag in group.array_keys() else (None, None)
+        if spec.dims[0] == "row":
+            return flag, lambda co: co[0]
+        return None, None
     if name == flag or name.endswith("_done"):  # a flag array: chunk c of it is flag c
         return name, lambda co: co[0]
     if arr.ndim >= 1 and arr.shape[0] == info.num_rows and arr.chunks[0] == info.chunk_rows:

@@ -115,27 +115,27 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("rows_done", ROOT, ("chunk",), _fixed(np.uint8), 0, _always(False), FLAG,
               "1 once chunk c of the row arrays above is written", flag="rows_done"),
     ArraySpec("offsets", ROOT, ("sequence_edge",), _fixed(np.int64), -1, _always(True), INDEX,
-              "row offsets of each sequence's response tokens", tasks=("causal-lm",), note="token stores"),
+              "rows of sequence i are offsets[i] … offsets[i+1]-1", tasks=("causal-lm",), note="token stores"),
     ArraySpec("position", ROOT, ("row",), _fixed(np.int32), -1, _always(True), INDEX,
-              "the token's position in its response", tasks=("causal-lm",), note="token stores"),
+              "index of the token in its response (0 = first response token)", tasks=("causal-lm",), note="token stores"),
     # -- teachers/<name>/ --------------------------------------------------------------------------------
     ArraySpec("logits", TEACHER, ("row", "class"), lambda s: np.dtype(s.logits_dtype) if s.logits_dtype else None, 0,
-              lambda s: s.compress_logits, SUMMARY, "full logits z", dtype_doc="float32|float16",
+              lambda s: s.compress_logits, SUMMARY, "full logits z", dtype_doc="float32 or float16",
               note="absent when cached with --logits-dtype none"),
     ArraySpec("topk_logits", TEACHER, ("row", "k"), _fixed(np.float32), 0, lambda s: s.compress_logits, SUMMARY,
               "the K largest logits, descending (ties: lower class id first)", codec=True),
     ArraySpec("topk_ids", TEACHER, ("row", "k"), _id_dtype, -1, lambda s: s.compress_logits, SUMMARY,
-              "their class ids (int16 when C ≤ 32768, else int32; never a float)", dtype_doc="int16|int32", codec=True),
+              "their class ids (int16 when C ≤ 32768, else int32; never a float)", dtype_doc="int16 or int32", codec=True),
     ArraySpec("lse", TEACHER, ("row", "temperature"), _fixed(np.float32), 0, _always(False), SUMMARY,
               "logsumexp(z / τ_t) for each declared temperature τ_t"),
     ArraySpec("label_logit", TEACHER, ("row",), _fixed(np.float32), 0, _always(False), SUMMARY,
               "z_label, so p_label is exact even when the label is not in the top-k"),
     ArraySpec("sampled_ids", TEACHER, ("row", "draw"), _fixed(np.int32), -1, _always(True), JOB,
-              "distinct token ids drawn from p at sample_tau", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
+              "Sparse Logit Sampling: S draws from p at sample_tau, distinct ids (most drawn first), unused -1", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
     ArraySpec("sampled_counts", TEACHER, ("row", "draw"), _fixed(np.uint16), 0, _always(True), JOB,
-              "how often each was drawn", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
+              "their counts (counts/S estimates p), unused 0", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
     ArraySpec("greedy_ids", TEACHER, ("sequence", "new_token"), _fixed(np.int32), -1, _always(True), FINISH,
-              "the teacher's greedy response per sequence (-1 after eos)", flag="greedy_done", tasks=("causal-lm",),
+              "the teacher's greedy response to each prompt (SeqKD), -1 padded, eos not stored", flag="greedy_done", tasks=("causal-lm",),
               note="token stores, greedy_max_new_tokens > 0"),
     ArraySpec("greedy_done", TEACHER, ("greedy_chunk",), _fixed(np.uint8), 0, _always(False), FLAG,
               "1 once greedy chunk g is written", flag="greedy_done", tasks=("causal-lm",),
@@ -175,17 +175,24 @@ def create(group: Any, a: ArraySpec, s: Sizes, **kw: Any) -> Any:
                               **array_codecs(dt, a.compress(s)), dimension_names=a.dims, **kw)
 
 
+def _codec_doc(a: ArraySpec) -> str:
+    if a.codec:
+        return "the top-k codec (lossless: as `logits`)"
+    probe = Sizes({}, {}, 10, "float32")
+    if np.dtype(a.dtype(probe)).kind in "iub":
+        return "zstd, crc32c"
+    off = a.compress(probe)
+    on = a.compress(Sizes({}, {}, 10, "float32", compress_logits=True))
+    return "zstd, crc32c" if off else ("raw, crc32c (zstd with --compress-logits)" if on else "raw, crc32c")
+
+
 def render_layout() -> str:
-    """docs/store-format.md's Layout block, from the table (a test checks the two are equal)."""
-    def line(a: ArraySpec, indent: int) -> str:
+    """docs/store-format.md's array table, from ``ARRAYS`` (tests/pipeline/test_layout.py checks they are equal)."""
+    out = ["| array | in | shape | dtype | codecs | written by | holds |", "|---|---|---|---|---|---|---|"]
+    for a in ARRAYS:
         shape = "(" + ", ".join(LETTERS[d] for d in a.dims) + ("," if len(a.dims) == 1 else "") + ")"
         dt = a.dtype_doc or np.dtype(a.dtype(Sizes({}, {}, 10, "float32"))).name
-        text = a.doc + (f"; {a.note}" if a.note else "")
-        return f"{' ' * indent}{a.name:<14} {shape:<16} {dt:<14} {text}".rstrip()
-
-    out = ["STORE/                                   group; attrs[\"loca_pipe\"] = store attributes (below)"]
-    out += [line(a, 2) for a in arrays(ROOT)]
-    out += ["  teachers/                              group",
-            "    <name>/                              group; attrs[\"loca_pipe\"] = teacher attributes (below)"]
-    out += [line(a, 6) for a in arrays(TEACHER)]
+        where = "store" if a.where == ROOT else "teachers/<name>"
+        text = a.doc + (f" ({a.note})" if a.note else "")
+        out.append(f"| `{a.name}` | {where} | {shape} | {dt} | {_codec_doc(a)} | {a.writer} | {text} |")
     return "\n".join(out)

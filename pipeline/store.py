@@ -609,14 +609,27 @@ class LogitStore:
     def describe(self) -> dict[str, Any]:
         """What `loca-pipe info` prints: layout, teachers, completeness, provenance."""
         out: dict[str, Any] = {"path": self.path, **self.info.to_attrs(), "num_chunks": self.info.num_chunks,
-                               "teachers": {}}
+                               "arrays": _describe_arrays(self.group), "teachers": {}}
         for t in self.teachers:
             a = self.teacher_attrs(t)
             pending = len(self.pending_chunks(t))
-            out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending}
+            out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending,
+                                  "arrays": _describe_arrays(self._teacher_group(t))}
             if a.get(VERIFY_ATTR):  # `loca-pipe verify` found bad chunks: never reported as complete
                 out["teachers"][t]["complete"] = False
         return out
+
+
+def _describe_arrays(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """``{name: {shape, dtype, written_by}}`` of the arrays in ``group``, the writer from the table (pipeline/layout.py)."""
+    from loca_pipe.pipeline import layout
+
+    out = {}
+    for k in sorted(group.array_keys()):
+        arr, spec = group[k], layout.spec(k)
+        out[k] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                  "written_by": spec.writer if spec is not None else "write_chunk (top-k codec)"}
+    return out
 
 
 class TeacherWriter:

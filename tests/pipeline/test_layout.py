@@ -210,3 +210,16 @@ def test_new_array_is_one_table_entry(tmp_path, monkeypatch):
     assert [(b.array, b.row_chunk, b.flag) for b in rep["bad"]] == [("teachers/t/margin", 1, "done")]
     assert invalidate_chunks(str(tmp_path / "s"), rep["bad"]) == {"t": [1]}
     assert LogitStore.open(str(tmp_path / "s")).pending_chunks("t") == [1]
+
+
+def test_describe_lists_the_arrays_with_their_writer(tmp_path):
+    """`loca-pipe info --json` (LogitStore.describe) lists each group's arrays, shape, dtype and writer."""
+    _tiny_token_store(tmp_path / "tok", codec="compact", sample_draws=2)
+    d = LogitStore.open(str(tmp_path / "tok")).describe()
+    root = d["arrays"]
+    assert set(root) == {"sample_id", "label", "view", "rows_done", "offsets", "position"}
+    assert root["offsets"] == {"shape": [6], "dtype": "int64", "written_by": "lm index"}
+    t = d["teachers"]["t"]["arrays"]
+    assert t["sampled_counts"] == {"shape": [d["num_rows"], 2], "dtype": "uint16", "written_by": "write_chunk (job)"}
+    assert t["done"]["written_by"] == "flag" and t["lse"]["written_by"] == "write_chunk"
+    assert t["topk_code"]["written_by"] == "write_chunk (top-k codec)" and "topk_logits" not in t

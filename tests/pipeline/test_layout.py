@@ -76,9 +76,17 @@ def _token_store(path: Path) -> None:
 
 
 def _both(tmp_path: Path) -> dict[str, dict]:
+    from loca_pipe.pipeline.targets import write_targets
+
     _image_store(tmp_path / "img")
     _token_store(tmp_path / "tok")
-    return {"image": _metadata(tmp_path / "img"), "token": _metadata(tmp_path / "tok")}
+    write_targets(str(tmp_path / "img"), str(tmp_path / "tgt"), [0.9], 4.0)  # "full" → dense, "topk" → sparse
+    out = {"image": _metadata(tmp_path / "img"), "token": _metadata(tmp_path / "tok"),
+           "targets": _metadata(tmp_path / "tgt")}
+    for meta in out["targets"].values():  # its group attributes hold paths and times: the arrays are what counts here
+        if meta["node_type"] == "group":
+            meta["attributes"] = {}
+    return out
 
 
 def test_store_metadata_is_unchanged(tmp_path):

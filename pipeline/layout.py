@@ -145,6 +145,44 @@ ARRAYS: tuple[ArraySpec, ...] = (
 )
 
 
+# The targets store (pipeline/targets.py, `loca-pipe calibrate`): the same rules; "{t}" is a target's base name
+# (``kd``, ``loca_<α>``), one array per target. k = K + 1 there (the top-k plus the label).
+CALIBRATE = "calibrate"
+TARGET_ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("{t}", TEACHER, ("row", "class"), _fixed(np.float32), 0, _always(False), CALIBRATE,
+              "dense target probabilities", note="form dense"),
+    ArraySpec("ids", TEACHER, ("row", "k"), _id_dtype, -1, _always(False), CALIBRATE,
+              "the top-k ids and the label", note="form sparse"),
+    ArraySpec("{t}_probs", TEACHER, ("row", "k"), _fixed(np.float32), 0, _always(False), CALIBRATE,
+              "target probabilities of ids", note="form sparse"),
+    ArraySpec("{t}_tail", TEACHER, ("row",), _fixed(np.float32), 0, _always(False), CALIBRATE,
+              "the probability mass outside ids", note="form sparse"),
+    ArraySpec("mis_instructed", TEACHER, ("row",), _fixed(np.uint8), 0, _always(False), CALIBRATE,
+              "1 where the teacher mis-instructs (LoCa calibrated the row)"),
+    ArraySpec("violations", TEACHER, ("chunk", "check"), _fixed(np.int64), 0, _always(False), CALIBRATE,
+              "invariant violations per chunk and check"),
+    ArraySpec("sigma_sum", TEACHER, ("chunk",), _fixed(np.float64), 0.0, _always(False), CALIBRATE,
+              "Σσ over the chunk's calibrated rows"),
+    ArraySpec("done", TEACHER, ("chunk",), _fixed(np.uint8), 0, _always(False), FLAG,
+              "1 once chunk c of this teacher's targets is written", flag="done"),
+)
+
+
+def target_arrays(form: str, bases: list[str]) -> list[ArraySpec]:
+    """The targets store's arrays of one teacher in ``form`` (dense | sparse), each "{t}" entry once per base name."""
+    from dataclasses import replace
+
+    out: list[ArraySpec] = []
+    entries = [a for a in TARGET_ARRAYS if not a.note.startswith("form ") or a.note == f"form {form}"]
+    templates = [a for a in entries if "{t}" in a.name]
+    for a in entries:
+        if "{t}" not in a.name:
+            out.append(a)
+        elif a is templates[0]:
+            out += [replace(x, name=x.name.format(t=b)) for b in bases for x in templates]
+    return out
+
+
 def table() -> dict[str, ArraySpec]:
     """``{name: spec}`` of ``ARRAYS`` (read at call time, so a test may extend the table)."""
     return {a.name: a for a in ARRAYS}

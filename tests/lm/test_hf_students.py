@@ -117,3 +117,48 @@ def test_a_folder_that_is_not_a_causal_lm_is_refused(tmp_path):
     T5Config(vocab_size=300, d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(str(folder))
     with pytest.raises(ModelError, match=r"is not a causal language model: its config is model_type 't5'"):
         models.load_lm(folder)
+
+
+@pytest.mark.slow
+def test_console_script_streams_a_store_above_the_limit_and_refuses_bad_students(tmp_path):
+    """Through the installed `loca-pipe`: a student whose teacher store exceeds memory_limit_mb streams it (and
+    says so); a limit below one block, a folder that is not a causal LM and a student with another vocabulary
+    each get one `error:` line, exit 1, before any training."""
+    from tests.lm.test_cli import TINY
+
+    exe = shutil.which("loca-pipe", path=str(Path(sys.executable).parent))
+
+    def run(*args, params="params.yaml"):
+        return subprocess.run([exe, *args, "--params", params], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    for cmd in ("lm-prepare", "lm-tokenizer", "lm-train-teacher", "lm-cache"):
+        r = run(cmd)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    store = tmp_path / "w" / "store.zarr"
+    rows = int(json.loads((tmp_path / "w" / "cache_report.json").read_text())["rows"])
+
+    def with_student(name, **kw):
+        p = {**TINY, "lm_train_student": {**TINY["lm_train_student"], "method": "loca", **kw}}
+        (tmp_path / name).write_text(yaml.safe_dump(p))
+        return run("lm-train-student", params=name)
+
+    limit = rows * 4 * (4 + 4 + 1 + 1) / 2**20 / 3  # a third of the loca arrays (k=4 logits + ids, lse, label)
+    r = with_student("stream.yaml", memory_limit_mb=limit)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((tmp_path / "w" / "students" / "loca-s0" / "metrics.json").read_text())
+    assert m["teacher_rows"] == "streamed" and m["teacher_buffer_peak_mib"] <= limit
+    r = with_student("tiny.yaml", memory_limit_mb=1e-6)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: memory_limit_mb=1e-06 is below one block")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    from transformers import T5Config
+
+    T5Config(vocab_size=300, d_model=16, d_ff=32, num_layers=1, num_heads=2).save_pretrained(str(tmp_path / "t5"))
+    r = with_student("t5.yaml", init_from=str(tmp_path / "t5"))
+    assert r.returncode == 1 and "error: " in r.stderr and "is not a causal language model" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    _folder(tmp_path, "llama", 364)  # no tokenizer, another vocabulary size
+    r = with_student("v.yaml", init_from=str(tmp_path / "llama"))
+    assert r.returncode == 1 and "outputs 364 logits but the teacher's vocabulary has 300 tokens" in r.stderr
+    assert store.exists()

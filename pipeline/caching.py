@@ -355,7 +355,7 @@ def _chunk_generator(seed: int, c: int, device: torch.device) -> torch.Generator
 
 
 def open_for_writing(s: CacheSettings, info: StoreInfo, provenance: dict[str, Any],
-                     extra_arrays: dict[str, dict[str, Any]] | None = None,
+                     extra_dims: dict[str, dict[str, int]] | None = None,
                      on_store: Any = None) -> tuple[LogitStore, TeacherWriter]:
     """Create or reopen the store and the teacher; ``overwrite`` replaces only what conflicts, ``recache``
     also a complete teacher. ``on_store(store)`` runs before the teacher exists (store-level arrays)."""
@@ -373,19 +373,20 @@ def open_for_writing(s: CacheSettings, info: StoreInfo, provenance: dict[str, An
     with io_guard(s.store, f"taking the writer lease of teacher {s.name!r}"):
         lease.acquire()  # a second job refuses here (ranks of one job share the lease)
     try:
-        return _open_teacher(s, store, provenance, extra_arrays, on_store)
+        return _open_teacher(s, store, provenance, extra_dims, on_store)
     except BaseException:
         lease.release()  # refused (conflict, another codec, bad settings): leave no lease behind
         raise
 
 
 def _open_teacher(s: CacheSettings, store: LogitStore, provenance: dict[str, Any],
-                  extra_arrays: dict[str, dict[str, Any]] | None, on_store: Any) -> tuple[LogitStore, TeacherWriter]:
+                  extra_dims: dict[str, dict[str, int]] | None, on_store: Any) -> tuple[LogitStore, TeacherWriter]:
     with io_guard(s.store, f"creating teacher {s.name!r}"):
         if on_store is not None:
             on_store(store)
         args = (s.name, provenance, s.top_k, s.temperatures, s.logits_dtype)
-        kw = dict(compress_logits=s.compress_logits, codec=s.codec, extra_arrays=extra_arrays)
+        kw = dict(compress_logits=s.compress_logits, codec=s.codec, extra_dims=(extra_dims or {}).get("dims"),
+                  extra_chunks=(extra_dims or {}).get("chunks"))
         if s.recache and s.name in store.teachers and store.is_complete(s.name):
             log.warning("--overwrite: re-caching complete teacher %r in %s", s.name, s.store)
             return store, store.begin_teacher(*args, overwrite=True, **kw)
@@ -427,12 +428,14 @@ def _open_sharded(s: CacheSettings, info: StoreInfo, provenance: dict[str, Any],
 
 
 def cache(s: CacheSettings, info: StoreInfo, provenance: dict[str, Any], job: Job, *,
-          extra_arrays: dict[str, dict[str, Any]] | None = None, on_store: Any = None,
+          extra_dims: dict[str, dict[str, int]] | None = None, on_store: Any = None,
           finish: Any = None) -> CacheReport:
     """Cache one teacher into ``s.store`` (resumable, shardable); returns what this call did.
 
     ``finish(writer, shard, num_shards) -> bool`` (optional) does the job's work outside the row chunks
-    after them and says whether it is all done; the teacher is complete only then.
+    after them and says whether it is all done; the teacher is complete only then. ``extra_dims``
+    ``{"dims": {dimension: size}, "chunks": {dimension: chunk length}}`` sizes the job's own dimensions, so the
+    store's table (pipeline/layout.py) creates the arrays that have them (a token store's sampled and greedy ids).
     """
     t_start = time.perf_counter()
     codec = get_codec(s.codec)
@@ -446,7 +449,7 @@ def cache(s: CacheSettings, info: StoreInfo, provenance: dict[str, Any], job: Jo
     group = num_shards > 1 and s.shard is None and _dist.init_from_env(s.device_type)
     if group and _dist.world() != (shard, num_shards):
         group = False  # explicit shards that differ from the group's ranks: poll instead
-    kw = dict(extra_arrays=extra_arrays, on_store=on_store)
+    kw = dict(extra_dims=extra_dims, on_store=on_store)
     store, writer = _open_sharded(s, info, provenance, shard, num_shards, group, **kw)
     lease = WriterLease(s.store, s.name)
     pending = writer.pending_chunks()

@@ -284,34 +284,60 @@ def _same_identity(a: StoreInfo, b: StoreInfo) -> list[str]:
     return diffs
 
 
-_ROW_ARRAYS = ("sample_id", "label", "view", "aug_params", "rows_done")
+def root_sizes(info: StoreInfo, **dims: int) -> "layout.Sizes":
+    from loca_pipe.pipeline import layout
 
-# Zarr v3 ``dimension_names`` of every array, so xarray.open_zarr (and other readers that label axes) open the
-# store and each teacher group as a data set: rows share the dimension ``row``, flags the dimension ``chunk``.
-DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
-    "sample_id": ("row",), "label": ("row",), "view": ("row",), "aug_params": ("row", "aug_param"),
-    "rows_done": ("chunk",), "logits": ("row", "class"), "topk_logits": ("row", "k"), "topk_ids": ("row", "k"),
-    "lse": ("row", "temperature"), "label_logit": ("row",), "done": ("chunk",),
-}
+    return layout.Sizes(dims={"row": info.num_rows, "chunk": info.num_chunks, "aug_param": len(info.aug_param_names),
+                              **dims}, chunks={"row": info.chunk_rows}, num_classes=info.num_classes, task=info.task)
+
+
+def _created_root_arrays() -> tuple[str, ...]:
+    from loca_pipe.pipeline import layout
+
+    return tuple(a.name for a in layout.arrays(layout.ROOT) if a.writer != layout.INDEX)
+
+
+def root_arrays() -> tuple[str, ...]:
+    """Names of the arrays of the store group (the shared rows, their flag, a token store's index): the table's."""
+    from loca_pipe.pipeline import layout
+
+    return tuple(a.name for a in layout.arrays(layout.ROOT))
+
+
+def dimension_names() -> dict[str, tuple[str, ...]]:
+    """Zarr v3 ``dimension_names`` of every array of the table (pipeline/layout.py), so xarray.open_zarr (and other
+    readers that label axes) open the store and each teacher group as a data set: rows share the dimension
+    ``row``, flags the dimension ``chunk``."""
+    from loca_pipe.pipeline import layout
+
+    return {a.name: a.dims for a in layout.ARRAYS}
 
 
 def dims(name: str) -> dict[str, Any]:
-    """``{"dimension_names": …}`` for array ``name`` (empty for an array not in DIMENSION_NAMES)."""
-    return {"dimension_names": DIMENSION_NAMES[name]} if name in DIMENSION_NAMES else {}
+    """``{"dimension_names": …}`` for array ``name`` (empty for an array not in the table)."""
+    from loca_pipe.pipeline import layout
+
+    a = layout.spec(name)
+    return {"dimension_names": a.dims} if a is not None else {}
+
+
+def _teacher_sizes(info: StoreInfo, K: int, T: int, logits_dtype: str | None, compress_logits: bool,
+                   extra_dims: dict[str, int] | None = None, extra_chunks: dict[str, int] | None = None) -> Any:
+    from loca_pipe.pipeline import layout
+
+    return layout.Sizes(dims={"row": info.num_rows, "chunk": info.num_chunks, "class": info.num_classes, "k": K,
+                              "temperature": T, **(extra_dims or {})},
+                        chunks={"row": info.chunk_rows, **(extra_chunks or {})}, num_classes=info.num_classes,
+                        logits_dtype=logits_dtype, compress_logits=compress_logits, task=info.task)
 
 
 def _create_row_arrays(group: zarr.Group, info: StoreInfo) -> None:
-    R, ch = info.num_rows, info.chunk_rows
-    for name, dt in (("sample_id", np.int64), ("label", np.int64), ("view", np.int16)):
-        group.create_array(name, shape=(R,), chunks=(ch,), dtype=dt, fill_value=-1, **array_codecs(np.dtype(dt), True),
-                           **dims(name))
-    if info.aug_param_names:
-        P = len(info.aug_param_names)
-        group.create_array("aug_params", shape=(R, P), chunks=(ch, P), dtype=np.float32,
-                           fill_value=0.0, **array_codecs(np.dtype(np.float32), True), **dims("aug_params"))
-    # chunks=(1,): concurrent writers (ranks) each own distinct flags, never one shared chunk
-    group.create_array("rows_done", shape=(info.num_chunks,), chunks=(1,), dtype=np.uint8,
-                       fill_value=0, **array_codecs(np.dtype(np.uint8), False), **dims("rows_done"))
+    from loca_pipe.pipeline import layout
+
+    sizes = root_sizes(info)
+    for a in layout.arrays(layout.ROOT, sizes):
+        if a.writer != layout.INDEX:  # a token store's index is written by pipeline/lm/cache.py, once
+            layout.create(group, a, sizes)
 
 
 def open_zarr_group(path: str, mode: str) -> zarr.Group:
@@ -414,7 +440,7 @@ class LogitStore:
             try:
                 probe = open_zarr_group(path, mode="r")
                 # a creation killed before its attributes were written leaves only row arrays: redo it
-                interrupted = not dict(probe.attrs) and set(probe.keys()) <= set(_ROW_ARRAYS)
+                interrupted = not dict(probe.attrs) and set(probe.keys()) <= set(_created_root_arrays())
                 if (list(probe.keys()) or dict(probe.attrs)) and not interrupted:
                     if not overwrite:
                         raise StoreConflictError(f"{path!r} holds something that is not a loca-pipe store; "
@@ -505,13 +531,16 @@ class LogitStore:
     def begin_teacher(self, name: str, provenance: dict[str, Any], top_k: int, temperatures: Iterable[float],
                       logits_dtype: str | None = "float32", compress_logits: bool = False,
                       overwrite: bool = False, codec: str = "lossless",
-                      extra_arrays: dict[str, dict[str, Any]] | None = None) -> "TeacherWriter":
+                      extra_dims: dict[str, int] | None = None,
+                      extra_chunks: dict[str, int] | None = None) -> "TeacherWriter":
         """Create (or reopen for resume) teacher ``name``. Provenance must match an existing teacher of that name.
 
         ``logits_dtype`` None keeps only top-k (the vocabulary-scale form). ``codec`` says how the top-k
         values and ids are stored (pipeline/codecs.py; resuming with another codec is refused).
-        ``extra_arrays`` {name: {shape, chunks, dtype, fill_value}} are created with the teacher, before its
-        attributes (so a joining shard finds them); row arrays among them are written by ``write_chunk``.
+        ``extra_dims`` gives the sizes of the job's own dimensions (a token store's ``draw``, ``sequence``,
+        ``new_token``, ``greedy_chunk``; ``extra_chunks`` their chunk lengths): the table's arrays
+        (pipeline/layout.py) with those dimensions are created with the teacher, before its attributes (so a
+        joining shard finds them); the job's row arrays among them are written by ``write_chunk``.
         """
         from loca_pipe.pipeline.codecs import get_codec
 
@@ -549,44 +578,58 @@ class LogitStore:
                     f"pass --overwrite to replace it, or cache under another --name")
             return TeacherWriter(self, name, teachers[name])
         g = teachers.create_group(name, overwrite=True)
-        R, ch, K, T = self.info.num_rows, self.info.chunk_rows, int(top_k), len(temps)
-        if logits_dtype is not None:
-            dt = np.dtype(logits_dtype)
-            g.create_array("logits", shape=(R, C), chunks=(ch, C), dtype=dt, fill_value=0,
-                           **array_codecs(dt, compress_logits), **dims("logits"))
-        f32 = np.dtype(np.float32)
-        for key, (width, dt, fill) in cod.arrays(C, K, T).items():  # the top-k values and ids, as the codec keeps them
-            dt = np.dtype(dt)
-            g.create_array(key, shape=(R, width), chunks=(ch, width), dtype=dt, fill_value=fill,
-                           **array_codecs(dt, compress_logits or cod.compress),
-                           dimension_names=DIMENSION_NAMES.get(key, ("row", f"{key}_col")))
-        g.create_array("lse", shape=(R, T), chunks=(ch, T), dtype=f32, fill_value=0, **array_codecs(f32, False),
-                       **dims("lse"))
-        g.create_array("label_logit", shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32, False),
-                       **dims("label_logit"))
-        for key, spec in (extra_arrays or {}).items():
-            dt = np.dtype(spec["dtype"])
-            g.create_array(key, shape=tuple(spec["shape"]), chunks=tuple(spec["chunks"]), dtype=dt,
-                           fill_value=spec.get("fill_value", 0), **array_codecs(dt, spec.get("compress", True)),
-                           dimension_names=tuple(spec["dimension_names"]))
-        g.create_array("done", shape=(self.info.num_chunks,), chunks=(1,), dtype=np.uint8, fill_value=0,
-                       **array_codecs(np.dtype(np.uint8), False), **dims("done"))
-        rows = [k for k, spec in (extra_arrays or {}).items() if spec.get("rows")]
+        from loca_pipe.pipeline import layout
+
+        sizes = _teacher_sizes(self.info, int(top_k), len(temps), logits_dtype, compress_logits, extra_dims,
+                               extra_chunks)
+        rows = []
+        for spec in layout.arrays(layout.TEACHER, sizes):
+            if spec.codec:  # the top-k values and ids, as the codec keeps them (its own arrays for a lossy codec)
+                if spec.name == next(x.name for x in layout.ARRAYS if x.codec):
+                    self._create_codec_arrays(g, cod, sizes)
+                continue
+            layout.create(g, spec, sizes)
+            if spec.writer == layout.JOB:
+                rows.append(spec.name)
         g.attrs[ATTR] = {**meta, "name": name, "created": now(), "versions": versions(), "complete": False,
                          **({"row_arrays": rows} if rows else {})}
         return TeacherWriter(self, name, g)
 
+    @staticmethod
+    def _create_codec_arrays(g: zarr.Group, cod: Any, sizes: Any) -> None:
+        from loca_pipe.pipeline import layout
+
+        C, K, T = sizes.num_classes, sizes.dims["k"], sizes.dims["temperature"]
+        for key, (width, dt, fill) in cod.arrays(C, K, T).items():
+            dt = np.dtype(dt)
+            g.create_array(key, shape=(sizes.dims["row"], width), chunks=(sizes.chunks["row"], width), dtype=dt,
+                           fill_value=fill, **array_codecs(dt, sizes.compress_logits or cod.compress),
+                           dimension_names=layout.dimension_names(key))
+
     def describe(self) -> dict[str, Any]:
         """What `loca-pipe info` prints: layout, teachers, completeness, provenance."""
         out: dict[str, Any] = {"path": self.path, **self.info.to_attrs(), "num_chunks": self.info.num_chunks,
-                               "teachers": {}}
+                               "arrays": _describe_arrays(self.group), "teachers": {}}
         for t in self.teachers:
             a = self.teacher_attrs(t)
             pending = len(self.pending_chunks(t))
-            out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending}
+            out["teachers"][t] = {**a, "chunks_done": self.info.num_chunks - pending,
+                                  "arrays": _describe_arrays(self._teacher_group(t))}
             if a.get(VERIFY_ATTR):  # `loca-pipe verify` found bad chunks: never reported as complete
                 out["teachers"][t]["complete"] = False
         return out
+
+
+def _describe_arrays(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """``{name: {shape, dtype, written_by}}`` of the arrays in ``group``, the writer from the table (pipeline/layout.py)."""
+    from loca_pipe.pipeline import layout
+
+    out = {}
+    for k in sorted(group.array_keys()):
+        arr, spec = group[k], layout.spec(k)
+        out[k] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                  "written_by": spec.writer if spec is not None else "write_chunk (top-k codec)"}
+    return out
 
 
 class TeacherWriter:
@@ -599,8 +642,16 @@ class TeacherWriter:
         from loca_pipe.pipeline.codecs import codec_of
 
         self.codec = codec_of(a)
+        from loca_pipe.pipeline import layout
+
         R = store.info.num_rows
-        standard = {"logits", "lse", "label_logit", "done", *self.codec.arrays(store.info.num_classes, 1, 1)}
+        summary = layout.arrays(layout.TEACHER, writer=layout.SUMMARY)
+        # what write_chunk needs (the codec's inputs, then the other summaries this teacher stores) and writes as is
+        self.plain = [a.name for a in summary if not a.codec and (a.name in group or a.name != "logits")]
+        self.need = [a.name for a in summary if a.codec] + [k for k in self.plain if k != "logits"] + \
+            (["logits"] if "logits" in self.plain else [])
+        standard = {*(a.name for a in layout.arrays(layout.TEACHER) if a.writer != layout.JOB),
+                    *self.codec.arrays(store.info.num_classes, 1, 1)}
         # the job's own row arrays (e.g. sampled ids): written with each chunk, before its done flag
         self.extra_rows = list(a["row_arrays"]) if "row_arrays" in a else \
             [k for k in group.array_keys() if k not in standard and group[k].shape[:1] == (R,)]
@@ -613,9 +664,7 @@ class TeacherWriter:
         and the teacher's extra row arrays); the codec turns the top-k into what is stored, then the flag."""
         sl = self.store.info.chunk_slice(c)
         n = sl.stop - sl.start
-        need = ["topk_logits", "topk_ids", "lse", "label_logit"] + (["logits"] if self.logits_dtype else []) \
-            + self.extra_rows
-        for k in need:
+        for k in self.need + self.extra_rows:
             if k not in arrays:
                 raise StoreError(f"chunk {c}: missing array {k!r}")
             if arrays[k].shape[0] != n:
@@ -634,7 +683,7 @@ class TeacherWriter:
                                np.asarray(arrays["lse"], np.float32), self.temperatures, self.store.info.num_classes)
         for k in self.extra_rows:
             self.group[k][sl] = np.asarray(arrays[k]).astype(self.group[k].dtype)
-        for k, v in {**coded, "lse": arrays["lse"], "label_logit": arrays["label_logit"]}.items():
+        for k, v in {**coded, **{k: arrays[k] for k in self.plain if k != "logits"}}.items():
             self.group[k][sl] = np.asarray(v).astype(self.group[k].dtype)
         self.group["done"][c] = 1
 
@@ -964,7 +1013,9 @@ class TeacherView:
 
     def __getitem__(self, key: str) -> "CheckedArray":
         """Array ``key`` (a zarr array wrapper whose reads name a chunk that fails its CRC32C)."""
-        if key in ("sample_id", "label", "view", "aug_params"):
+        from loca_pipe.pipeline import layout
+
+        if layout.spec(key) is not None and layout.spec(key).where == layout.ROOT and layout.spec(key).writer == layout.ROWS:
             return CheckedArray(self.store.group[key])
         if key not in self.group:
             raise StoreError(f"teacher {self.name!r} has no array {key!r}; it has {sorted(self.group.array_keys())}")
@@ -1058,7 +1109,21 @@ def _key_exists(arr: zarr.Array, key: str) -> bool:
 
 
 def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, flag: str) -> tuple[str | None, Any]:
-    """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``."""
+    """(flag array name, how a chunk coordinate maps to its flag index) for array ``name`` of ``group``.
+
+    From the array's table entry (pipeline/layout.py) when it has one; a codec's own top-k arrays (and arrays
+    of older stores) are mapped by their shape."""
+    from loca_pipe.pipeline import layout
+
+    spec = layout.spec(name)
+    if spec is not None:
+        if spec.writer == layout.FLAG:
+            return name, lambda co: co[0]
+        if spec.flag is not None:
+            return (spec.flag, lambda co: co[0]) if spec.flag in group.array_keys() else (None, None)
+        if spec.dims[0] == "row":
+            return flag, lambda co: co[0]
+        return None, None
     if name == flag or name.endswith("_done"):  # a flag array: chunk c of it is flag c
         return name, lambda co: co[0]
     if arr.ndim >= 1 and arr.shape[0] == info.num_rows and arr.chunks[0] == info.chunk_rows:

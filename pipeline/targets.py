@@ -49,7 +49,9 @@ from loca_pipe.pipeline.analysis import (_one_torch_thread, _TorchThreads, alpha
                                          cluster_threads, local_workers, resolve_teachers)
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import ATTR, LogitStore, array_codecs, dims, id_dtype, now, open_zarr_group, versions
+from loca_pipe.pipeline import layout
+from loca_pipe.pipeline.store import (ATTR, LogitStore, array_codecs, dims, now, open_zarr_group, root_sizes,
+                                      versions)
 
 log = logging.getLogger(__name__)
 
@@ -187,35 +189,15 @@ def _create_teacher(root: zarr.Group, name: str, form: str, tv, alphas: Sequence
     info = tv.store.info
     R, ch, C, n = info.num_rows, info.chunk_rows, info.num_classes, info.num_chunks
     g = root.require_group("teachers").create_group(name, overwrite=True)
-    f32 = np.dtype(np.float32)
+    bases = [dense_name(None)] + [dense_name(a) for a in alphas]
+    sizes = layout.Sizes(dims={"row": R, "class": C, "k": tv.top_k + 1, "chunk": n, "check": len(CHECKS)},
+                         chunks={"row": ch}, num_classes=C)
+    for spec in layout.target_arrays(form, bases):  # the table's targets arrays (pipeline/layout.py)
+        layout.create(g, spec, sizes)
     if form == "dense":
-        names = [dense_name(None)] + [dense_name(a) for a in alphas]
-        for a in names:
-            g.create_array(a, shape=(R, C), chunks=(ch, C), dtype=f32, fill_value=0, **array_codecs(f32),
-                           dimension_names=("row", "class"))
+        names = bases
     else:
-        K1 = tv.top_k + 1
-        idt = id_dtype(C)
-        g.create_array("ids", shape=(R, K1), chunks=(ch, K1), dtype=idt, fill_value=-1, **array_codecs(idt),
-                       dimension_names=("row", "k"))
-        names = ["ids"]
-        for a in [None, *alphas]:
-            _, pn, tn = sparse_names(a)
-            g.create_array(pn, shape=(R, K1), chunks=(ch, K1), dtype=f32, fill_value=0, **array_codecs(f32),
-                           dimension_names=("row", "k"))
-            g.create_array(tn, shape=(R,), chunks=(ch,), dtype=f32, fill_value=0, **array_codecs(f32),
-                           dimension_names=("row",))
-            names += [pn, tn]
-    u8 = np.dtype(np.uint8)
-    g.create_array("mis_instructed", shape=(R,), chunks=(ch,), dtype=u8, fill_value=0, **array_codecs(u8),
-                   dimension_names=("row",))
-    g.create_array("violations", shape=(n, len(CHECKS)), chunks=(1, len(CHECKS)), dtype=np.int64, fill_value=0,
-                   **array_codecs(np.dtype(np.int64)), dimension_names=("chunk", "check"))
-    # Σσ over the chunk's calibrated rows (σ = s/α = 1/(1 − p_y + p_k)): the mean LoCa scale per α for the metrics
-    # without reading the targets again
-    g.create_array("sigma_sum", shape=(n,), chunks=(1,), dtype=np.float64, fill_value=0.0,
-                   **array_codecs(np.dtype(np.float64)), dimension_names=("chunk",))
-    g.create_array("done", shape=(n,), chunks=(1,), dtype=u8, fill_value=0, **array_codecs(u8), dimension_names=("chunk",))
+        names = ["ids"] + [x for a in [None, *alphas] for x in sparse_names(a)[1:]]
     g.attrs[ATTR] = {"form": form, "tau": tau, "alphas": list(alphas), "alpha_keys": [alpha_key(a) for a in alphas],
                      "arrays": names + ["mis_instructed"], "checks": list(CHECKS), "top_k": tv.top_k,
                      "provenance": {k: v for k, v in tv.attrs.items()}, "complete": False}
@@ -479,7 +461,8 @@ def _open_or_create(out: str, meta: dict[str, Any], overwrite: bool) -> zarr.Gro
 
 def _copy_rows(store: LogitStore, root: zarr.Group) -> None:
     info = store.info
-    names = ["sample_id", "label", "view"] + (["aug_params"] if info.aug_param_names else [])
+    # the source's shared row arrays (the table's write_rows arrays it holds), copied as they are stored
+    names = [a.name for a in layout.arrays(layout.ROOT, root_sizes(info), writer=layout.ROWS)]
     for k in names:
         src = store.group[k]
         dst = root.create_array(k, shape=src.shape, chunks=src.chunks, dtype=src.dtype, fill_value=src.fill_value,

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from loca_pipe.pipeline import caching
+from loca_pipe.pipeline import layout
 from loca_pipe.pipeline.caching import Batch, CacheReport, CacheSettings, sample_sparse
 from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, array_codecs, find_tau, read_checked
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, find_tau, read_checked, root_sizes
 
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
@@ -105,12 +106,9 @@ def _write_index(store: LogitStore, enc: Encoded) -> None:
             raise StoreConflictError(f"store {store.path!r} holds other sequence boundaries than this data; use another "
                                      f"--store or --overwrite")
         return
-    ch = store.info.chunk_rows
-    i64, i32 = np.dtype(np.int64), np.dtype(np.int32)
-    g.create_array("offsets", shape=offsets.shape, chunks=(max(1, min(len(offsets), 1 << 16)),), dtype=i64,
-                   fill_value=-1, overwrite=True, **array_codecs(i64), dimension_names=("sequence_edge",))
-    g.create_array("position", shape=position.shape, chunks=(ch,), dtype=i32, fill_value=-1, overwrite=True,
-                   **array_codecs(i32), dimension_names=("row",))
+    sizes = root_sizes(store.info, sequence_edge=len(offsets))
+    for spec in layout.arrays(layout.ROOT, sizes, writer=layout.INDEX):  # offsets, position: the table's
+        layout.create(g, spec, sizes, overwrite=True)
     g["offsets"][:] = offsets
     if len(position):
         g["position"][:] = position
@@ -151,19 +149,10 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
                      chunk_rows=int(chunk_rows), dataset=dataset)
     prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
             "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
-    extra: dict[str, dict[str, Any]] = {}
-    if sample_draws:
-        S = int(sample_draws)
-        extra["sampled_ids"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.int32, fill_value=-1, rows=True,
-                                    dimension_names=("row", "draw"))
-        extra["sampled_counts"] = dict(shape=(R, S), chunks=(chunk_rows, S), dtype=np.uint16, fill_value=0, rows=True,
-                                       dimension_names=("row", "draw"))
     G, n_greedy = int(greedy_max_new_tokens), -(-N // greedy_chunk)
-    if G:
-        extra["greedy_ids"] = dict(shape=(N, G), chunks=(greedy_chunk, G), dtype=np.int32, fill_value=-1,
-                                   dimension_names=("sequence", "new_token"))
-        extra["greedy_done"] = dict(shape=(n_greedy,), chunks=(1,), dtype=np.uint8, fill_value=0, compress=False,
-                                    dimension_names=("greedy_chunk",))
+    # the sampled and greedy arrays are the store table's (pipeline/layout.py): sized here, absent when 0
+    extra = {"dims": {"draw": int(sample_draws), "sequence": N, "new_token": G, "greedy_chunk": n_greedy if G else 0},
+             "chunks": {"sequence": int(greedy_chunk)}}
     written = [0]
 
     def finish(writer, shard: int, num_shards: int) -> bool:  # greedy responses, chunk by chunk, sharded likewise
@@ -191,7 +180,7 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         num_shards=num_shards, max_chunks=max_chunks, device_type=_device_of(model).type, progress=progress,
         unit="tok")
     model.eval()
-    rep = caching.cache(settings, info, prov, TokenJob(model, enc, pad_id, batch_size, info), extra_arrays=extra,
+    rep = caching.cache(settings, info, prov, TokenJob(model, enc, pad_id, batch_size, info), extra_dims=extra,
                         on_store=lambda store: _write_index(store, enc), finish=finish)
     rep.extra.update(sequences=N, tokens=R, greedy_chunks_written=written[0],
                      tokens_per_s=rep.rows / max(rep.seconds_total, 1e-9))

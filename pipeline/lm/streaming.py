@@ -87,9 +87,11 @@ class TokenTeacher:
         return self.num_rows * self.row_bytes() + self.offsets.nbytes
 
     def tau_index(self, tau: float) -> int:
-        for i, t in enumerate(self.temperatures):
-            if abs(t - tau) <= 1e-6 * max(1.0, abs(tau)):
-                return i
+        from loca_pipe.pipeline.store import find_tau
+
+        i = find_tau(self.temperatures, tau)  # the one τ rule (every reader)
+        if i is not None:
+            return i
         raise StoreError(f"temperature {tau} was not declared at cache time (the store has {self.temperatures}); "
                          f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
 

@@ -71,7 +71,7 @@ def lm_prepare(
     test_size: Annotated[Optional[int], typer.Option(help="Held-out prompts for Rouge-L of greedy generations.")] = None,
 ) -> None:
     """Read instruction/response data and write the train/val/test splits."""
-    from loca_pipe.stages import lm_common, lm_prepare as stage
+    from loca_pipe.stages.lm import common as lm_common, prepare as stage
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {
         "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
@@ -87,7 +87,7 @@ def lm_tokenizer(
     from_model: Annotated[Optional[str], typer.Option(help="Copy the tokenizer of this Hugging Face model folder instead of training one.")] = None,
 ) -> None:
     """Train a byte-level BPE on the training split (or copy a model's tokenizer)."""
-    from loca_pipe.stages import lm_common, lm_tokenizer as stage
+    from loca_pipe.stages.lm import common as lm_common, tokenizer as stage
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
                              _base(workdir))
@@ -102,7 +102,7 @@ def lm_train_teacher(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model)."""
-    from loca_pipe.stages import lm_common, lm_train_teacher as stage
+    from loca_pipe.stages.lm import common as lm_common, train_teacher as stage
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
                              _base(workdir, threads=threads))
@@ -123,7 +123,7 @@ def lm_cache(
     codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
 ) -> None:
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
-    from loca_pipe.stages import lm_cache as stage, lm_common
+    from loca_pipe.stages.lm import cache as stage, common as lm_common
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
@@ -141,7 +141,7 @@ def lm_analyze(
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α for the calibration statistics.")] = None,
 ) -> None:
     """Token-level mis-instruction ratios (overall, by position, by token frequency) → analysis/."""
-    from loca_pipe.stages import lm_analyze as stage, lm_common
+    from loca_pipe.stages.lm import analyze as stage, common as lm_common
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
     s = stage.run(base, p)
@@ -159,7 +159,7 @@ def lm_train_student(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Train one student from the token cache and evaluate it (Rouge-L, token accuracy, perplexity)."""
-    from loca_pipe.stages import lm_common, lm_train_student as stage
+    from loca_pipe.stages.lm import common as lm_common, train_student as stage
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
@@ -172,7 +172,7 @@ def lm_report(
     workdir: WorkdirOpt = None,
 ) -> None:
     """Mean ± std over seeds of every student method → report/table.md (printed) and report/results.json."""
-    from loca_pipe.stages import lm_common, lm_report as stage
+    from loca_pipe.stages.lm import common as lm_common, report as stage
 
     base, p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
     stage.run(base, p)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, encode_split, load, set_threads, write_json
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, encode_split, load, set_threads, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_teacher"

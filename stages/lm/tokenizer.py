@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import text, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, write_json
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, load, write_json
 
 SECTION = "lm_tokenizer"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import analysis, streaming
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, load
 
 SECTION = "lm_analyze"
 

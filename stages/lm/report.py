@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import DataError
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, read_json, write_json
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, load, read_json, write_json
 
 SECTION = "lm_report"
 ORDER = ("sft", "seqkd", "kd", "loca", "kd_sampled")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import text
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, write_json
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, load, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_prepare"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, streaming, students, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
+from loca_pipe.stages.lm.common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_student"

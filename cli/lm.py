@@ -13,7 +13,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list
+from loca_pipe.cli.options import choices, comma_list
+from loca_pipe.pipeline.lm.cache import ID_DTYPES
+from loca_pipe.pipeline.lm.students import METHODS
 from loca_pipe.pipeline.codecs import CHOICES
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
@@ -30,22 +32,13 @@ class BadLine(str, enum.Enum):
     error = "error"
 
 
-class Method(str, enum.Enum):
-    sft = "sft"
-    seqkd = "seqkd"
-    kd = "kd"
-    loca = "loca"
-    kd_sampled = "kd_sampled"
+Method = choices("Method", METHODS)  # pipeline/lm/students.py
 
 
-Codec = enum.Enum("Codec", {c: c for c in CHOICES}, type=str)  # from pipeline/codecs.py, never copied by hand
+Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by hand
 
 
-class IdDtype(str, enum.Enum):
-    auto = "auto"
-    int16 = "int16"
-    int32 = "int32"
-    int64 = "int64"
+IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
@@ -73,10 +66,10 @@ def lm_prepare(
     """Read instruction/response data and write the train/val/test splits."""
     from loca_pipe.stages.lm import common as lm_common, prepare as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
         "val_size": val_size, "test_size": test_size}, _base(workdir, template=template.value if template else None))
-    rep = stage.run(base, p)
+    rep = stage.run(p)
     _echo({"sizes": rep["sizes"], "bad_lines": rep["read"]["bad"]})
 
 
@@ -89,9 +82,9 @@ def lm_tokenizer(
     """Train a byte-level BPE on the training split (or copy a model's tokenizer)."""
     from loca_pipe.stages.lm import common as lm_common, tokenizer as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
-                             _base(workdir))
-    _echo(stage.run(base, p))
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
+                        _base(workdir))
+    _echo(stage.run(p))
 
 
 def lm_train_teacher(
@@ -104,9 +97,9 @@ def lm_train_teacher(
     """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model)."""
     from loca_pipe.stages.lm import common as lm_common, train_teacher as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
-                             _base(workdir, threads=threads))
-    _echo(stage.run(base, p))
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
+                        _base(workdir, threads=threads))
+    _echo(stage.run(p))
 
 
 def lm_cache(
@@ -125,12 +118,12 @@ def lm_cache(
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
     from loca_pipe.stages.lm import cache as stage, common as lm_common
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
         "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
-    rep = stage.run(base, p)
+    rep = stage.run(p)
     _echo({k: v for k, v in rep.items() if k != "bytes"})
 
 
@@ -143,15 +136,15 @@ def lm_analyze(
     """Token-level mis-instruction ratios (overall, by position, by token frequency) → analysis/."""
     from loca_pipe.stages.lm import analyze as stage, common as lm_common
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
-    s = stage.run(base, p)
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
+    s = stage.run(p)
     _echo({k: v for k, v in s.items() if k not in ("by_position", "by_frequency")})
 
 
 def lm_train_student(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
-    method: Annotated[Optional[Method], typer.Option(help="sft | seqkd | kd | loca | kd_sampled (Sparse Logit Sampling targets).")] = None,
+    method: Annotated[Optional[Method], typer.Option(help=f"{' | '.join(METHODS)} (kd_sampled: Sparse Logit Sampling targets).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Student seed (init and batch order).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature (must have been cached).")] = None,
@@ -161,10 +154,10 @@ def lm_train_student(
     """Train one student from the token cache and evaluate it (Rouge-L, token accuracy, perplexity)."""
     from loca_pipe.stages.lm import common as lm_common, train_student as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
         _base(workdir, threads=threads))
-    _echo(stage.run(base, p))
+    _echo(stage.run(p))
 
 
 def lm_report(
@@ -174,8 +167,8 @@ def lm_report(
     """Mean ± std over seeds of every student method → report/table.md (printed) and report/results.json."""
     from loca_pipe.stages.lm import common as lm_common, report as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
-    stage.run(base, p)
+    p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    stage.run(p)
 
 
 def register(app: typer.Typer) -> None:

@@ -45,7 +45,7 @@ def make_teacher(tmp_path: Path) -> tuple[str, torch.nn.Module]:
     ck = tmp_path / "teacher.pt"
     torch.save(t.state_dict(), ck)
     Path(f"{ck}.json").write_text(json.dumps({"arch": "mlp_small", "num_classes": C, "dataset": DS,
-                                              "fingerprint": spec.fingerprint, "test_top1": 0.775}))
+                                              "fingerprint": spec.fingerprint, "test_top1": 77.5}))
     return str(ck), t
 
 
@@ -58,7 +58,7 @@ def make_store(tmp_path: Path, teacher: torch.nn.Module, *, fingerprint: str | N
     path = str(tmp_path / name)
     store = LogitStore.create_or_open(path, info)
     w = store.begin_teacher("mlp_small", {"teacher": "mlp_small", "run": {"checkpoint": None,
-                                                                          "sidecar": {"test_top1": 0.775}}},
+                                                                          "sidecar": {"test_top1": 77.5}}},
                             top_k=3, temperatures=(4.0,))
     with torch.no_grad():
         z = teacher(spec.dataset.x)

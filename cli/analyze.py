@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list, store_option
+from loca_pipe.cli.options import choices, comma_list, store_option
+from loca_pipe.pipeline.targets import FORMS
 
 
 class Entropy(str, enum.Enum):
@@ -18,10 +19,7 @@ class Entropy(str, enum.Enum):
     topk = "topk"
 
 
-class Form(str, enum.Enum):
-    auto = "auto"
-    dense = "dense"
-    sparse = "sparse"
+Form = choices("Form", FORMS)  # pipeline/targets.py
 
 
 def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:

@@ -9,19 +9,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list, store_option
+from loca_pipe.cli.options import DATASET_HELP, DEVICES, choices, comma_list, store_option
+from loca_pipe.pipeline.store import LOGIT_DTYPES
 
 
-class LogitsDtype(str, enum.Enum):
-    float32 = "float32"
-    float16 = "float16"
-    none = "none"
-
-
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+LogitsDtype = choices("LogitsDtype", (*LOGIT_DTYPES, "none"))  # pipeline/store.py; none: top-k only
+Device = choices("Device", DEVICES)
 
 
 def _temperatures(text: Optional[str]) -> Optional[list[float]]:
@@ -32,7 +25,7 @@ def cache_logits(
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model NAME or module:callable (default: the checkpoint sidecar's arch).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher state-dict file; its <ckpt>.json sidecar gives arch and num_classes.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: checkpoint stem, else the arch); with --params, picks the entry of cache.teachers.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Data set NAME (fashion-mnist, cifar10, cifar100, imagefolder) or module:callable.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,
     root: Annotated[Optional[str], typer.Option(help="Data set root folder.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Data set split (train|test).")] = None,
     store: Annotated[Optional[str], typer.Option(help="Logit store path (a Zarr v3 folder; several teachers share one).")] = None,

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list
+from loca_pipe.cli.options import choices, comma_list
+from loca_pipe.pipeline.lm.cache import ID_DTYPES
+from loca_pipe.pipeline.lm.students import METHODS
 from loca_pipe.pipeline.codecs import CHOICES
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
@@ -30,22 +32,13 @@ class BadLine(str, enum.Enum):
     error = "error"
 
 
-class Method(str, enum.Enum):
-    sft = "sft"
-    seqkd = "seqkd"
-    kd = "kd"
-    loca = "loca"
-    kd_sampled = "kd_sampled"
+Method = choices("Method", METHODS)  # pipeline/lm/students.py
 
 
-Codec = enum.Enum("Codec", {c: c for c in CHOICES}, type=str)  # from pipeline/codecs.py, never copied by hand
+Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by hand
 
 
-class IdDtype(str, enum.Enum):
-    auto = "auto"
-    int16 = "int16"
-    int32 = "int32"
-    int64 = "int64"
+IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
@@ -71,12 +64,12 @@ def lm_prepare(
     test_size: Annotated[Optional[int], typer.Option(help="Held-out prompts for Rouge-L of greedy generations.")] = None,
 ) -> None:
     """Read instruction/response data and write the train/val/test splits."""
-    from loca_pipe.stages import lm_common, lm_prepare as stage
+    from loca_pipe.stages.lm import common as lm_common, prepare as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
         "val_size": val_size, "test_size": test_size}, _base(workdir, template=template.value if template else None))
-    rep = stage.run(base, p)
+    rep = stage.run(p)
     _echo({"sizes": rep["sizes"], "bad_lines": rep["read"]["bad"]})
 
 
@@ -87,11 +80,11 @@ def lm_tokenizer(
     from_model: Annotated[Optional[str], typer.Option(help="Copy the tokenizer of this Hugging Face model folder instead of training one.")] = None,
 ) -> None:
     """Train a byte-level BPE on the training split (or copy a model's tokenizer)."""
-    from loca_pipe.stages import lm_common, lm_tokenizer as stage
+    from loca_pipe.stages.lm import common as lm_common, tokenizer as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
-                             _base(workdir))
-    _echo(stage.run(base, p))
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
+                        _base(workdir))
+    _echo(stage.run(p))
 
 
 def lm_train_teacher(
@@ -102,11 +95,11 @@ def lm_train_teacher(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model)."""
-    from loca_pipe.stages import lm_common, lm_train_teacher as stage
+    from loca_pipe.stages.lm import common as lm_common, train_teacher as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
-                             _base(workdir, threads=threads))
-    _echo(stage.run(base, p))
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
+                        _base(workdir, threads=threads))
+    _echo(stage.run(p))
 
 
 def lm_cache(
@@ -123,14 +116,14 @@ def lm_cache(
     codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
 ) -> None:
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
-    from loca_pipe.stages import lm_cache as stage, lm_common
+    from loca_pipe.stages.lm import cache as stage, common as lm_common
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
         "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
-    rep = stage.run(base, p)
+    rep = stage.run(p)
     _echo({k: v for k, v in rep.items() if k != "bytes"})
 
 
@@ -141,17 +134,17 @@ def lm_analyze(
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α for the calibration statistics.")] = None,
 ) -> None:
     """Token-level mis-instruction ratios (overall, by position, by token frequency) → analysis/."""
-    from loca_pipe.stages import lm_analyze as stage, lm_common
+    from loca_pipe.stages.lm import analyze as stage, common as lm_common
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
-    s = stage.run(base, p)
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
+    s = stage.run(p)
     _echo({k: v for k, v in s.items() if k not in ("by_position", "by_frequency")})
 
 
 def lm_train_student(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
-    method: Annotated[Optional[Method], typer.Option(help="sft | seqkd | kd | loca | kd_sampled (Sparse Logit Sampling targets).")] = None,
+    method: Annotated[Optional[Method], typer.Option(help=f"{' | '.join(METHODS)} (kd_sampled: Sparse Logit Sampling targets).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Student seed (init and batch order).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature (must have been cached).")] = None,
@@ -159,12 +152,12 @@ def lm_train_student(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
 ) -> None:
     """Train one student from the token cache and evaluate it (Rouge-L, token accuracy, perplexity)."""
-    from loca_pipe.stages import lm_common, lm_train_student as stage
+    from loca_pipe.stages.lm import common as lm_common, train_student as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {
+    p = lm_common.load(stage.Params, stage.SECTION, params, {
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
         _base(workdir, threads=threads))
-    _echo(stage.run(base, p))
+    _echo(stage.run(p))
 
 
 def lm_report(
@@ -172,10 +165,10 @@ def lm_report(
     workdir: WorkdirOpt = None,
 ) -> None:
     """Mean ± std over seeds of every student method → report/table.md (printed) and report/results.json."""
-    from loca_pipe.stages import lm_common, lm_report as stage
+    from loca_pipe.stages.lm import common as lm_common, report as stage
 
-    base, p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
-    stage.run(base, p)
+    p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    stage.run(p)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import enum
+from typing import Any, Callable, Iterable, Optional
+
+# Devices every --device option takes (pipeline/models.py::resolve_device also takes cuda:N).
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _dataset_help() -> str:
+    from loca_pipe.pipeline.data import DATASETS
+
+    return f"Data set NAME ({', '.join(d for d in DATASETS if ':' not in d)}) or module:callable."
+
+
+DATASET_HELP = _dataset_help()  # from pipeline/data.py's DATASETS, never listed by hand
+
+
+def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A typer choice enum built from a library constant (never copied by hand): member ``crop_flip`` has
+    value ``"crop-flip"``; ``--help`` lists the values."""
+    return enum.Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
 def comma_list(text: Optional[str], option: str, kind: Callable[[str], Any] = str,

@@ -9,6 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from loca_pipe.cli.options import DATASET_HELP, choices
+from loca_pipe.pipeline.augment import AUGMENTATIONS
+
 
 class Optimizer(str, enum.Enum):
     sgd = "sgd"
@@ -20,13 +23,11 @@ class Schedule(str, enum.Enum):
     constant = "constant"
 
 
-class Augment(str, enum.Enum):
-    none = "none"
-    crop_flip = "crop-flip"
+Augment = choices("Augment", AUGMENTATIONS)  # pipeline/augment.py
 
 
 def prepare_data(
-    dataset: Annotated[Optional[str], typer.Option(help="Data set NAME (fashion-mnist, cifar10, cifar100, imagefolder) or module:callable.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,
     root: Annotated[Optional[str], typer.Option(help="Data set root folder (fashion-mnist default: data/fashion-mnist).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Folder holding the Fashion-MNIST .gz files (the Debian package's by default).")] = None,
     record: Annotated[Optional[str], typer.Option(help="Where to write the fingerprint record (default: ROOT/fingerprints.json).")] = None,

@@ -8,8 +8,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import comma_list
+from loca_pipe.cli.options import DEVICES, choices, comma_list
+from loca_pipe.pipeline.augment import AUGMENTATIONS
 from loca_pipe.pipeline.losses import method_help
+from loca_pipe.pipeline.soft_labels import FORMS
 
 
 class Preset(str, enum.Enum):
@@ -17,10 +19,7 @@ class Preset(str, enum.Enum):
     paper_cifar = "paper-cifar"
 
 
-class Form(str, enum.Enum):
-    auto = "auto"
-    logits = "logits"
-    topk = "topk"
+Form = choices("Form", FORMS)  # pipeline/soft_labels.py
 
 
 class ViewPolicy(str, enum.Enum):
@@ -28,15 +27,8 @@ class ViewPolicy(str, enum.Enum):
     random = "random"
 
 
-class Augment(str, enum.Enum):
-    none = "none"
-    crop_flip = "crop-flip"
-
-
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+Augment = choices("Augment", AUGMENTATIONS)  # pipeline/augment.py
+Device = choices("Device", DEVICES)
 
 
 class Metric(str, enum.Enum):

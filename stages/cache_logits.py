@@ -70,7 +70,8 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
     """Params of section ``cache``, one CacheParams per teacher.
 
     The section may hold ``teachers: {KEY: {per-teacher values}}``; each entry overrides the section's
-    common values (its ``name`` defaults to KEY). ``teacher_key`` picks one entry. ``overrides`` (CLI
+    common values (its ``name`` defaults to KEY). With ``teachers_dir: DIR`` an entry without ``teacher`` or
+    ``checkpoint`` reads train-teacher's ``DIR/KEY.pt`` (:func:`train_teacher.checkpoint_path`). ``teacher_key`` picks one entry. ``overrides`` (CLI
     options, None = unset) apply last, to every teacher.
     """
     from loca_pipe.stages.config import build, read_params
@@ -79,6 +80,9 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
         params = read_params(params)
     section = dict(params.get("cache") or {})
     teachers = section.pop("teachers", None)
+    teachers_dir = section.pop("teachers_dir", None)
+    if teachers_dir is not None and not isinstance(teachers_dir, str):
+        raise ConfigError(f"cache.teachers_dir must be a folder path; got {teachers_dir!r}")
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not teachers:
         if teacher_key is not None and over.get("name") is None:
@@ -95,6 +99,10 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
     for key in keys:
         entry = dict(teachers[key] or {})
         entry.setdefault("name", key)
+        if teachers_dir is not None and entry.get("teacher") is None and entry.get("checkpoint") is None:
+            from loca_pipe.stages.train_teacher import checkpoint_path
+
+            entry["checkpoint"] = str(checkpoint_path(teachers_dir, key))
         out.append(build(CacheParams, {**section, **entry, **over}, f"cache.teachers.{key}"))
     return out
 

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loca_pipe.pipeline.augment import AUGMENTATIONS
 from loca_pipe.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-AUGMENTS = ("none", "crop-flip")
+AUGMENTS = AUGMENTATIONS  # pipeline/augment.py, the one list
 MISMATCH_WARNING = (
     "augment={aug!r} with a store of un-augmented teacher logits: the student trains on augmented images while "
     "the teacher's signal describes the clean image it never sees (a known mismatch, DESIGN.md §4). Cache "

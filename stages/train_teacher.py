@@ -66,7 +66,13 @@ class TrainTeacherParams:
 
     @property
     def checkpoint(self) -> Path:
-        return Path(self.out) if self.out else Path(self.out_dir) / f"{self.name or self.arch.replace(':', '_')}.pt"
+        return Path(self.out) if self.out else checkpoint_path(self.out_dir, self.name or self.arch.replace(':', '_'))
+
+
+def checkpoint_path(out_dir: str | Path, name: str) -> Path:
+    """Where teacher ``name`` is written under ``out_dir`` (and where ``cache.teachers_dir`` reads it): the
+    one spelling of ``<dir>/<name>.pt``."""
+    return Path(out_dir) / f"{name}.pt"
 
 
 def metrics_path(checkpoint: str | Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import analysis, streaming
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load
+from loca_pipe.stages.lm.common import LMBase
 
 SECTION = "lm_analyze"
 
@@ -18,16 +18,13 @@ class Params:
     name: str = "teacher"
     tau: float = 1.0
     alpha: float = 0.9
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     t = streaming.TokenTeacher(str(base.store), p.name)  # streamed block by block: memory does not grow with tokens
     return analysis.analyze_streamed(
         t, p.tau, p.alpha, base.analysis_dir, progress=True, extra={"tau": p.tau, "alpha": p.alpha, "teacher": p.name},
         title=lambda s: f"teacher {p.name!r}: {s['mis_ratio']:.1%} of {s['tokens']} response tokens mis-instructed "
                         f"(τ={p.tau})")
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

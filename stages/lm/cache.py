@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import cache, models, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, data_fingerprint, encode_split, load, set_threads, write_json
+from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_cache"
@@ -38,9 +38,11 @@ class Params:
     recache: bool = False         # also re-cache a complete identical teacher (what --overwrite on the command line does)
     codec: str = "lossless"       # how top-k values and ids are stored (pipeline/codecs.py; docs/store-format.md)
     max_chunks: int = 0           # > 0: write at most this many chunks in this run (time-sliced jobs)
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     set_threads(base)
     teacher_dir = Path(p.teacher) if p.teacher else base.teacher_dir
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
@@ -69,8 +71,3 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     write_json(base.root / "cache_report.json", out)
     log.info("cache: %s", out)
     return out
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

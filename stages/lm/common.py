@@ -3,6 +3,7 @@ derive. Every output path of the LM pipeline is computed here, once, from ``work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from loca_pipe.pipeline import io as _io
+from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.stages.config import load_section, read_params
 
 T = TypeVar("T")
@@ -65,11 +67,14 @@ class LMBase:
 
 
 def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
-         overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> tuple[LMBase, T]:
-    """(lm_base, this stage's section) from one params file; ``overrides`` / ``base_overrides`` win."""
+         overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> T:
+    """This stage's params from one params file: its section, with ``base`` built from ``lm_base``;
+    ``overrides`` / ``base_overrides`` win (None values skipped)."""
     data = params if isinstance(params, dict) else read_params(params)
+    if "base" in (data.get(section) or {}):
+        raise ConfigError(f"{section}: unknown key 'base'; the shared settings go in the lm_base section")
     base = load_section(LMBase, "lm_base", data, base_overrides)
-    return base, load_section(cls, section, data, overrides)
+    return dataclasses.replace(load_section(cls, section, data, overrides), base=base)
 
 
 def set_threads(base: LMBase) -> None:

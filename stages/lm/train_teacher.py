@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, encode_split, load, set_threads, write_json
+from loca_pipe.stages.lm.common import LMBase, encode_split, set_threads, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_teacher"
@@ -33,9 +33,11 @@ class Params:
     lr: float = 3e-3
     init_from: str = ""
     max_new_tokens: int = 24
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     set_threads(base)
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
     _, train = encode_split(base, "train", tok)
@@ -64,8 +66,3 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     write_json(base.teacher_dir / "samples.json", ev["samples"])
     log.info("teacher: %s", metrics)
     return metrics
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import DataError
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, read_json, write_json
+from loca_pipe.stages.lm.common import LMBase, read_json, write_json
 
 SECTION = "lm_report"
 ORDER = ("sft", "seqkd", "kd", "loca", "kd_sampled")
@@ -19,6 +19,7 @@ COLUMNS = (("rouge_l", "Rouge-L", 2), ("token_accuracy", "token acc", 4), ("perp
 @dataclass(frozen=True)
 class Params:
     title: str = "Language-model students (held-out)"
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -27,7 +28,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     runs = [read_json(f) for f in sorted(base.students_dir.glob("*/metrics.json"))]
     if not runs:
         raise DataError(f"no student metrics under {base.students_dir}; run `loca-pipe lm-train-student` first")
@@ -66,8 +68,3 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     (base.report_dir / "table.md").write_text(table)
     print(table)
     return result
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

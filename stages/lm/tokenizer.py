@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import text, tokenizer
-from loca_pipe.stages.lm_common import DEFAULT_PARAMS, LMBase, load, write_json
+from loca_pipe.stages.lm.common import LMBase, write_json
 
 SECTION = "lm_tokenizer"
 
@@ -19,9 +19,11 @@ SECTION = "lm_tokenizer"
 class Params:
     vocab_size: int = 1024
     from_model: str = ""
+    base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(base: LMBase, p: Params) -> dict[str, Any]:
+def run(p: Params) -> dict[str, Any]:
+    base = p.base
     if p.from_model:
         tok = tokenizer.load_tokenizer(p.from_model)
         tok.save_pretrained(str(base.tokenizer_dir))
@@ -32,8 +34,3 @@ def run(base: LMBase, p: Params) -> dict[str, Any]:
     info = {"vocab": len(tok), "fingerprint": tokenizer.tokenizer_fingerprint(tok), "from_model": p.from_model}
     write_json(base.tokenizer_dir / "loca_pipe.json", info)
     return info
-
-
-def main(params: str | Path = DEFAULT_PARAMS, overrides: dict | None = None) -> dict[str, Any]:
-    base, p = load(Params, SECTION, params, overrides)
-    return run(base, p)

@@ -1,0 +1,141 @@
+"""Issue #15's stage/CLI defects: one stage contract, no dead ``main()``, CLI choices from the library's
+constants, output paths written once."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+import loca_pipe.stages as stages_pkg
+import loca_pipe.stages.lm as lm_pkg
+
+ROOT = Path(__file__).resolve().parents[2]
+NOT_STAGES = {"config", "common"}  # helpers shared by the stages, not stages
+
+
+def _stage_modules() -> list[str]:
+    names = [f"loca_pipe.stages.{m.name}" for m in pkgutil.iter_modules(stages_pkg.__path__) if not m.ispkg]
+    names += [f"loca_pipe.stages.lm.{m.name}" for m in pkgutil.iter_modules(lm_pkg.__path__)]
+    return sorted(n for n in names if n.rsplit(".", 1)[1] not in NOT_STAGES)
+
+
+STAGES = _stage_modules()
+
+
+def test_the_stage_list_covers_both_pipelines():
+    lm = {n.rsplit(".", 1)[1] for n in STAGES if ".lm." in n}
+    assert lm == {"prepare", "tokenizer", "train_teacher", "cache", "analyze", "train_student", "report"}
+    assert "loca_pipe.stages.cache_logits" in STAGES and "loca_pipe.stages.train_student" in STAGES
+    assert not list((ROOT / "stages").glob("lm_*.py")), "the LM stages live in stages/lm/"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_stage_is_run_of_one_frozen_params_object(name):
+    mod = importlib.import_module(name)
+    sig = inspect.signature(mod.run)
+    params = list(sig.parameters.values())
+    required = [p for p in params if p.default is inspect.Parameter.empty]
+    assert len(required) == 1, f"{name}.run takes {[p.name for p in required]}; the contract is run(params)"
+    cls = typing.get_type_hints(mod.run)[params[0].name]
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, f"{name}.run's params: {cls}"
+    assert cls.__module__ == name, f"{name}'s params class is defined in {cls.__module__}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_no_stage_has_a_main(name):
+    assert not hasattr(importlib.import_module(name), "main"), f"{name}.main: nothing calls it"
+
+
+def test_lm_params_carry_their_base_and_refuse_a_base_key(tmp_path):
+    from loca_pipe.pipeline.errors import ConfigError
+    from loca_pipe.stages.lm import common, train_student
+
+    p = common.load(train_student.Params, train_student.SECTION,
+                    {"lm_base": {"workdir": str(tmp_path)}, "lm_train_student": {"method": "kd", "seed": 2}})
+    assert p.base.workdir == str(tmp_path) and train_student.out_dir(p) == tmp_path / "students" / "kd-s2"
+    with pytest.raises(ConfigError, match="lm_train_student: unknown key 'base'"):
+        common.load(train_student.Params, train_student.SECTION, {"lm_train_student": {"base": {}}})
+
+
+def _values(e) -> tuple[str, ...]:
+    return tuple(m.value for m in e)
+
+
+def test_cli_choices_are_the_library_constants():
+    from loca_pipe.cli import analyze, cache, lm, options, teacher, train
+    from loca_pipe.pipeline import augment, soft_labels, store, targets
+    from loca_pipe.pipeline.lm import cache as lm_cache, students
+
+    assert _values(cache.Device) == _values(train.Device) == options.DEVICES == ("auto", "cpu", "cuda")
+    assert _values(teacher.Augment) == _values(train.Augment) == augment.AUGMENTATIONS
+    assert _values(analyze.Form) == targets.FORMS and _values(train.Form) == soft_labels.FORMS
+    assert _values(cache.LogitsDtype) == (*store.LOGIT_DTYPES, "none")
+    assert _values(lm.IdDtype) == lm_cache.ID_DTYPES and _values(lm.Method) == students.METHODS
+    from loca_pipe.stages import train_student
+
+    assert train_student.AUGMENTS is augment.AUGMENTATIONS
+
+
+def test_every_device_choice_resolves():
+    import torch
+
+    from loca_pipe.cli.options import DEVICES
+    from loca_pipe.pipeline.errors import ConfigError
+    from loca_pipe.pipeline.models import resolve_device
+
+    for d in DEVICES:
+        if d == "cuda" and not torch.cuda.is_available():
+            with pytest.raises(ConfigError, match="CUDA is not available"):
+                resolve_device(d)
+        else:
+            assert isinstance(resolve_device(d), torch.device)
+
+
+def _leaves(x, where=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{where}.{k}" if where else k)
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{where}[{i}]")
+    else:
+        yield where, x
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "lm/params.yaml"])
+def test_params_paths_are_written_once(params_file):
+    raw = yaml.safe_load((ROOT / params_file).read_text())
+    seen: dict[str, str] = {}
+    for where, v in _leaves(raw):
+        if isinstance(v, str) and "/" in v and not v.startswith("="):
+            assert v not in seen, f"{params_file}: {v!r} spelled at {seen[v]} and {where}; refer with =section.key"
+            seen[v] = where
+    base = raw.get("base", {})
+    dirs = [v for k, v in base.items() if isinstance(v, str) and k.endswith("_dir")]
+    for where, v in _leaves(raw):
+        if isinstance(v, str) and not where.startswith("base."):
+            assert not any(v.startswith(d + "/") for d in dirs), f"{params_file}: {where} = {v!r} re-spells a base dir"
+
+
+def test_cache_reads_each_teacher_where_train_teacher_writes_it():
+    from loca_pipe.stages import cache_logits, train_teacher
+    from loca_pipe.stages.config import read_params
+
+    params = read_params(ROOT / "params.yaml")
+    written = {k: str(train_teacher.load_params(params, k).checkpoint) for k in params["train_teacher"]["teachers"]}
+    read = {p.name: p.checkpoint for p in cache_logits.load_params(params)}
+    assert read == written
+
+
+def test_dataset_help_lists_the_library_data_sets():
+    from loca_pipe.cli.options import DATASET_HELP
+    from loca_pipe.pipeline.data import DATASETS
+
+    assert all(d in DATASET_HELP for d in DATASETS)

@@ -570,9 +570,18 @@ CASES = {
 def test_one_pass_equals_the_pre_rewrite_analysis(tmp_path, monkeypatch, case, tau, entropy):
     kw = CASES[case]
     st, *_ = make_store(tmp_path / "s.zarr", **kw)
-    if tau == 2.0 and any(dt is None for _, dt, _ in kw["teachers"]):
-        pytest.skip("τ=2 was not declared: top-k-only teachers are refused by both")
     opts = AnalysisOptions(tau=tau, alphas=(0.9, 0.95), top_confusions=100, entropy=entropy)
+    if tau == 2.0 and any(dt is None for _, dt, _ in kw["teachers"]):
+        # τ=2 was not declared at cache time: a top-k-only teacher cannot give p at τ=2, and both refuse it
+        from loca_pipe.pipeline.errors import LocaError
+
+        with pytest.raises(LocaError, match="τ|temperature|tau"):
+            analyze(st.path, None, opts, samples_dir=tmp_path / f"new-{case}")
+        with pytest.raises(LocaError, match="τ|temperature|tau"):
+            ref_mod.analyze(st.path, None, ref_mod.AnalysisOptions(tau=tau, alphas=(0.9, 0.95), top_confusions=100,
+                                                                   entropy=entropy),
+                            samples_dir=tmp_path / f"old-{case}")
+        return
     new = analyze(st.path, None, opts, samples_dir=tmp_path / f"new-{case}")
     with monkeypatch.context() as m:
         m.setattr(store_mod, "raw_chunks", lambda arr: None)  # the reference reads through zarr, as it did

@@ -238,9 +238,9 @@ class LMTeacherCache:
         return [row[row >= 0] for row in self.greedy_ids]
 
 
-def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: str | None = None) -> LMTeacherCache:
-    """Open a complete causal-LM teacher; the data fingerprint must match when ``expect_fingerprint`` is given."""
-    store = LogitStore.open(store_path)
+def open_token_store(store_path: str, expect_fingerprint: str | None = None) -> LogitStore:
+    """A causal-LM token store; its data fingerprint must match when ``expect_fingerprint`` is given."""
+    store = LogitStore.open(str(store_path))
     if store.info.task != TASK:
         raise StoreError(f"store {store_path!r} is a {store.info.task!r} store, not a language-model ({TASK}) one")
     if expect_fingerprint is not None and store.info.dataset.get("fingerprint") != expect_fingerprint:
@@ -248,6 +248,12 @@ def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: 
             f"store {store_path!r} was cached on data with fingerprint {store.info.dataset.get('fingerprint')!r}, "
             f"but this run's data has {expect_fingerprint!r} (other examples, template, tokenizer or max_length); "
             f"re-cache or use the matching data")
+    return store
+
+
+def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: str | None = None) -> LMTeacherCache:
+    """Open a complete causal-LM teacher; the data fingerprint must match when ``expect_fingerprint`` is given."""
+    store = open_token_store(store_path, expect_fingerprint)
     view = store.teacher(name)  # refuses incomplete teachers
     g = view.group
     root = store.group
@@ -285,5 +291,5 @@ def store_bytes(store_path: str) -> dict[str, int]:
     return out
 
 
-__all__ = ["cache_teacher", "open_lm_cache", "LMTeacherCache", "CacheReport", "check_id_dtype", "check_top_k",
+__all__ = ["cache_teacher", "open_lm_cache", "open_token_store", "LMTeacherCache", "CacheReport", "check_id_dtype", "check_top_k",
            "sample_sparse", "store_bytes", "TokenJob", "TASK"]

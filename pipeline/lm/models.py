@@ -105,6 +105,16 @@ def check_vocab(model, tok, role: str = "teacher") -> None:
                          f"belong to this model")
 
 
+def _response_positions(seqs: Sequence[np.ndarray], prompt_len: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, position) of every response row: positions prompt_len[i]-1 .. len-2 of sequence i."""
+    sel_b, sel_t = [], []
+    for i, s in enumerate(seqs):
+        t = torch.arange(int(prompt_len[i]) - 1, len(s) - 1)
+        sel_b.append(torch.full_like(t, i))
+        sel_t.append(t)
+    return torch.cat(sel_b), torch.cat(sel_t)
+
+
 def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits that predict each response token, flattened in sequence order.
 
@@ -113,12 +123,7 @@ def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int]
     """
     x, m = pad_batch(seqs, pad_id)
     out = model(input_ids=x, attention_mask=m).logits  # (B, L, V)
-    sel_b, sel_t = [], []
-    for i, s in enumerate(seqs):
-        t = torch.arange(int(prompt_len[i]) - 1, len(s) - 1)
-        sel_b.append(torch.full_like(t, i))
-        sel_t.append(t)
-    b, t = torch.cat(sel_b), torch.cat(sel_t)
+    b, t = _response_positions(seqs, prompt_len)
     return out[b, t], x[b, t + 1]
 
 
@@ -127,12 +132,7 @@ def response_hidden(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int]
     """Like :func:`response_logits`, but the last hidden states (R, d) — the output projection's input."""
     x, m = pad_batch(seqs, pad_id)
     h = model.base_model(input_ids=x, attention_mask=m).last_hidden_state  # (B, L, d), final norm applied
-    sel_b, sel_t = [], []
-    for i, s in enumerate(seqs):
-        t = torch.arange(int(prompt_len[i]) - 1, len(s) - 1)
-        sel_b.append(torch.full_like(t, i))
-        sel_t.append(t)
-    b, t = torch.cat(sel_b), torch.cat(sel_t)
+    b, t = _response_positions(seqs, prompt_len)
     return h[b, t], x[b, t + 1]
 
 

@@ -18,9 +18,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import LogitStore, TeacherView
+from loca_pipe.pipeline.store import TeacherView
 
-TASK = "causal-lm"
 # arrays of a teacher that the students and the analysis read (row-aligned); "root" arrays are the store's
 ROOT_ARRAYS = ("sample_id", "label", "position")
 TEACHER_ARRAYS = ("topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids", "sampled_counts")
@@ -34,14 +33,9 @@ class TokenTeacher:
     """Row-level read access to one complete causal-LM teacher of a token store, never loading it whole."""
 
     def __init__(self, store_path: str, name: str | None = None, expect_fingerprint: str | None = None):
-        store = LogitStore.open(str(store_path))
-        if store.info.task != TASK:
-            raise StoreError(f"store {store_path!r} is a {store.info.task!r} store, not a language-model ({TASK}) one")
-        if expect_fingerprint is not None and store.info.dataset.get("fingerprint") != expect_fingerprint:
-            raise StoreConflictError(
-                f"store {store_path!r} was cached on data with fingerprint {store.info.dataset.get('fingerprint')!r}, "
-                f"but this run's data has {expect_fingerprint!r} (other examples, template, tokenizer or max_length); "
-                f"re-cache or use the matching data")
+        from loca_pipe.pipeline.lm.cache import open_token_store
+
+        store = open_token_store(store_path, expect_fingerprint)
         self.store = store
         self.view: TeacherView = store.teacher(name)  # refuses incomplete teachers
         g = self.view.group

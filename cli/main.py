@@ -27,7 +27,7 @@ from typing import Annotated, Any, Sequence
 import typer
 
 from loca_pipe import __version__
-from loca_pipe.cli import analyze, cache, lm, store, teacher, train
+from loca_pipe.cli import analyze, cache, lm, plots, store, teacher, train
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -62,7 +62,7 @@ def _root(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-for _module in (teacher, cache, store, analyze, train, lm):
+for _module in (teacher, cache, store, analyze, train, lm, plots):
     _module.register(app)
 
 

@@ -98,6 +98,14 @@ def test_make_repro_runs_the_whole_pipeline(project):
     assert "metrics/report.json" in metrics and "cache_report" not in metrics
     status = _run([DVC, "status"], dst, env)
     assert "lm/" not in status and "Data and pipelines are up to date" in status
+    # the offline plots page (#14: `dvc plots show` loads vega from a CDN): every chart rendered to SVG here,
+    # every image inlined, no script and no URL to fetch
+    html_out = dst.parent / "plots-offline.html"  # outside the project: its git tree stays as dvc left it
+    out = _run([str(VENV / "bin" / "loca-pipe"), "plots", "--out", str(html_out)], dst, env)
+    page = html_out.read_text()
+    n_vega = sum(1 for v in yaml.safe_load((dst / "dvc.yaml").read_text())["plots"] if isinstance(v, dict))
+    assert page.count("<svg") == n_vega and n_vega >= 3 and "<script" not in page and 'src="http' not in page
+    assert page.count("data:image/png;base64,") >= 3 and f"{n_vega + page.count('data:image/png')} plots" in out
 
     again = _run(["make", f"VENV={VENV}", "-o", str(VENV / ".installed"), "-o", str(FMNIST), "repro"], dst, env)
     assert _ran(again) == set(), f"a second dvc repro re-ran {_ran(again)}"

@@ -69,6 +69,7 @@ def test_version():
      "unknown section 'analyse'; did you mean 'analyze'?"),
     ("bad-comma-list", ["calibrate", "{store}", "--alpha", "0.9;0.95", "--out", "{tmp}/t.zarr"],
      "--alpha takes comma-separated values"),
+    ("plots-not-a-project", ["plots", "--repo", "{tmp}"], "no dvc.yaml in"),
 ], ids=lambda v: v if isinstance(v, str) and " " not in v and "{" not in v else None)
 def test_bad_input(key, args, match, tmp_path, toy_store):
     (tmp_path / "bad.yaml").write_text("analyse:\n  alpha: [0.9]\n")

@@ -25,19 +25,26 @@ from loca_pipe.pipeline.store import id_dtype
 
 
 
-@dataclass(frozen=True)
-class Lossless:
-    """fp32 top-k logits and integer ids, bit-exact (what every store before codecs holds)."""
+class _Codec:
+    """What every codec shares: its identity in the teacher's attrs and, by default, no limit on C or K."""
 
-    name: str = "lossless"
-    version: int = 1
-    compress: bool = False
+    name: str
+    version: int
 
     def attrs(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version}
 
     def check(self, C: int, K: int) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class Lossless(_Codec):
+    """fp32 top-k logits and integer ids, bit-exact (what every store before codecs holds)."""
+
+    name: str = "lossless"
+    version: int = 1
+    compress: bool = False
 
     def arrays(self, C: int, K: int, T: int) -> dict[str, tuple[int, Any, Any]]:
         return {"topk_logits": (K, np.float32, 0), "topk_ids": (K, id_dtype(C), -1)}
@@ -77,7 +84,7 @@ def id_bits(C: int) -> int:
     return max(1, int(C - 1).bit_length())
 
 
-class _IdsPacked:
+class _IdsPacked(_Codec):
     """Ids bit-packed to ⌈log₂ C⌉ bits in the array ``topk_idbits``."""
 
     def _id_arrays(self, C: int, K: int) -> dict[str, tuple[int, Any, Any]]:
@@ -91,7 +98,7 @@ class _IdsPacked:
 
 
 @dataclass(frozen=True)
-class HalfLogprob:
+class HalfLogprob(_Codec):
     """Log-probs at τ0 in fp16 (or bf16, kept as the top 16 bits of the fp32, round-to-nearest-even);
     ids as in lossless. Error ≤ 2^-11 (fp16) / 2^-8 (bf16) relative, per value."""
 
@@ -99,12 +106,6 @@ class HalfLogprob:
     bf16: bool = False
     version: int = 1
     compress: bool = False
-
-    def attrs(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version}
-
-    def check(self, C: int, K: int) -> None:
-        return None
 
     def arrays(self, C: int, K: int, T: int) -> dict[str, tuple[int, Any, Any]]:
         return {"topk_lp16": (K, np.uint16 if self.bf16 else np.float16, 0), "topk_ids": (K, id_dtype(C), -1)}
@@ -138,9 +139,6 @@ class Q8(_IdsPacked):
 
     def attrs(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "m": self.m}
-
-    def check(self, C: int, K: int) -> None:
-        return None
 
     def arrays(self, C, K, T):
         m = min(self.m, K)
@@ -207,7 +205,7 @@ class PolyTail(_IdsPacked):
 
 
 @dataclass(frozen=True)
-class Compact:
+class Compact(_Codec):
     """The project's compact codec: ids sorted ascending and delta-coded as two byte planes (zstd makes
     the small high bytes nearly free), their logits in the same order as ``bits``-bit codes c of the
     offset d = z_0 − z below the row maximum. The codes are companded for the KL they cause: a value's

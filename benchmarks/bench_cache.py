@@ -128,7 +128,7 @@ def main() -> None:
                 rep = stage.run(p)
             cpu = time.process_time() - c0
             base.append(baseline())
-            runs[label] = (rep.to_dict(), cpu, base[-2:], _du(store) / N, clock.seconds)
+            runs[label] = (dict(rep), cpu, base[-2:], _du(store) / N, clock.seconds)
 
         print(f"teacher {arch} (random init) on Fashion-MNIST train, {N} samples, batch {batch_size}, "
               f"chunk {info.chunk_rows} rows, torch threads {torch.get_num_threads()}")

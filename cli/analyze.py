@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -34,10 +32,6 @@ def _params(section: str, cls: type, params: Optional[Path], overrides: dict[str
     from loca_pipe.stages.config import load_section
 
     return load_section(cls, section, str(params) if params else {}, overrides)
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
 
 
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="Logit store path (the same as the argument STORE).")]
@@ -71,18 +65,8 @@ def analyze(
         "entropy": entropy.value if entropy else None, "samples": samples, "figures": figures, "overwrite": overwrite,
         "scale": scale})
     check_writable(p.out, "analysis results", "--out")
-    rep = stage.execute(p)
-    if as_json:
-        typer.echo(json.dumps(rep, indent=2))
-        return
-    alphas = f"  α={list(p.alpha)}" if p.scale else ""
-    typer.echo(f"store {p.store}  τ={p.tau:g}{alphas}  ({rep['seconds']:.1f} s)\n")
-    typer.echo(rep["summary_markdown"])
-    for name, m in rep["teachers"].items():
-        conf = ", ".join(f"{c['label']}→{c['prediction']} ({c['count']})" for c in m["top_confusions"][:5])
-        worst = ", ".join(f"{c['class']} ({_pct(c['ratio'])})" for c in m["worst_classes"][:3])
-        typer.echo(f"{name}: top confusions {conf or '-'}; worst classes {worst or '-'}; entropy {m['entropy_kind']}")
-    typer.echo(f"\nresults in {p.out}/ (metrics.json, summary.md, *.csv, samples/, figures/)")
+    rep = stage.run(p)
+    typer.echo(rep.to_json() if as_json else str(rep))
 
 
 def calibrate(
@@ -108,16 +92,8 @@ def calibrate(
         "store": store_option(store, store_opt), "teachers": _names(teachers), "alpha": _floats(alpha, "--alpha"), "tau": tau, "out": out,
         "metrics": metrics, "form": form.value if form else None, "dense_max_classes": dense_max_classes,
         "scheduler": scheduler, "overwrite": overwrite, "progress": progress})
-    rep = stage.execute(p)
-    if as_json:
-        typer.echo(json.dumps(rep, indent=2))
-        return
-    typer.echo(f"targets {rep['path']}  τ={rep['tau']:g}  α={rep['alphas']}  ({rep['seconds']:.1f} s)")
-    for n, t in rep["teachers"].items():
-        arrays = ", ".join(f"{k} {tuple(v)}" for k, v in t["arrays"].items())
-        typer.echo(f"  {n}: {t['form']}; calibrated rows {t['calibrated_rows']:,} ({_pct(t['calibrated_ratio'])}); "
-                   f"invariant violations {sum(t['violations'].values())}; chunks written {t['chunks_written']}")
-        typer.echo(f"    arrays: {arrays}")
+    rep = stage.run(p)
+    typer.echo(rep.to_json() if as_json else str(rep))
 
 
 def register(app: typer.Typer) -> None:

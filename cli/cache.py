@@ -64,15 +64,7 @@ def cache_logits(
     else:
         runs = stage.load_params({}, overrides={**overrides, "name": name})
     for p in runs:
-        r = stage.run(p)
-        if not r.rows:
-            state = "complete" if r.complete else "waiting for other shards"
-            typer.echo(f"teacher {r.name!r} in {p.store}: nothing left to cache ({state}); pass --overwrite to "
-                       f"re-cache it", err=True)
-        else:
-            typer.echo(f"teacher {r.name!r}: {r.rows} rows cached in {r.seconds_loop:.1f} s "
-                       f"({r.rows / max(r.seconds_loop, 1e-9):.0f} rows/s){' (resumed)' if r.resumed else ''}"
-                       f" -> {p.store}", err=True)
+        typer.echo(str(stage.run(p)), err=True)
 
 
 def _short(h: Any, n: int = 12) -> str:

@@ -7,7 +7,6 @@ pipeline keeps its own in ``lm/params.yaml``) plus ``lm_base``; options override
 from __future__ import annotations
 
 import enum
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -49,10 +48,6 @@ def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:
     return comma_list(text, opt, float, "'1,2'")
 
 
-def _echo(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=float))
-
-
 def lm_prepare(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
@@ -69,8 +64,7 @@ def lm_prepare(
     p = lm_common.load(stage.Params, stage.SECTION, params, {
         "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
         "val_size": val_size, "test_size": test_size}, _base(workdir, template=template.value if template else None))
-    rep = stage.run(p)
-    _echo({"sizes": rep["sizes"], "bad_lines": rep["read"]["bad"]})
+    typer.echo(str(stage.run(p)))
 
 
 def lm_tokenizer(
@@ -84,7 +78,7 @@ def lm_tokenizer(
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
                         _base(workdir))
-    _echo(stage.run(p))
+    typer.echo(str(stage.run(p)))
 
 
 def lm_train_teacher(
@@ -99,7 +93,7 @@ def lm_train_teacher(
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
                         _base(workdir, threads=threads))
-    _echo(stage.run(p))
+    typer.echo(str(stage.run(p)))
 
 
 def lm_cache(
@@ -123,8 +117,7 @@ def lm_cache(
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
         "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
-    rep = stage.run(p)
-    _echo({k: v for k, v in rep.items() if k != "bytes"})
+    typer.echo(str(stage.run(p)))
 
 
 def lm_analyze(
@@ -137,8 +130,7 @@ def lm_analyze(
     from loca_pipe.stages.lm import analyze as stage, common as lm_common
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
-    s = stage.run(p)
-    _echo({k: v for k, v in s.items() if k not in ("by_position", "by_frequency")})
+    typer.echo(str(stage.run(p)))
 
 
 def lm_train_student(
@@ -157,7 +149,7 @@ def lm_train_student(
     p = lm_common.load(stage.Params, stage.SECTION, params, {
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
         _base(workdir, threads=threads))
-    _echo(stage.run(p))
+    typer.echo(str(stage.run(p)))
 
 
 def lm_report(
@@ -168,7 +160,7 @@ def lm_report(
     from loca_pipe.stages.lm import common as lm_common, report as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
-    stage.run(p)
+    typer.echo(str(stage.run(p)))
 
 
 def register(app: typer.Typer) -> None:

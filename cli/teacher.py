@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -39,10 +38,7 @@ def prepare_data(
 
     p = load_section(stage.PrepareDataParams, stage.SECTION, str(params) if params else {},
                      {"dataset": dataset, "root": root, "source": source, "record": record})
-    out = stage.run(p)
-    for split, s in out["splits"].items():
-        typer.echo(f"{out['dataset']} {split}: {s['num_samples']} samples, {s['num_classes']} classes, "
-                   f"{s['in_channels']}x{s['image_size']}x{s['image_size']}, fingerprint {s['fingerprint'][:16]}")
+    typer.echo(str(stage.run(p)))
 
 
 def train_teacher(
@@ -79,9 +75,7 @@ def train_teacher(
         "max_samples": max_samples, "threads": threads, "progress": progress,
     }
     p = stage.load_params(str(params) if params else {}, name=name, overrides=overrides)
-    metrics = stage.run(p)
-    typer.echo(json.dumps({"checkpoint": str(p.checkpoint), **{k: metrics[k] for k in
-               ("test_top1", "train_top1", "train_seconds", "samples_per_second")}}))
+    typer.echo(str(stage.run(p)))
 
 
 def register(app: typer.Typer) -> None:

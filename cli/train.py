@@ -91,8 +91,6 @@ def train_student(
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
 ) -> None:
     """Train a student from cached teacher logits (or targets, or a live teacher); writes metrics, log, checkpoint."""
-    import json
-
     from loca_pipe.stages import train_student as stage
     from loca_pipe.stages.config import load_section
 
@@ -107,7 +105,7 @@ def train_student(
         "overwrite": overwrite, "recipe": recipe,
         "memory_limit_gb": memory_limit_gb, "progress": progress,
     }
-    p = load_section(stage.TrainStudentParams, "train_student", str(params) if params else {}, overrides)
+    p = load_section(stage.TrainStudentParams, stage.SECTION, str(params) if params else {}, overrides)
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "student runs", "--out-dir")  # before any training
@@ -122,8 +120,7 @@ def train_student(
     for m in stage.run_many(runs):
         if world()[0] != 0:
             continue  # under torchrun only rank 0 reports (it also writes the run folder)
-        typer.echo(json.dumps({k: m.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",
-                                                    "train_seconds")}))
+        typer.echo(str(m))
 
 
 def report(
@@ -138,13 +135,13 @@ def report(
     from loca_pipe.stages import report as stage
     from loca_pipe.stages.config import load_section
 
-    p = load_section(stage.ReportParams, "report", str(params) if params else {},
+    p = load_section(stage.ReportParams, stage.SECTION, str(params) if params else {},
                      {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1,
                       "strict": strict})
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "the report", "--out-dir")
-    typer.echo(stage.run(p))
+    typer.echo(str(stage.run(p)))
 
 
 def select_recipe(
@@ -158,16 +155,13 @@ def select_recipe(
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'select_recipe' gives the defaults (and the grid).")] = None,
 ) -> None:
     """Choose the KD recipe (τ, β, γ) by KD-vs-CE top-1 on held-out training rows; writes the recipe file."""
-    import json
-
     from loca_pipe.stages import select_recipe as stage
     from loca_pipe.stages.config import load_section
 
-    p = load_section(stage.SelectRecipeParams, "select_recipe", str(params) if params else {},
+    p = load_section(stage.SelectRecipeParams, stage.SECTION, str(params) if params else {},
                      {"store": store, "teachers": _list(teachers, str, "--teachers"), "val_size": val_size,
                       "val_seed": val_seed, "seeds": _list(seeds, int, "--seeds"), "out": out, "progress": progress})
-    doc = stage.run(p)
-    typer.echo(json.dumps({"chosen": doc["chosen"], "gains": [round(r["gain"], 3) for r in doc["grid"]]}))
+    typer.echo(str(stage.run(p)))
 
 
 def register(app: typer.Typer) -> None:

@@ -6,11 +6,65 @@ The one stage contract, the same for image and language-model stages:
   setting the stage reads, built from its params.yaml section by ``stages.config.load_section`` (or the
   stage's ``load_params`` when one section yields several runs, e.g. one per teacher); an LM stage's
   params also carry the shared ``lm_base`` section as ``params.base`` (``stages.lm.common.load``);
-- ``run(params)``: does the work, writes the outputs and returns what the command prints (a report, or
-  None when the stage prints as it goes). Nothing else is needed to run a stage: no second argument, no
-  ``main()``.
+- ``run(params) -> Report``: does the work, writes the outputs and returns a :class:`Report`: what it
+  measured (``report["key"]``), the paths it wrote (``report.outputs``) and the text its command prints
+  (``str(report)``). Nothing else is needed to run a stage: no second argument, no ``main()``, no other
+  entry point.
 
 The CLI commands (``cli/``) are thin: options → params (options override single values) → ``run`` →
-print the report. Output paths are written once: in params.yaml (``=section.key`` references) or in one
-derivation here (``stages.lm.common.LMBase``, ``train_teacher.checkpoint_path``, ``train_student.run_name``).
+print ``str(report)`` (or ``report.to_json()`` with ``--json``). Output paths are written once: in
+params.yaml (``=section.key`` references; dvc.yaml interpolates the same keys) or in one derivation here
+(``stages.lm.common.LMBase``, ``train_teacher.checkpoint_path``, ``train_student.run_name``).
 """
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, eq=False)
+class Report(Mapping[str, Any]):
+    """What one stage run did; every stage's ``run`` returns one.
+
+    ``values``: what it measured or wrote, JSON-able, read as ``report[key]`` (a read-only mapping);
+    ``outputs``: what → path of everything it wrote; ``text``: what its command prints (default: the values as
+    indented JSON).
+    """
+
+    stage: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    text: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(dict(self.values), indent=indent, default=_plain)
+
+    def __str__(self) -> str:
+        return self.text or self.to_json()
+
+    def __repr__(self) -> str:
+        return f"Report(stage={self.stage!r}, keys={list(self.values)}, outputs={dict(self.outputs)})"
+
+
+def _plain(x: Any) -> Any:
+    """JSON for numpy scalars / paths / dataclasses inside a report's values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)

@@ -28,7 +28,9 @@ from typing import Any, Literal
 from loca_pipe.pipeline.analysis import AnalysisOptions, TeacherReport, analyze, connect
 from loca_pipe.pipeline.errors import StoreConflictError
 from loca_pipe.pipeline.store import LogitStore
+from loca_pipe.stages import Report
 
+SECTION = "analyze"
 MARKER = ".loca-source.json"
 OUTPUTS = (MARKER, "metrics.json", "analysis.json", "summary.md", "teachers.csv", "per_class.csv", "confusions.csv",
            "per_view.csv", "histograms.csv", "samples", "figures")
@@ -98,6 +100,15 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def pct(v: Any) -> str:
+    """A ratio as a percentage with two decimals ("n/a" when missing)."""
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
 def summary_table(reports: list[TeacherReport]) -> str:
     """Markdown table: one line per teacher."""
     alphas = reports[0].metrics["alphas"] if reports else []
@@ -106,22 +117,15 @@ def summary_table(reports: list[TeacherReport]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         m = r.metrics
-
-        def pct(v):
-            return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.2f}%"
-
-        def num(v):
-            return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
-
         row = [r.name, f"{m['rows']:,}", f"{m['mis_instructed']:,}", pct(m["mis_instruction_ratio"]), pct(m["top1"]),
-               pct(m["top5"]), num(m["mean"].get("p_label", {}).get("mis")), num(m["mean"].get("p_max", {}).get("mis"))]
-        row += [num(m["loca"][k]["mean_scale_mis"]) for k in m["loca"]]
+               pct(m["top5"]), _num(m["mean"].get("p_label", {}).get("mis")), _num(m["mean"].get("p_max", {}).get("mis"))]
+        row += [_num(m["loca"][k]["mean_scale_mis"]) for k in m["loca"]]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def execute(params: AnalyzeParams) -> dict[str, Any]:
-    """Run the analysis and write every output; returns the full report (what ``--json`` prints)."""
+def run(params: AnalyzeParams) -> Report:
+    """Run the analysis and write every output; the report's values are analysis.json (what ``--json`` prints)."""
     import pandas as pd
 
     from loca_pipe.pipeline import plots
@@ -171,9 +175,16 @@ def execute(params: AnalyzeParams) -> dict[str, Any]:
             "teachers": {r.name: r.metrics for r in reports}, "summary_markdown": md}
     full = _clean(full)
     (out / "analysis.json").write_text(json.dumps(full, indent=1))
-    return full
+    return Report(SECTION, full, {"out": str(out)}, _text(params, full))
 
 
-def run(params: AnalyzeParams) -> None:
-    """DVC entry point."""
-    execute(params)
+def _text(p: AnalyzeParams, rep: dict[str, Any]) -> str:
+    """What `loca-pipe analyze` prints."""
+    alphas = f"  α={list(p.alpha)}" if p.scale else ""
+    lines = [f"store {p.store}  τ={p.tau:g}{alphas}  ({rep['seconds']:.1f} s)\n", rep["summary_markdown"]]
+    for name, m in rep["teachers"].items():
+        conf = ", ".join(f"{c['label']}→{c['prediction']} ({c['count']})" for c in m["top_confusions"][:5])
+        worst = ", ".join(f"{c['class']} ({pct(c['ratio'])})" for c in m["worst_classes"][:3])
+        lines.append(f"{name}: top confusions {conf or '-'}; worst classes {worst or '-'}; entropy {m['entropy_kind']}")
+    lines.append(f"\nresults in {p.out}/ (metrics.json, summary.md, *.csv, samples/, figures/)")
+    return "\n".join(lines)

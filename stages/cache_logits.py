@@ -27,10 +27,12 @@ import torch
 
 from loca_pipe.pipeline import caching
 from loca_pipe.pipeline.caching import CacheReport, CacheSettings, ImageJob, weights_sha256
+from loca_pipe.stages import Report
 from loca_pipe.pipeline.errors import ConfigError, DataError, ModelError, StoreError
 from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows
 
 log = logging.getLogger(__name__)
+SECTION = "cache"
 
 AUGMENT_KIND = "crop-flip"
 
@@ -78,7 +80,7 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
 
     if not isinstance(params, dict):
         params = read_params(params)
-    section = dict(params.get("cache") or {})
+    section = dict(params.get(SECTION) or {})
     teachers = section.pop("teachers", None)
     teachers_dir = section.pop("teachers_dir", None)
     if teachers_dir is not None and not isinstance(teachers_dir, str):
@@ -87,7 +89,7 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", teacher_key
     if not teachers:
         if teacher_key is not None and over.get("name") is None:
             over["name"] = teacher_key
-        return [build(CacheParams, {**section, **over}, "cache")]
+        return [build(CacheParams, {**section, **over}, SECTION)]
     if not isinstance(teachers, dict):
         raise ConfigError(f"cache.teachers must map a teacher key to its values; got {type(teachers).__name__}")
     keys = list(teachers)
@@ -136,7 +138,7 @@ def _existing_chunk_rows(path: str) -> int | None:
         return None
 
 
-def run(params: CacheParams) -> CacheReport:
+def run(params: CacheParams) -> Report:
     """Cache one teacher's logits for one data set split into ``params.store`` (resumable); what it did."""
     from loca_pipe.pipeline import augment as _augment
     from loca_pipe.pipeline import data as _data
@@ -214,4 +216,16 @@ def run(params: CacheParams) -> CacheReport:
         overwrite=p.overwrite, recache=p.recache, shard=p.shard, num_shards=p.num_shards, amp=amp,
         device_type=device.type, progress=p.progress, unit="sample")
     job = ImageJob(spec.dataset, labels, model, device, info, p.batch_size, augmenter, p.num_workers, amp, p.dataset)
-    return caching.cache(settings, info, provenance, job)
+    return report(caching.cache(settings, info, provenance, job), SECTION)
+
+
+def report(r: CacheReport, stage: str, unit: str = "rows") -> Report:
+    """The stage report of one engine run (image and token caching): its numbers and the line the command prints."""
+    if not r.rows:
+        state = "complete" if r.complete else "waiting for other shards"
+        text = (f"teacher {r.name!r} in {r.store}: nothing left to cache ({state}); pass --overwrite to "
+                f"re-cache it")
+    else:
+        text = (f"teacher {r.name!r}: {r.rows} {unit} cached in {r.seconds_loop:.1f} s "
+                f"({r.rows / max(r.seconds_loop, 1e-9):.0f} {unit}/s){' (resumed)' if r.resumed else ''} -> {r.store}")
+    return Report(stage, r.to_dict(), {"store": r.store}, text)

@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from loca_pipe.pipeline.analysis import connect
 from loca_pipe.pipeline.targets import write_targets
+from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
+
+SECTION = "calibrate"
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,8 @@ class CalibrateParams:
     progress: bool = True  # a bar over the rows (throughput, ETA; one line per update off a terminal)
 
 
-def execute(params: CalibrateParams) -> dict[str, Any]:
-    """Write (or resume) the targets; returns the report (what ``--json`` prints)."""
+def run(params: CalibrateParams) -> Report:
+    """Write (or resume) the targets; the report's values are what ``--json`` prints."""
     check_writable(params.out, "the targets store", "--out")  # before any work
     if params.metrics:
         check_writable(params.metrics, "the calibrate metrics", "--metrics", kind="file")
@@ -57,9 +60,18 @@ def execute(params: CalibrateParams) -> dict[str, Any]:
                                  "mean_scale_mis": t["mean_scale_mis"],
                                  "violations": sum(t["violations"].values())} for n, t in rep.teachers.items()}}
         m.write_text(json.dumps(lean, indent=1))
-    return full
+    outputs = {"targets": params.out, **({"metrics": params.metrics} if params.metrics else {})}
+    return Report(SECTION, full, outputs, _text(full))
 
 
-def run(params: CalibrateParams) -> None:
-    """DVC entry point."""
-    execute(params)
+def _text(rep: dict[str, Any]) -> str:
+    """What `loca-pipe calibrate` prints."""
+    from loca_pipe.stages.analyze import pct
+
+    lines = [f"targets {rep['path']}  τ={rep['tau']:g}  α={rep['alphas']}  ({rep['seconds']:.1f} s)"]
+    for n, t in rep["teachers"].items():
+        arrays = ", ".join(f"{k} {tuple(v)}" for k, v in t["arrays"].items())
+        lines.append(f"  {n}: {t['form']}; calibrated rows {t['calibrated_rows']:,} ({pct(t['calibrated_ratio'])}); "
+                     f"invariant violations {sum(t['violations'].values())}; chunks written {t['chunks_written']}")
+        lines.append(f"    arrays: {arrays}")
+    return "\n".join(lines)

@@ -8,8 +8,6 @@ content fingerprint of each split — a small DVC output that changes exactly wh
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 from loca_pipe.pipeline.data import DEBIAN_FASHION_MNIST, DEFAULT_FASHION_MNIST_ROOT, SPLITS, open_dataset, \
     prepare_fashion_mnist
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.io import write_json
+from loca_pipe.stages import Report
 
 SECTION = "prepare_data"
 
@@ -33,8 +33,8 @@ def fingerprints_path(root: str | Path) -> Path:
     return Path(root) / "fingerprints.json"
 
 
-def run(p: PrepareDataParams) -> dict[str, Any]:
-    """Prepare the files (Fashion-MNIST) and write ``<root>/fingerprints.json``; returns its content."""
+def run(p: PrepareDataParams) -> Report:
+    """Prepare the files (Fashion-MNIST) and write ``<root>/fingerprints.json``; its content is the report."""
     root = p.root or (DEFAULT_FASHION_MNIST_ROOT if p.dataset == "fashion-mnist" else None)
     if root is None:
         raise ConfigError(f"{SECTION}: data set {p.dataset!r} needs a root folder (--root PATH)")
@@ -47,8 +47,8 @@ def run(p: PrepareDataParams) -> dict[str, Any]:
                                 "in_channels": spec.in_channels, "image_size": spec.image_size,
                                 "fingerprint": spec.fingerprint, "transform": spec.transform}
     path = Path(p.record) if p.record else fingerprints_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return out
+    write_json(path, out)
+    text = "\n".join(f"{p.dataset} {split}: {s['num_samples']} samples, {s['num_classes']} classes, "
+                     f"{s['in_channels']}x{s['image_size']}x{s['image_size']}, fingerprint {s['fingerprint'][:16]}"
+                     for split, s in out["splits"].items())
+    return Report(SECTION, out, {"record": str(path)}, text)

@@ -45,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
+SECTION = "report"
 
 METRICS = ("test_top1", "test_top5", "best_test_top1")
 COMMON_KEYS = ("student", "dataset", "fingerprint", "split", "train_size", "eval_split", "preset", "augment")
@@ -521,8 +523,8 @@ def plot_follow(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def run(p: ReportParams) -> str:
-    """Write the report files and figures; return the Markdown."""
+def run(p: ReportParams) -> Report:
+    """Write the report files and figures; the report's values are full.json, its text the Markdown."""
     runs, excluded = check_comparable(collect(p.runs_dir), p.strict)
     rows = table(runs, p.metric, p.teacher_top1)
     out = Path(p.out_dir)
@@ -538,8 +540,11 @@ def run(p: ReportParams) -> str:
     md = to_markdown(rows, p.title, p.metric, excluded, figures)
     (out / "report.md").write_text(md)
     (out / "report.csv").write_text(to_csv(rows))
-    (out / "full.json").write_text(json.dumps(to_json(rows, excluded), indent=2, ensure_ascii=False) + "\n")
+    full = to_json(rows, excluded)
+    (out / "full.json").write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
     mpath = Path(p.metrics) if p.metrics else out / "report.json"
     mpath.parent.mkdir(parents=True, exist_ok=True)
     mpath.write_text(json.dumps(to_metrics(rows), indent=2, ensure_ascii=False) + "\n")
-    return md
+    outputs = {"markdown": str(out / "report.md"), "csv": str(out / "report.csv"), "json": str(out / "full.json"),
+               "metrics": str(mpath), **{f"figure:{Path(f).name}": f for f in figures}}
+    return Report(SECTION, full, outputs, md)

@@ -20,14 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.io import write_json
+from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
+SECTION = "select_recipe"
 
 RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr")
 # the paper's two settings (CIFAR-100 and ImageNet) and two between them
@@ -105,8 +107,9 @@ def _teacher_logits(store: str, name: str, spec: Any) -> Any:
     return out
 
 
-def run(p: SelectRecipeParams) -> dict[str, Any]:
-    """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; returns it."""
+def run(p: SelectRecipeParams) -> Report:
+    """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; its content is the
+    report."""
     import torch
 
     from loca_pipe.pipeline import data as data_mod
@@ -122,8 +125,7 @@ def run(p: SelectRecipeParams) -> dict[str, Any]:
         doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",
                "validation": None, "grid": [{"recipe": grid[0]}],
                "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
-        _write(Path(p.out), doc)
-        return doc
+        return _write(Path(p.out), doc)
     torch.set_num_threads(int(p.threads))
     spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
     fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
@@ -169,12 +171,10 @@ def run(p: SelectRecipeParams) -> dict[str, Any]:
                           "indices_sha256": hashlib.sha256(val.numpy().tobytes()).hexdigest()},
            "teachers": teachers, "student": p.student, "seeds": list(p.seeds), "grid": rows,
            "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
-    _write(Path(p.out), doc)
-    return doc
+    return _write(Path(p.out), doc)
 
 
-def _write(out: Path, doc: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out)
+def _write(out: Path, doc: dict[str, Any]) -> Report:
+    write_json(out, doc, sort_keys=False)
+    text = json.dumps({"chosen": doc["chosen"], "gains": [round(r["gain"], 3) for r in doc["grid"] if "gain" in r]})
+    return Report(SECTION, doc, {"recipe": str(out)}, text)

@@ -32,8 +32,10 @@ from typing import Any
 
 from loca_pipe.pipeline.augment import AUGMENTATIONS
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
+SECTION = "train_student"
 
 AUGMENTS = AUGMENTATIONS  # pipeline/augment.py, the one list
 MISMATCH_WARNING = (
@@ -251,7 +253,7 @@ class _Shared:
         return self.items[key]
 
 
-def run_many(runs: list[TrainStudentParams]) -> list[dict[str, Any]]:
+def run_many(runs: list[TrainStudentParams]) -> list[Report]:
     """Train the runs of a sweep in turn in this process (data and teacher signal loaded once)."""
     runs = [with_recipe(r) for r in runs]
     for r in runs:
@@ -302,8 +304,10 @@ def _follow(p: TrainStudentParams, shared: _Shared, model: Any, images: Any, sou
     return out
 
 
-def run(p: TrainStudentParams, shared: _Shared | None = None) -> dict[str, Any]:
-    """Train one student; returns its final metrics (also written to ``<run dir>/metrics.json``)."""
+def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
+    """Train one student; the report's values are its final metrics (also written to ``<run dir>/metrics.json``).
+
+    ``shared`` is :func:`run_many`'s cache of what the runs of one sweep load once (data, teacher signal)."""
     import torch
 
     from loca_pipe.pipeline import data as data_mod
@@ -424,4 +428,6 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> dict[str, Any]:
         metrics["notes"] = notes
     if (metrics.get("follow") or notes) and world()[0] == 0:
         atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    return metrics
+    text = json.dumps({k: metrics.get(k) for k in ("run", "method", "alpha", "seed", "test_top1", "test_top5",
+                                                   "train_seconds")})
+    return Report(SECTION, metrics, {"run": str(out)}, text)

@@ -15,6 +15,7 @@ and the order of epoch ``e`` is a permutation drawn from a generator seeded with
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.io import atomic_save, versions, write_json
 from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
 from loca_pipe.pipeline.progress import progress_bar
+from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
 
 log = logging.getLogger(__name__)
@@ -134,8 +136,8 @@ def evaluate(model: torch.nn.Module, spec: DatasetSpec, n: int, batch_size: int,
     return 100.0 * correct / max(n, 1)
 
 
-def run(p: TrainTeacherParams) -> dict[str, Any]:
-    """Train, evaluate and write checkpoint + sidecar + metrics; returns the metrics dict."""
+def run(p: TrainTeacherParams) -> Report:
+    """Train, evaluate and write checkpoint + sidecar + metrics; the metrics are the report."""
     if p.threads is None:
         return _run(p)
     if p.threads < 1:
@@ -148,7 +150,7 @@ def run(p: TrainTeacherParams) -> dict[str, Any]:
         torch.set_num_threads(before)
 
 
-def _run(p: TrainTeacherParams) -> dict[str, Any]:
+def _run(p: TrainTeacherParams) -> Report:
     if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or (p.max_samples is not None and p.max_samples < 1):
         raise ConfigError(f"{SECTION}: epochs, batch_size, lr and max_samples must be positive; got epochs={p.epochs}, "
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
@@ -223,4 +225,7 @@ def _run(p: TrainTeacherParams) -> dict[str, Any]:
     write_json(metrics_path(ckpt), metrics)
     log.info("teacher %s: test top-1 %.2f%%, train top-1 %.2f%%, %.1f s -> %s", p.name or p.arch, test_top1,
              train_top1, seconds, ckpt)
-    return metrics
+    text = json.dumps({"checkpoint": str(ckpt), **{k: metrics[k] for k in
+                       ("test_top1", "train_top1", "train_seconds", "samples_per_second")}})
+    return Report(SECTION, metrics, {"checkpoint": str(ckpt), "sidecar": str(sidecar_path(ckpt)),
+                                     "metrics": str(metrics_path(ckpt))}, text)

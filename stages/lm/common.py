@@ -4,6 +4,7 @@ derive. Every output path of the LM pipeline is computed here, once, from ``work
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from loca_pipe.pipeline import io as _io
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.stages import Report
 from loca_pipe.stages.config import load_section, read_params
 
 T = TypeVar("T")
@@ -20,15 +22,31 @@ DEFAULT_PARAMS = "params.yaml"
 
 
 @dataclass(frozen=True)
+class LMOutputs:
+    """Every output of the LM pipeline, relative to ``lm_base.workdir``: the one place these names are written.
+    lm/dvc.yaml interpolates the same keys (``${lm_base.outputs.store}``), so DVC tracks what the stages write."""
+
+    data: str = "data"                    # lm-prepare: train/val/test.jsonl and report.json
+    tokenizer: str = "tokenizer"          # lm-tokenizer
+    teacher: str = "teacher"              # lm-train-teacher: the model folder, metrics.json, samples.json
+    store: str = "store.zarr"             # lm-cache: the token store
+    cache_report: str = "cache_report.json"  # lm-cache: what it cached, bytes per token
+    analysis: str = "analysis"            # lm-analyze
+    students: str = "students"            # lm-train-student: one folder per run, <method>-s<seed>
+    report: str = "report"                # lm-report
+
+
+@dataclass(frozen=True)
 class LMBase:
-    """workdir: folder every output goes under; template: plain | chat; max_length: tokens per sequence
-    (longer ones are truncated and counted); threads: torch CPU threads (2 cores here)."""
+    """workdir: folder every output goes under (names in ``outputs``); template: plain | chat; max_length:
+    tokens per sequence (longer ones are truncated and counted); threads: torch CPU threads (2 cores here)."""
 
     workdir: str = "lm-work"  # without an lm_base section: never write into the image pipeline's data/
     seed: int = 0
     template: str = "plain"
     max_length: int = 64
     threads: int = 1
+    outputs: LMOutputs = LMOutputs()
 
     @property
     def root(self) -> Path:
@@ -36,31 +54,35 @@ class LMBase:
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.root / self.outputs.data
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+        return self.root / self.outputs.tokenizer
 
     @property
     def teacher_dir(self) -> Path:
-        return self.root / "teacher"
+        return self.root / self.outputs.teacher
 
     @property
     def store(self) -> Path:
-        return self.root / "store.zarr"
+        return self.root / self.outputs.store
+
+    @property
+    def cache_report(self) -> Path:
+        return self.root / self.outputs.cache_report
 
     @property
     def analysis_dir(self) -> Path:
-        return self.root / "analysis"
+        return self.root / self.outputs.analysis
 
     @property
     def students_dir(self) -> Path:
-        return self.root / "students"
+        return self.root / self.outputs.students
 
     @property
     def report_dir(self) -> Path:
-        return self.root / "report"
+        return self.root / self.outputs.report
 
     def split(self, name: str) -> Path:
         return self.data_dir / f"{name}.jsonl"
@@ -77,14 +99,18 @@ def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
     return dataclasses.replace(load_section(cls, section, data, overrides), base=base)
 
 
+def report(section: str, values: dict[str, Any], outputs: dict[str, Any], shown: dict[str, Any] | None = None) -> Report:
+    """An LM stage's report: its command prints ``shown`` (default: ``values``) as indented JSON."""
+    text = json.dumps(values if shown is None else shown, indent=2, default=float)
+    return Report(section, values, {k: str(v) for k, v in outputs.items()}, text)
+
+
 def set_threads(base: LMBase) -> None:
     torch.set_num_threads(max(1, base.threads))
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """:func:`loca_pipe.pipeline.io.write_json` (atomic) with the LM outputs' options: keys in insertion
-    order, numpy scalars as floats."""
-    _io.write_json(path, obj, sort_keys=False, default=float)
+# pipeline.io.write_json (atomic) with the LM outputs' options: keys in insertion order, numpy scalars as floats
+write_json = functools.partial(_io.write_json, sort_keys=False, default=float)
 
 
 def read_json(path: str | Path) -> Any:

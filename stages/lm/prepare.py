@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import text
-from loca_pipe.stages.lm.common import LMBase, write_json
+from loca_pipe.stages import Report
+from loca_pipe.stages.lm.common import LMBase, report as lm_report, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_prepare"
@@ -32,7 +33,7 @@ class Params:
     base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(p: Params) -> dict[str, Any]:
+def run(p: Params) -> Report:
     base = p.base
     if p.source == "default":
         examples = text.continuation_pairs(text.default_text(p.text_chars))
@@ -56,4 +57,5 @@ def run(p: Params) -> dict[str, Any]:
     report = {"source": p.source, "read": read, "sizes": {k: len(v) for k, v in splits.items()},
               "fingerprints": {k: text.fingerprint_examples(v, base.template) for k, v in splits.items()}}
     write_json(base.data_dir / "report.json", report)
-    return report
+    return lm_report(SECTION, report, {"data": base.data_dir},
+                     shown={"sizes": report["sizes"], "bad_lines": report["read"]["bad"]})

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import DataError
+from loca_pipe.pipeline.io import atomic_write_text
+from loca_pipe.stages import Report
 from loca_pipe.stages.lm.common import LMBase, read_json, write_json
 
 SECTION = "lm_report"
@@ -28,7 +30,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def run(p: Params) -> dict[str, Any]:
+def run(p: Params) -> Report:
     base = p.base
     runs = [read_json(f) for f in sorted(base.students_dir.glob("*/metrics.json"))]
     if not runs:
@@ -43,7 +45,7 @@ def run(p: Params) -> dict[str, Any]:
         rows.append(row)
     extra = {}
     for name, path in (("teacher", base.teacher_dir / "metrics.json"), ("analysis", base.analysis_dir / "metrics.json"),
-                       ("cache", base.root / "cache_report.json")):
+                       ("cache", base.cache_report)):
         if path.exists():
             extra[name] = read_json(path)
     lines = [f"# {p.title}", "", "| method | seeds | " + " | ".join(c[1] for c in COLUMNS) + " |",
@@ -65,6 +67,6 @@ def run(p: Params) -> dict[str, Any]:
     table = "\n".join(lines) + "\n"
     result = {"rows": rows, "runs": runs, **extra}
     write_json(base.report_dir / "results.json", result)
-    (base.report_dir / "table.md").write_text(table)
-    print(table)
-    return result
+    atomic_write_text(base.report_dir / "table.md", table)
+    return Report(SECTION, result, {"results": str(base.report_dir / "results.json"),
+                                    "table": str(base.report_dir / "table.md")}, table)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import text, tokenizer
-from loca_pipe.stages.lm.common import LMBase, write_json
+from loca_pipe.stages import Report
+from loca_pipe.stages.lm.common import LMBase, report as lm_report, write_json
 
 SECTION = "lm_tokenizer"
 
@@ -22,7 +23,7 @@ class Params:
     base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(p: Params) -> dict[str, Any]:
+def run(p: Params) -> Report:
     base = p.base
     if p.from_model:
         tok = tokenizer.load_tokenizer(p.from_model)
@@ -33,4 +34,4 @@ def run(p: Params) -> dict[str, Any]:
         tok = tokenizer.train_tokenizer(corpus, p.vocab_size, base.tokenizer_dir)
     info = {"vocab": len(tok), "fingerprint": tokenizer.tokenizer_fingerprint(tok), "from_model": p.from_model}
     write_json(base.tokenizer_dir / "loca_pipe.json", info)
-    return info
+    return lm_report(SECTION, info, {"tokenizer": base.tokenizer_dir})

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, streaming, students, tokenizer
-from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, write_json
+from loca_pipe.stages import Report
+from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_student"
@@ -54,7 +55,7 @@ def out_dir(p: Params) -> Path:
     return p.base.students_dir / f"{p.method}-s{p.seed}"
 
 
-def run(p: Params) -> dict[str, Any]:
+def run(p: Params) -> Report:
     base = p.base
     set_threads(base)
     students.check_method(p.method)
@@ -96,4 +97,4 @@ def run(p: Params) -> dict[str, Any]:
     if p.save_model:
         models.save_lm(model, tok, out / "model", {"stage": SECTION, "params": dataclasses.asdict(p)})
     log.info("student %s seed %d: %s", p.method, p.seed, metrics)
-    return metrics
+    return lm_report(SECTION, metrics, {"student": out})

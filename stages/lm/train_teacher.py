@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, tokenizer
-from loca_pipe.stages.lm.common import LMBase, encode_split, set_threads, write_json
+from loca_pipe.stages import Report
+from loca_pipe.stages.lm.common import LMBase, encode_split, set_threads, report as lm_report, write_json
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_teacher"
@@ -36,7 +37,7 @@ class Params:
     base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
-def run(p: Params) -> dict[str, Any]:
+def run(p: Params) -> Report:
     base = p.base
     set_threads(base)
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
@@ -65,4 +66,4 @@ def run(p: Params) -> dict[str, Any]:
     write_json(base.teacher_dir / "metrics.json", metrics)
     write_json(base.teacher_dir / "samples.json", ev["samples"])
     log.info("teacher: %s", metrics)
-    return metrics
+    return lm_report(SECTION, metrics, {"teacher": base.teacher_dir})

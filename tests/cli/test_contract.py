@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import pkgutil
 import typing
 from pathlib import Path
@@ -46,6 +47,83 @@ def test_every_stage_is_run_of_one_frozen_params_object(name):
     cls = typing.get_type_hints(mod.run)[params[0].name]
     assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, f"{name}.run's params: {cls}"
     assert cls.__module__ == name, f"{name}'s params class is defined in {cls.__module__}"
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_stage_returns_a_report_and_names_its_section(name):
+    from loca_pipe.stages import Report
+
+    mod = importlib.import_module(name)
+    assert typing.get_type_hints(mod.run)["return"] is Report, f"{name}.run must return a stages.Report"
+    assert isinstance(mod.SECTION, str) and mod.SECTION, f"{name}.SECTION: the params section it reads"
+    extra = [n for n in ("execute", "_run_stage") if hasattr(mod, n)]
+    assert not extra, f"{name} has a second entry point {extra}; the contract is run(params)"
+
+
+def test_a_report_is_its_values_its_outputs_and_its_text():
+    from loca_pipe.stages import Report
+
+    r = Report("x", {"a": 1, "b": [2.5]}, {"out": "d/o.json"}, "a=1")
+    assert r["a"] == 1 and dict(r) == {"a": 1, "b": [2.5]} and "a" in r and len(r) == 2
+    assert str(r) == "a=1" and json.loads(r.to_json()) == {"a": 1, "b": [2.5]}
+    assert json.loads(str(Report("x", {"n": 3}))) == {"n": 3}  # no text: the values as JSON
+    with pytest.raises(TypeError):
+        r["a"] = 2  # read-only
+
+
+def test_every_cli_command_prints_the_report_of_its_stage():
+    """The commands are thin: no command formats a stage's values itself (one place says what is printed)."""
+    import re
+
+    for f in sorted((ROOT / "cli").glob("*.py")):
+        text = f.read_text()
+        for m in re.finditer(r"(\w+) = stage\.run\(", text):
+            var = m.group(1)
+            rest = text[m.end():]
+            assert not re.search(rf"\b{var}\[", rest.split("\ndef ")[0]), f"{f.name}: formats {var}[...] itself"
+
+
+def _dvc_stages(folder: Path):
+    from dvc.repo import Repo
+
+    repo = Repo(str(folder))
+    try:
+        return [(s.addressing.split(":")[-1], s.cmd, sorted(str(o.def_path) for o in s.outs),
+                 sorted(str(d.def_path) for d in s.deps)) for s in repo.index.stages]
+    finally:
+        repo.close()
+
+
+def test_lm_dvc_yaml_tracks_exactly_what_the_lm_stages_write():
+    """lm/dvc.yaml's outs are the paths LMBase (lm_base.outputs) and train_student.out_dir derive, resolved by DVC
+    itself; a renamed output in either place fails here."""
+    import shlex
+
+    from loca_pipe.stages.config import read_params
+    from loca_pipe.stages.lm import common, train_student
+
+    params = read_params(ROOT / "lm" / "params.yaml")
+    base = common.load(train_student.Params, train_student.SECTION, params).base
+    assert base.workdir == ".", "DVC runs the LM stages from lm/: the outputs are relative to it"
+    rel = lambda p: str(Path(p))  # noqa: E731
+    want = {"prepare": [rel(base.data_dir)], "tokenizer": [rel(base.tokenizer_dir)],
+            "teacher": [rel(base.teacher_dir)], "cache": sorted([rel(base.store), rel(base.cache_report)]),
+            "analyze": [rel(base.analysis_dir)], "report": [rel(base.report_dir)]}
+    every_output = {rel(getattr(base, a)) for a in ("data_dir", "tokenizer_dir", "teacher_dir", "store",
+                                                    "cache_report", "analysis_dir", "students_dir", "report_dir")}
+    stages = _dvc_stages(ROOT / "lm")
+    students = 0
+    for name, cmd, outs, deps in stages:
+        if name.startswith("student@"):
+            args = shlex.split(cmd)
+            over = {"method": args[args.index("--method") + 1], "seed": int(args[args.index("--seed") + 1])}
+            p = common.load(train_student.Params, train_student.SECTION, params, over)
+            assert outs == [rel(train_student.out_dir(p))], (name, outs)
+            students += 1
+        else:
+            assert outs == want.pop(name.split("@")[0]), (name, outs)
+        assert set(deps) - {"params.yaml"} <= every_output, f"{name} depends on {deps}, not on a stage's output"
+    assert not want and students == 15, (want, students)
 
 
 @pytest.mark.parametrize("name", STAGES)

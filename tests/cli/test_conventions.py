@@ -167,7 +167,7 @@ def test_a_write_error_past_the_checks_is_one_line(tmp_path, toy_store, monkeypa
     def fail(p):
         raise err
 
-    monkeypatch.setattr(stage, "execute", fail)
+    monkeypatch.setattr(stage, "run", fail)
     with pytest.raises(SystemExit) as exit_:
         main(["analyze", str(toy_store), "--out", str(tmp_path / "a")])
     assert exit_.value.code == 1
@@ -180,6 +180,6 @@ def test_an_unexpected_error_is_not_hidden(toy_store, tmp_path, monkeypatch):
     from loca_pipe.cli.main import main
     from loca_pipe.stages import analyze as stage
 
-    monkeypatch.setattr(stage, "execute", lambda p: 1 / 0)
+    monkeypatch.setattr(stage, "run", lambda p: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         main(["analyze", str(toy_store), "--out", str(tmp_path / "a")])

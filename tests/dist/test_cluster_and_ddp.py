@@ -32,13 +32,13 @@ def student_store(tmp_path_factory) -> str:
 
 
 def test_analyze_on_local_cluster_equals_single_process(student_store, tmp_path):
-    from loca_pipe.stages.analyze import AnalyzeParams, execute
+    from loca_pipe.stages.analyze import AnalyzeParams, run as analyze
 
     res = subprocess.run([sys.executable, "-m", "tests.dist.cluster_analyze", student_store, str(tmp_path / "cluster")],
                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     cluster = json.loads(res.stdout.strip().splitlines()[-1])["teachers"]
-    single = execute(AnalyzeParams(store=student_store, out=str(tmp_path / "single"), tau=4.0, alpha=(0.9, 0.95),
+    single = analyze(AnalyzeParams(store=student_store, out=str(tmp_path / "single"), tau=4.0, alpha=(0.9, 0.95),
                                    figures=False, samples=True))["teachers"]
     single = json.loads(json.dumps(single, default=str))
     assert set(cluster) == {"teacher", "teacher_b"}

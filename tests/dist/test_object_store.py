@@ -90,11 +90,11 @@ def test_analyze_and_train_student_read_s3(bucket, local_ref, tmp_path):
     url = f"{bucket}/s.zarr"
     if not LogitStore.open(url).teachers if _exists(url) else True:
         run(toy(url))
-    from loca_pipe.stages.analyze import AnalyzeParams, execute
+    from loca_pipe.stages.analyze import AnalyzeParams, run as analyze
 
     common = dict(tau=4.0, alpha=(0.95,), figures=False, samples=False)
-    a_s3 = execute(AnalyzeParams(store=url, out=str(tmp_path / "a_s3"), **common))
-    a_local = execute(AnalyzeParams(store=str(local_ref), out=str(tmp_path / "a_local"), **common))
+    a_s3 = analyze(AnalyzeParams(store=url, out=str(tmp_path / "a_s3"), **common))
+    a_local = analyze(AnalyzeParams(store=str(local_ref), out=str(tmp_path / "a_local"), **common))
     # every metric equal; only "teacher" (the provenance record, with its creation time) differs
     t_s3, t_local = a_s3["teachers"]["teacher"], a_local["teachers"]["teacher"]
     assert {k for k in t_s3 if t_s3[k] != t_local.get(k)} <= {"teacher"}, \
@@ -104,7 +104,7 @@ def test_analyze_and_train_student_read_s3(bucket, local_ref, tmp_path):
     import zarr
 
     from loca_pipe.stages.calibrate import CalibrateParams
-    from loca_pipe.stages.calibrate import execute as calibrate
+    from loca_pipe.stages.calibrate import run as calibrate
 
     for src, out in ((url, tmp_path / "t_s3.zarr"), (str(local_ref), tmp_path / "t_local.zarr")):
         calibrate(CalibrateParams(store=src, out=str(out), alpha=(0.9,), tau=4.0, metrics=str(out) + ".json"))

@@ -55,7 +55,7 @@ def test_stage_writes_every_output(store3, tmp_path):
     out = tmp_path / "res"
     p = load_section(analyze_stage.AnalyzeParams, "analyze",
                      {"analyze": {"store": path, "out": str(out), "alpha": [0.9, 0.95], "tau": 4}})
-    rep = analyze_stage.execute(p)
+    rep = analyze_stage.run(p)
     mis = {n: z.argmax(1) != labels for n, z in logits.items()}
     metrics = json.loads((out / "metrics.json").read_text())
     for n in logits:
@@ -87,12 +87,12 @@ def test_no_scale_ignores_alpha(store3, tmp_path):
     p = load_section(analyze_stage.AnalyzeParams, "analyze",
                      {"analyze": {"store": path, "out": str(out), "alpha": [-1.0], "tau": 4, "scale": False,
                                   "figures": False, "samples": False}})
-    analyze_stage.execute(p)
+    analyze_stage.run(p)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weak"]["mis_instructed"] == int((logits["weak"].argmax(1) != labels).sum())
     assert not metrics["weak"].get("mean_scale_mis")
     with pytest.raises(ConfigError, match="alpha"):
-        analyze_stage.execute(load_section(analyze_stage.AnalyzeParams, "analyze", {"analyze": {
+        analyze_stage.run(load_section(analyze_stage.AnalyzeParams, "analyze", {"analyze": {
             "store": path, "out": str(tmp_path / "r2"), "alpha": [-1.0], "tau": 4}}))
 
 
@@ -100,20 +100,20 @@ def test_output_folder_of_another_store_is_refused(store3, tmp_path):
     path, *_ = store3
     other, *_ = make_store(tmp_path / "other.zarr", teachers=(("t", 3.0),), seed=7)
     out = tmp_path / "res"
-    analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False))
-    analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False, samples=False))  # same: ok
+    analyze_stage.run(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False))
+    analyze_stage.run(analyze_stage.AnalyzeParams(store=path, out=str(out), figures=False, samples=False))  # same: ok
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["mid", "strong", "weak"]
     with pytest.raises(StoreConflictError, match="holds analysis results of store .* \\(fingerprint 'fp0'\\), not of"):
-        analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False))
+        analyze_stage.run(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(StoreConflictError, match="something else \\(no marker\\)"):
-        analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(tmp_path / "junk"), figures=False))
-    analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False, overwrite=True))
+        analyze_stage.run(analyze_stage.AnalyzeParams(store=other, out=str(tmp_path / "junk"), figures=False))
+    analyze_stage.run(analyze_stage.AnalyzeParams(store=other, out=str(out), figures=False, overwrite=True))
     assert json.loads((out / ".loca-source.json").read_text())["fingerprint"] == "fp7"
     assert json.loads((out / "metrics.json").read_text()).keys() == {"t"}
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["t"]  # the old store's rows are gone
-    analyze_stage.execute(analyze_stage.AnalyzeParams(store=other, out=str(tmp_path / "junk"), figures=False,
+    analyze_stage.run(analyze_stage.AnalyzeParams(store=other, out=str(tmp_path / "junk"), figures=False,
                                                       samples=False, overwrite=True))
     assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"  # overwrite removes only our outputs
 
@@ -123,7 +123,7 @@ def test_bad_params_are_refused_before_the_output_folder_is_touched(store3, tmp_
     with pytest.raises(ConfigError, match="unknown key\\(s\\) \\['alfa'\\]"):
         load_section(analyze_stage.AnalyzeParams, "analyze", {"analyze": {"alfa": 0.9}})
     with pytest.raises(ConfigError, match="alpha must be"):
-        analyze_stage.execute(analyze_stage.AnalyzeParams(store=path, out=str(tmp_path / "r"), alpha=(0.0,)))
+        analyze_stage.run(analyze_stage.AnalyzeParams(store=path, out=str(tmp_path / "r"), alpha=(0.0,)))
     assert not (tmp_path / "r").exists()
 
 
@@ -131,7 +131,7 @@ def test_calibrate_stage_metrics(store3, tmp_path):
     path, labels, logits = store3
     p = calibrate_stage.CalibrateParams(store=path, out=str(tmp_path / "t.zarr"), metrics=str(tmp_path / "m.json"),
                                         alpha=(0.95,), teachers=("weak",))
-    rep = calibrate_stage.execute(p)
+    rep = calibrate_stage.run(p)
     m = json.loads((tmp_path / "m.json").read_text())
     mis_rows = logits["weak"].argmax(1) != labels
     mis = int(mis_rows.sum())

@@ -61,7 +61,7 @@ def runs(tmp_path):
 
 
 def test_paired_rows_against_hand_computation(runs, tmp_path):
-    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
     full = json.loads((tmp_path / "rep" / "full.json").read_text())["pairs"]["weak → mlp_small"]
     d = [a - b for a, b in zip(LOCA, KD)]
     mean = sum(d) / 5
@@ -91,7 +91,7 @@ def test_paired_rows_against_hand_computation(runs, tmp_path):
 def test_incomparable_runs_are_left_out_with_the_reason(runs, tmp_path):
     write_run(runs / "old", "kd", 7, 70.0, epochs=20)
     write_run(runs / "other", "kd", 8, 70.0, train_size=55)
-    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
     assert "Left out (2 run(s)" in md
     assert "training settings epochs 20, batch_size 128, lr 0.05 differs from the other runs' epochs 5" in md
     assert "train_size 55 differs from the other runs' 100" in md
@@ -104,7 +104,7 @@ def test_stale_duplicate_and_other_recipe_left_out(runs, tmp_path):
     old = write_run(runs / "stale", "kd", 0, 10.0)
     os.utime(old / "metrics.json", (1, 1))
     write_run(runs / "r2", "loca", 9, 70.0, alpha=0.95, recipe={"tau": 4.0})
-    md = rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
     assert "a second run of KD seed 0 exists" in md and "left out as stale" in md
     assert 'recipe {"tau": 4.0} differs from the other weak → mlp_small runs\' {"tau": 1.0}' in md
 
@@ -113,7 +113,7 @@ def test_one_seed_is_said_in_words(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "kd", 0, 85.0)
     write_run(root, "loca", 0, 86.0, alpha=0.95)
-    md = rs.run(rs.ReportParams(runs_dir=str(root), out_dir=str(tmp_path / "rep")))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(root), out_dir=str(tmp_path / "rep"))))
     assert "+1.00 (1 seed, no interval)" in md
     assert "only 1 paired seed: no interval or p-value (needs at least 2 seeds)" in md
     assert "nan" not in md.lower()

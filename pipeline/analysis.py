@@ -430,7 +430,9 @@ def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
 
 
 def _tau_stored(tv: TeacherView, tau: float) -> bool:
-    return any(math.isclose(t, tau, rel_tol=1e-6) for t in tv.temperatures)
+    from loca_pipe.pipeline.store import find_tau
+
+    return find_tau(tv.temperatures, tau) is not None
 
 
 def _table(sl: slice, meta: dict[str, np.ndarray], stats: dict[str, np.ndarray], teacher: str):

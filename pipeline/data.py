@@ -187,17 +187,18 @@ def prepare_fashion_mnist(root: str | Path = DEFAULT_FASHION_MNIST_ROOT,
             f"Debian package with `sudo apt-get install dataset-fashion-mnist` (or `make setup`), or put the "
             f"IDX files into {str(raw)!r}")
     raw.mkdir(parents=True, exist_ok=True)
+    from loca_pipe.pipeline.io import atomic_write
+
     for name in missing:
-        tmp = raw / f".{name}.tmp{os.getpid()}"
+        gz = source / f"{name}.gz"
+
+        def copy(dst, gz=gz, name=name):
+            with (gzip.open(gz, "rb") if gz.is_file() else open(source / name, "rb")) as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+
         try:
-            if (source / f"{name}.gz").is_file():
-                with gzip.open(source / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-            else:
-                shutil.copyfile(source / name, tmp)
-            os.replace(tmp, raw / name)
+            atomic_write(raw / name, copy)  # a crash or a bad archive leaves no partial file
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            tmp.unlink(missing_ok=True)
             raise DataError(f"could not prepare Fashion-MNIST file {name!r} from {str(source)!r} "
                             f"into {str(raw)!r}: {exc}") from exc
     return raw

@@ -397,7 +397,9 @@ def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float,
         ts = TargetsStore(path)
     except IncompleteStoreError as exc:
         raise IncompleteStoreError(f"cannot train from this targets store: {exc}") from exc
-    if not math.isclose(float(tau), ts.tau, rel_tol=1e-6):
+    from loca_pipe.pipeline.store import find_tau
+
+    if find_tau((ts.tau,), tau) is None:
         raise StoreError(f"targets store {path!r} was built at τ={ts.tau:g}, this run asks τ={tau:g}; set "
                          f"train_student.tau to {ts.tau:g}, or re-run `loca-pipe calibrate --tau {tau:g}`")
     from loca_pipe.pipeline.losses import METHODS

@@ -17,14 +17,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from loca_pipe.pipeline import layout
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.store import TeacherView
 
-# arrays of a teacher that the students and the analysis read (row-aligned); "root" arrays are the store's
-ROOT_ARRAYS = ("sample_id", "label", "position")
-TEACHER_ARRAYS = ("topk_logits", "topk_ids", "lse", "label_logit", "sampled_ids", "sampled_counts")
+# The row-aligned arrays the students and the analysis read, from the store's one table (pipeline/layout.py):
+# every token-store array whose first dimension is the row, except the image-only view arrays (the view index is
+# always 0 here, crop-flip parameters never exist) and the optional full logits (token students learn from the
+# top-k). A new row array in the table is read here
+# without an edit. "root" arrays are the store group's, the rest the teacher's.
+NOT_SERVED = ("view", "aug_params", "logits")
+
+
+def served(where: str) -> tuple[str, ...]:
+    """The row arrays of ``where`` (layout.ROOT or layout.TEACHER) a token reader serves (read at call time)."""
+    return tuple(a.name for a in layout.arrays(where) if a.dims[0] == "row" and "causal-lm" in a.tasks
+                 and a.name not in NOT_SERVED)
+
+
 # what the teacher's codec (pipeline/codecs.py) stores in its own arrays and :meth:`TokenTeacher.read` decodes
-DECODED = ("topk_logits", "topk_ids")
+DECODED = tuple(a.name for a in layout.arrays(layout.TEACHER) if a.codec)
 # Rows read per call when streaming (the store's small int arrays go through zarr: a few calls per million rows)
 READ_BLOCK_ROWS = 1 << 16
 
@@ -51,8 +63,8 @@ class TokenTeacher:
         self.codec = codec_of(self.attrs)  # refuses a codec (version) this reader does not know
         self.top_k = self.view.top_k
         self._coded = {k: g[k] for k in self.codec.arrays(self.num_classes, self.top_k, len(self.temperatures))}
-        self.arrays = {k: store.group[k] for k in ROOT_ARRAYS}  # stored as read; the top-k come through the codec
-        self.arrays.update({k: g[k] for k in TEACHER_ARRAYS if k in g and k not in DECODED})
+        self.arrays = {k: store.group[k] for k in served(layout.ROOT)}  # as stored; the top-k through the codec
+        self.arrays.update({k: g[k] for k in served(layout.TEACHER) if k in g and k not in DECODED})
         self.keys = tuple(self.arrays) + DECODED  # every array a reader may ask for
         self.has_sampled = "sampled_ids" in g and "sampled_counts" in g
         self.has_greedy = "greedy_ids" in g

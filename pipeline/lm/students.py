@@ -217,7 +217,9 @@ def _sampled_loss(cache, kd: KDSettings) -> Callable:
     if not has:
         raise ConfigError("method 'kd_sampled' needs the sampled form in the cache; re-cache with sample_draws > 0")
     st = float(cache.attrs.get("sample_tau", 1.0))
-    if abs(st - kd.tau) > 1e-6:
+    from loca_pipe.pipeline.store import find_tau
+
+    if find_tau((st,), kd.tau) is None:
         raise ConfigError(f"method 'kd_sampled' trains at the temperature the ids were drawn at (sample_tau={st}); "
                           f"got tau={kd.tau}")
 

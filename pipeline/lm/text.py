@@ -128,14 +128,14 @@ def read_jsonl(path: str | Path, fmt: str = "auto", on_bad_line: str = "error") 
 
 def write_jsonl(path: str | Path, examples: Iterable[Example]) -> None:
     """Write examples in the Dolly format (the reader's native format)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    from loca_pipe.pipeline.io import atomic_write
+
+    def write(fh) -> None:
         for ex in examples:
-            fh.write(json.dumps({"instruction": ex.instruction, "context": ex.context, "response": ex.response},
-                                ensure_ascii=False) + "\n")
-    tmp.replace(path)
+            fh.write((json.dumps({"instruction": ex.instruction, "context": ex.context, "response": ex.response},
+                                 ensure_ascii=False) + "\n").encode("utf-8"))
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -142,6 +142,26 @@ def test_every_reader_uses_the_one_tau_rule(tmp_path):
                 assert r.tau_index(tau) == want, (name, tau)
 
 
+def test_the_streamed_reader_serves_every_row_array_of_the_table(tmp_path):
+    """TokenTeacher's arrays come from the table: every row array of a real token store (the image-only view
+    index and the full logits aside), the codec's own arrays as the decoded top-k."""
+    from loca_pipe.pipeline.lm.streaming import NOT_SERVED, TokenTeacher
+
+    _tiny_token_store(tmp_path / "tok", codec="compact", sample_draws=2, logits_dtype="float16")
+    store = LogitStore.open(str(tmp_path / "tok"))
+    R = store.info.num_rows
+    rows = {k for k, a in store.group.arrays() if a.shape[:1] == (R,)}
+    rows |= {k for k, a in store.teacher("t").group.arrays() if a.shape[:1] == (R,)}
+    from loca_pipe.pipeline.codecs import codec_of
+
+    view = store.teacher("t")
+    coded = set(codec_of(view.attrs).arrays(store.info.num_classes, view.top_k, len(view.temperatures)))
+    assert "topk_code" in coded and coded <= rows, "the compact codec's own arrays"
+    want = (rows - coded - set(NOT_SERVED)) | {"topk_logits", "topk_ids"}
+    assert "logits" in rows and "sampled_counts" in want and "position" in want
+    assert set(TokenTeacher(str(tmp_path / "tok")).keys) == want
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -21,7 +21,7 @@ def verify(
 ) -> None:
     """Check every chunk of every teacher against its CRC32C; exit 1 naming the bad ones (array, chunk, file)."""
     from loca_pipe.pipeline.errors import ConfigError, StoreError
-    from loca_pipe.pipeline.store import invalidate_chunks, verify_store
+    from loca_pipe.pipeline.store import LogitStore, cache_command, invalidate_chunks, verify_store
 
     path = store_option(store, store_opt)
     if path is None:
@@ -39,12 +39,13 @@ def verify(
             typer.echo(f"BAD {b.describe()}; teacher(s) {', '.join(b.teachers) or '-'}", err=True)
     if not bad:
         return
+    command = cache_command(LogitStore.open(path).info.task)  # cache-logits, or lm-cache for a token store
     if repair:
         which = "; ".join(f"{t}: chunks {c}" for t, c in cleared.items())
         raise StoreError(f"{len(bad)} bad chunk(s) in {path!r} marked not done ({which}); re-run each teacher's "
-                         f"`loca-pipe cache-logits` command (same options) to rewrite only those chunks")
+                         f"`{command}` command (same options) to rewrite only those chunks")
     raise StoreError(f"{len(bad)} chunk(s) of {path!r} failed verification (listed above); run `loca-pipe verify "
-                     f"{path} --repair`, then re-run the teachers' `loca-pipe cache-logits` commands")
+                     f"{path} --repair`, then re-run the teachers' `{command}` commands")
 
 
 def register(app: typer.Typer) -> None:

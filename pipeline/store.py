@@ -117,6 +117,11 @@ def find_tau(temperatures: Iterable[float], tau: float) -> int | None:
     return None
 
 
+def cache_command(task: str) -> str:
+    """The command that writes (and resumes, and after a repair rewrites) a store of ``task``."""
+    return "loca-pipe lm-cache" if task == "causal-lm" else "loca-pipe cache-logits"
+
+
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -524,7 +529,7 @@ class LogitStore:
             left = len(self.pending_chunks(name))
             raise IncompleteStoreError(
                 f"teacher {name!r} in {self.path!r} is incomplete ({left} of {self.info.num_chunks} chunks not "
-                f"written): it is still being written or its run crashed; re-run the same `loca-pipe cache-logits` "
+                f"written): it is still being written or its run crashed; re-run the same `{cache_command(self.info.task)}` "
                 f"command to resume it")
         return TeacherView(self, name, g)
 
@@ -1081,6 +1086,9 @@ class TeacherView:
 VERIFY_ATTR = "verify_failed"  # teacher attribute set by verify_store(record=True) while bad chunks are known
 
 
+INDEX_FLAG = "index"  # BadChunk.flag of a token store's offsets / position chunk (pipeline/lm/cache.py::_write_index)
+
+
 @dataclass(frozen=True)
 class BadChunk:
     """One chunk file that failed verification."""
@@ -1091,7 +1099,8 @@ class BadChunk:
     reason: str                # 'CRC32C mismatch' | 'missing file' | a decoding error
     teachers: tuple[str, ...]  # teachers whose data it is (every teacher for the shared row arrays)
     row_chunk: int | None      # the store's row chunk it belongs to (None: not row-aligned)
-    flag: str | None           # the done-flag array that repair clears for it (None: not repairable chunk-wise)
+    flag: str | None           # the done-flag array that repair clears for it (INDEX: a token store's sequence
+                               # index, rewritten from the data by the next lm-cache; None: not repairable chunk-wise)
 
     def describe(self) -> str:
         rows = f", row chunk {self.row_chunk}" if self.row_chunk is not None else ""
@@ -1117,6 +1126,8 @@ def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, fl
 
     spec = layout.spec(name)
     if spec is not None:
+        if spec.writer == layout.INDEX:  # offsets / position: a function of the data, rewritten whole chunks at open
+            return INDEX_FLAG, lambda co: co[0]
         if spec.writer == layout.FLAG:
             return name, lambda co: co[0]
         if spec.flag is not None:
@@ -1152,10 +1163,12 @@ def _scan_group(group: zarr.Group, names: Iterable[str], info: StoreInfo, flag: 
             except Exception as exc:  # a decoder error on garbage bytes (zstd, truncated file)
                 reason = f"unreadable ({type(exc).__name__}: {exc})"
             if reason is None and np.issubdtype(arr.dtype, np.signedinteger) and arr.fill_value is not None \
-                    and int(arr.fill_value) < 0 and fname is not None and fname in done:
+                    and int(arr.fill_value) < 0 and fname is not None and (fname in done or fname == INDEX_FLAG):
+                # an id/label array never holds only its negative fill value where the chunk is marked done (a
+                # token store's index is written whole when the store is opened)
                 idx = to_flag(coords)
-                # an id/label array never holds only its negative fill value where the chunk is marked done
-                if idx < len(done[fname]) and done[fname][idx] and not _key_exists(arr, key):
+                marked = fname == INDEX_FLAG or (idx < len(done[fname]) and done[fname][idx])
+                if marked and not _key_exists(arr, key):
                     reason = "missing file (chunk marked done)"
             if reason is not None:
                 rc = coords[0] if (arr.ndim >= 1 and arr.shape[0] == info.num_rows
@@ -1242,12 +1255,12 @@ def invalidate_chunks(path: str, bad: Iterable[BadChunk]) -> dict[str, list[int]
     from loca_pipe.pipeline.distributed import WriterLease
 
     bad = list(bad)
+    store = LogitStore.open(path, mode="r+")
     loose = [b for b in bad if b.flag is None]
     if loose:
         raise StoreError(f"{len(loose)} bad chunk(s) are not covered by a done flag ({loose[0].describe()}); they "
-                         f"cannot be rewritten chunk by chunk — re-cache the teacher with `loca-pipe cache-logits "
+                         f"cannot be rewritten chunk by chunk — re-cache the teacher with `{cache_command(store.info.task)} "
                          f"--overwrite` (or restore the store from a copy)")
-    store = LogitStore.open(path, mode="r+")
     owners = sorted({t for b in bad for t in b.teachers})
     leases = [WriterLease(str(path), t) for t in owners]
     cleared: dict[str, set[int]] = {t: set() for t in owners}
@@ -1262,7 +1275,10 @@ def invalidate_chunks(path: str, bad: Iterable[BadChunk]) -> dict[str, list[int]
                 sync(arr.store_path.store.delete(b.file))
                 parent = store.group if "/" not in b.array else store.group[b.array.rsplit("/", 1)[0]]
                 idx = b.chunk[0]
-                if b.flag == "rows_done":  # a shared row chunk: every teacher rewrites (and re-checks) it
+                if b.flag == INDEX_FLAG:  # no flag to clear: every teacher is marked incomplete until lm-cache
+                    for t in store.teachers:  # has rewritten the index chunk from the data
+                        cleared.setdefault(t, set())
+                elif b.flag == "rows_done":  # a shared row chunk: every teacher rewrites (and re-checks) it
                     parent[b.flag][idx] = 0
                     for t in store.teachers:
                         store._teacher_group(t)["done"][idx] = 0

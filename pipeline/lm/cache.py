@@ -95,6 +95,23 @@ class TokenJob:
         return Batch(logits, labels, {"sample_id": sid}, keep)
 
 
+def _restore_index(store: LogitStore, arr, want: np.ndarray) -> None:
+    """Check a written index array against the data's; a chunk that is wholly the fill value (its file deleted by
+    ``loca-pipe verify --repair``) is rewritten from the data, any other difference is a conflict."""
+    have = arr[:]
+    diff = have != want if have.shape == want.shape else None
+    if diff is not None and not diff.any():
+        return
+    ch = int(arr.chunks[0])
+    chunks = [] if diff is None else sorted({int(i) // ch for i in np.flatnonzero(diff)})
+    if diff is None or any(not (have[c * ch:(c + 1) * ch] == arr.fill_value).all() for c in chunks):
+        raise StoreConflictError(f"store {store.path!r} holds other sequence boundaries than this data; use another "
+                                 f"--store or --overwrite")
+    for c in chunks:
+        arr[c * ch:(c + 1) * ch] = want[c * ch:(c + 1) * ch]
+    log.info("rewrote %d repaired chunk(s) of %s from the data", len(chunks), arr.path)
+
+
 def _write_index(store: LogitStore, enc: Encoded) -> None:
     """offsets + position, written once; on reopen they must be identical."""
     offsets = enc.offsets()
@@ -102,9 +119,8 @@ def _write_index(store: LogitStore, enc: Encoded) -> None:
     g = store.group
     meta = dict(g.attrs).get(LM_ATTR, {})
     if meta.get("index_written"):
-        if not (np.array_equal(g["offsets"][:], offsets) and np.array_equal(g["position"][:], position)):
-            raise StoreConflictError(f"store {store.path!r} holds other sequence boundaries than this data; use another "
-                                     f"--store or --overwrite")
+        for name, want in (("offsets", offsets), ("position", position)):
+            _restore_index(store, g[name], want)
         return
     sizes = root_sizes(store.info, sequence_edge=len(offsets))
     for spec in layout.arrays(layout.ROOT, sizes, writer=layout.INDEX):  # offsets, position: the table's

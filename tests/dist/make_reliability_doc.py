@@ -62,7 +62,10 @@ FOOTER = """
   the teacher's writer lease, deletes those chunk files, clears their done flags (`rows_done` and every
   teacher's `done` for a shared row chunk) and marks the teacher incomplete; the same `cache-logits`
   command then recomputes exactly those chunks, with the same batches, so the store is bit-identical to
-  the original (only the `finished` time differs).
+  the original (only the `finished` time differs). A token store's sequence index (`offsets`, `position`), which
+  `lm-cache` writes once from the data, is repaired the same way: its bad chunks are deleted, every
+  teacher is marked incomplete, and the same `lm-cache` command rewrites them from the data (messages
+  about a token store name `lm-cache`, not `cache-logits`).
 * **Interrupts.** Ctrl-C (SIGINT) in any command exits 130 with `interrupted; rerun the same command to
   resume`; chunks whose done flag is set are whole and kept, and calibrate's local workers stop after the
   chunk they are writing.

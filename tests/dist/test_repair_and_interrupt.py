@@ -191,3 +191,45 @@ def test_verify_finds_a_deleted_chunk_file_of_a_done_chunk(tmp_path, toy_store):
     from loca_pipe.pipeline.store import LogitStore
 
     assert LogitStore.open(str(store)).pending_chunks("teacher") == [1]
+
+
+def test_token_store_repair_rewrites_the_sequence_index_and_teacher_chunks(tmp_path):
+    """A token store: a corrupted teacher chunk, a corrupted ``position`` chunk and a deleted ``offsets`` chunk
+    (the index lm-cache writes once from the data) are found, repaired and rewritten by the same lm-cache run,
+    bit for bit; readers refuse the teacher in between, and the CLI names `lm-cache`, not `cache-logits`.
+    Before, repair refused ``offsets`` (no done flag) and a repaired ``position`` chunk made lm-cache refuse the
+    store ("holds other sequence boundaries")."""
+    import importlib.util
+
+    from loca_pipe.pipeline.errors import IncompleteStoreError
+    from loca_pipe.pipeline.store import LogitStore, verify_store
+
+    spec = importlib.util.spec_from_file_location("layout_tests", REPO / "tests" / "pipeline" / "test_layout.py")
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    store, original = tmp_path / "tok.zarr", tmp_path / "original.zarr"
+    make = dict(sample_draws=2, greedy_max_new_tokens=2, greedy_chunk=2)
+    lt._tiny_token_store(store, **make)
+    shutil.copytree(store, original)
+
+    _flip(store / "teachers" / "t" / "lse" / "c" / "1" / "0")
+    _flip(store / "position" / "c" / "2")
+    (store / "offsets" / "c" / "0").unlink()
+    rep = verify_store(str(store), record=False)
+    assert sorted((b.array, b.chunk, b.reason.split(" (")[0]) for b in rep["bad"]) == [
+        ("offsets", (0,), "missing file"), ("position", (2,), "CRC32C mismatch"),
+        ("teachers/t/lse", (1, 0), "CRC32C mismatch")]
+    assert all(b.flag is not None for b in rep["bad"]), "every bad chunk is repairable chunk by chunk"
+
+    r = run_cli(["verify", store, "--repair"])
+    err = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert r.returncode == 1 and len(err) == 1 and "`loca-pipe lm-cache` command" in err[0], r.stderr
+    assert "cache-logits" not in r.stderr
+    with pytest.raises(IncompleteStoreError, match="re-run the same `loca-pipe lm-cache` command"):
+        LogitStore.open(str(store)).teacher("t")
+    assert LogitStore.open(str(store)).pending_chunks("t") == [1]
+
+    lt._tiny_token_store(store, **make)  # the same lm-cache call as the one that made the store
+    assert verify_store(str(store), record=False)["bad"] == []
+    assert LogitStore.open(str(store)).is_complete("t")
+    assert_same_store(store, original)

@@ -18,7 +18,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_save", "atomic_write", "atomic_write_bytes", "atomic_write_text", "versions", "write_json"]
+__all__ = ["atomic_save", "atomic_write", "atomic_write_bytes", "atomic_write_text", "jsonable", "versions",
+           "write_json"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,12 +64,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True, default: Callable[[Any], Any] | None = None
-               ) -> Path:
-    """Write ``obj`` as indented JSON (2 spaces, trailing newline) to ``path`` atomically.
+def jsonable(x: Any) -> Any:
+    """JSON for what ``json`` cannot encode itself: numpy scalars and arrays, torch tensors (``tolist``: an
+    ``int64`` stays an integer, a ``bool_`` a boolean), paths, dataclasses."""
+    import dataclasses
 
-    ``default`` converts what json cannot (e.g. ``float`` for numpy scalars)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    raise TypeError(f"{type(x).__name__} {x!r} is not JSON serialisable")
+
+
+def write_json(path: str | Path, obj: Any, *, sort_keys: bool = True) -> Path:
+    """Write ``obj`` as indented JSON (2 spaces, trailing newline) to ``path`` atomically; numpy / torch values
+    and paths are converted by :func:`jsonable`."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=jsonable) + "\n")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

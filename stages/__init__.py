@@ -22,22 +22,29 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
+
+from loca_pipe.pipeline.io import jsonable
 
 
 @dataclass(frozen=True, eq=False)
 class Report(Mapping[str, Any]):
     """What one stage run did; every stage's ``run`` returns one.
 
-    ``values``: what it measured or wrote, JSON-able, read as ``report[key]`` (a read-only mapping);
-    ``outputs``: what → path of everything it wrote; ``text``: what its command prints (default: the values as
-    indented JSON).
+    ``values``: what it measured or wrote, JSON-able, read as ``report[key]`` (a read-only view); ``outputs``:
+    what → path of everything it wrote; ``text``: what its command prints (default: the values as indented
+    JSON). As a mapping it compares like its values (``report == {"a": 1}``) and, like a dict, is not hashable.
     """
 
     stage: str
     values: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, str] = field(default_factory=dict)
     text: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "outputs", MappingProxyType({k: str(v) for k, v in self.outputs.items()}))
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -49,7 +56,7 @@ class Report(Mapping[str, Any]):
         return len(self.values)
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(dict(self.values), indent=indent, default=_plain)
+        return json.dumps(dict(self.values), indent=indent, default=jsonable)
 
     def __str__(self) -> str:
         return self.text or self.to_json()
@@ -57,14 +64,5 @@ class Report(Mapping[str, Any]):
     def __repr__(self) -> str:
         return f"Report(stage={self.stage!r}, keys={list(self.values)}, outputs={dict(self.outputs)})"
 
-
-def _plain(x: Any) -> Any:
-    """JSON for numpy scalars / paths / dataclasses inside a report's values."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.asdict(x)
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
+    def __reduce__(self):  # a MappingProxyType does not pickle: rebuild from plain dicts
+        return (Report, (self.stage, dict(self.values), dict(self.outputs), self.text))

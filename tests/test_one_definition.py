@@ -23,6 +23,8 @@ ONCE = {
     "atomic_write_text": "pipeline/io.py",
     "atomic_save": "pipeline/io.py",
     "write_json": "pipeline/io.py",
+    "jsonable": "pipeline/io.py",
+    "progress_bar": "pipeline/progress.py",
     "read_sidecar": "pipeline/models.py",
     "find_tau": "pipeline/store.py",
     "array_codecs": "pipeline/store.py",
@@ -51,12 +53,12 @@ MODULES = _modules()
 
 
 def _defined(tree: ast.Module) -> set[str]:
-    """Names a module defines: every def (any depth) and every name bound to a lambda. A name bound to the one
-    definition itself (an import, ``functools.partial(io.write_json, …)``) is a use, not a copy."""
+    """Names a module defines: every def and every name bound by an assignment, at any depth (an alias such
+    as ``write_json = functools.partial(…)`` is a second definition too). Imports are uses, not copies."""
     names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     for n in ast.walk(tree):
-        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Lambda):
-            names |= {t.id for t in n.targets if isinstance(t, ast.Name)}
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+        names |= {t.id for t in targets if isinstance(t, ast.Name)}
     return names
 
 
@@ -109,3 +111,15 @@ def _find_tau_isclose_line() -> int:
     tree = MODULES["pipeline/store.py"]
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "find_tau")
     return next(n.lineno for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "isclose")
+
+
+def test_progress_bars_come_from_the_one_helper():
+    """tqdm is imported by pipeline/progress.py only (one line per update off a terminal, one look)."""
+    where = set()
+    for m, tree in MODULES.items():
+        for n in ast.walk(tree):
+            mods = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module or ""] if isinstance(n, ast.ImportFrom) else []
+            if any(x == "tqdm" or x.startswith("tqdm.") for x in mods):
+                where.add(m)
+    assert where == {"pipeline/progress.py"}, f"tqdm imported in {sorted(where)}; use progress.progress_bar"

@@ -229,9 +229,9 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     model.train()
     history, t0, tokens = [], time.perf_counter(), 0
-    from tqdm.auto import tqdm
+    from loca_pipe.pipeline.progress import progress_bar
 
-    bar = tqdm(total=steps, desc="train", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, desc="train", unit="step", enabled=progress)
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
@@ -262,7 +262,8 @@ def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_s
         opt.step()
         bar.update(1)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}",
+                            refresh=False)
         if step % log_every == 0 or step == steps - 1:
             dt = time.perf_counter() - t0
             history.append({"step": step, "loss": float(loss.detach()), "tokens_per_s": tokens / max(dt, 1e-9)})

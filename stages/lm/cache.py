@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import cache, models, tokenizer
+from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report, write_json
+from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report
 
 log = logging.getLogger(__name__)
 SECTION = "lm_cache"
@@ -69,7 +70,7 @@ def run(p: Params) -> Report:
     out = {**rep.to_dict(), "wall_seconds": time.perf_counter() - t0, "truncated_sequences": enc.truncated,
            "prompt_tokens_stored": 0, "bytes": cache.store_bytes(str(base.store))}
     out["bytes_per_token"] = sum(out["bytes"].values()) / max(1, rep.extra["tokens"])
-    write_json(base.cache_report, out)
+    write_json(base.cache_report, out, sort_keys=False)
     log.info("cache: %s", out)
     return lm_report(SECTION, out, {"store": base.store, "cache_report": base.cache_report},
                      shown={k: v for k, v in out.items() if k != "bytes"})

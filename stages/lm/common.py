@@ -4,7 +4,6 @@ derive. Every output path of the LM pipeline is computed here, once, from ``work
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +100,12 @@ def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
 
 def report(section: str, values: dict[str, Any], outputs: dict[str, Any], shown: dict[str, Any] | None = None) -> Report:
     """An LM stage's report: its command prints ``shown`` (default: ``values``) as indented JSON."""
-    text = json.dumps(values if shown is None else shown, indent=2, default=float)
+    text = json.dumps(values if shown is None else shown, indent=2, default=_io.jsonable)
     return Report(section, values, {k: str(v) for k, v in outputs.items()}, text)
 
 
 def set_threads(base: LMBase) -> None:
     torch.set_num_threads(max(1, base.threads))
-
-
-# pipeline.io.write_json (atomic) with the LM outputs' options: keys in insertion order, numpy scalars as floats
-write_json = functools.partial(_io.write_json, sort_keys=False, default=float)
 
 
 def read_json(path: str | Path) -> Any:

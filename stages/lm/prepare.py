@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import text
+from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, report as lm_report, write_json
+from loca_pipe.stages.lm.common import LMBase, report as lm_report
 
 log = logging.getLogger(__name__)
 SECTION = "lm_prepare"
@@ -56,6 +57,6 @@ def run(p: Params) -> Report:
         text.write_jsonl(base.split(name), ex)
     report = {"source": p.source, "read": read, "sizes": {k: len(v) for k, v in splits.items()},
               "fingerprints": {k: text.fingerprint_examples(v, base.template) for k, v in splits.items()}}
-    write_json(base.data_dir / "report.json", report)
+    write_json(base.data_dir / "report.json", report, sort_keys=False)
     return lm_report(SECTION, report, {"data": base.data_dir},
                      shown={"sizes": report["sizes"], "bad_lines": report["read"]["bad"]})

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import DataError
-from loca_pipe.pipeline.io import atomic_write_text
+from loca_pipe.pipeline.io import atomic_write_text, write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, read_json, write_json
+from loca_pipe.stages.lm.common import LMBase, read_json
 
 SECTION = "lm_report"
 ORDER = ("sft", "seqkd", "kd", "loca", "kd_sampled")
@@ -66,7 +66,7 @@ def run(p: Params) -> Report:
                   f"{c['truncated_sequences']} truncated sequences."]
     table = "\n".join(lines) + "\n"
     result = {"rows": rows, "runs": runs, **extra}
-    write_json(base.report_dir / "results.json", result)
+    write_json(base.report_dir / "results.json", result, sort_keys=False)
     atomic_write_text(base.report_dir / "table.md", table)
     return Report(SECTION, result, {"results": str(base.report_dir / "results.json"),
                                     "table": str(base.report_dir / "table.md")}, table)

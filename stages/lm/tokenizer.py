@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.lm import text, tokenizer
+from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, report as lm_report, write_json
+from loca_pipe.stages.lm.common import LMBase, report as lm_report
 
 SECTION = "lm_tokenizer"
 
@@ -33,5 +34,5 @@ def run(p: Params) -> Report:
         corpus = [text.render_prompt(ex, base.template) + ex.response for ex in train]
         tok = tokenizer.train_tokenizer(corpus, p.vocab_size, base.tokenizer_dir)
     info = {"vocab": len(tok), "fingerprint": tokenizer.tokenizer_fingerprint(tok), "from_model": p.from_model}
-    write_json(base.tokenizer_dir / "loca_pipe.json", info)
+    write_json(base.tokenizer_dir / "loca_pipe.json", info, sort_keys=False)
     return lm_report(SECTION, info, {"tokenizer": base.tokenizer_dir})

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, streaming, students, tokenizer
+from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report, write_json
+from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_student"
@@ -92,8 +93,9 @@ def run(p: Params) -> Report:
                "teacher_buffer_peak_mib": c.peak_buffer_bytes / 2**20,
                "tokens_per_s": hist[-1]["tokens_per_s"], **{k: v for k, v in ev.items() if k != "samples"}}
     out = out_dir(p)
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "samples.json", {"samples": ev["samples"], "history": hist, "params": dataclasses.asdict(p)})
+    write_json(out / "metrics.json", metrics, sort_keys=False)
+    write_json(out / "samples.json", {"samples": ev["samples"], "history": hist, "params": dataclasses.asdict(p)},
+               sort_keys=False)
     if p.save_model:
         models.save_lm(model, tok, out / "model", {"stage": SECTION, "params": dataclasses.asdict(p)})
     log.info("student %s seed %d: %s", p.method, p.seed, metrics)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.lm import evaluation, models, tokenizer
+from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.lm.common import LMBase, encode_split, set_threads, report as lm_report, write_json
+from loca_pipe.stages.lm.common import LMBase, encode_split, set_threads, report as lm_report
 
 log = logging.getLogger(__name__)
 SECTION = "lm_train_teacher"
@@ -63,7 +64,7 @@ def run(p: Params) -> Report:
                "train_truncated": train.truncated, **{k: v for k, v in ev.items() if k != "samples"}}
     models.save_lm(model, tok, base.teacher_dir, {"stage": SECTION, "params": dataclasses.asdict(p),
                                                   "base": dataclasses.asdict(base), "history": hist})
-    write_json(base.teacher_dir / "metrics.json", metrics)
-    write_json(base.teacher_dir / "samples.json", ev["samples"])
+    write_json(base.teacher_dir / "metrics.json", metrics, sort_keys=False)
+    write_json(base.teacher_dir / "samples.json", ev["samples"], sort_keys=False)
     log.info("teacher: %s", metrics)
     return lm_report(SECTION, metrics, {"teacher": base.teacher_dir})

@@ -33,8 +33,16 @@ def test_writers_round_trip_create_folders_and_leave_no_temporaries(tmp_path):
     assert (d / "x.txt").read_text(encoding="utf-8") == "héllo\n"
     lio.write_json(d / "x.json", {"b": 1, "a": [1.5]})
     assert (d / "x.json").read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
-    lio.write_json(d / "y.json", {"b": np.float32(0.5), "a": 1}, sort_keys=False, default=float)
+    lio.write_json(d / "y.json", {"b": np.float32(0.5), "a": 1}, sort_keys=False)
     assert list(json.loads((d / "y.json").read_text())) == ["b", "a"]
+    # numpy / torch values keep their JSON kind (an int64 stays an integer, a bool_ a boolean); paths are strings
+    lio.write_json(d / "z.json", {"i": np.int64(3), "t": np.bool_(True), "v": np.arange(3), "f": np.float32(0.25),
+                                  "x": torch.tensor(2.5), "p": d})
+    assert json.loads((d / "z.json").read_text()) == {"i": 3, "t": True, "v": [0, 1, 2], "f": 0.25, "x": 2.5,
+                                                     "p": str(d)}
+    assert '"i": 3,' in (d / "z.json").read_text() and '"t": true' in (d / "z.json").read_text()
+    with pytest.raises(TypeError, match="is not JSON serialisable"):
+        lio.write_json(d / "w.json", {"o": object()})
     state = {"w": torch.arange(6.0).view(2, 3)}
     lio.atomic_save(state, d / "m.pt")
     assert torch.equal(torch.load(d / "m.pt")["w"], state["w"])

@@ -29,16 +29,33 @@ def _run(args, cwd):
 @pytest.mark.slow
 def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    import importlib
+
+    from loca_pipe.stages import Report
+
+    returned: dict[str, str] = {}
+    for name in ("prepare", "tokenizer", "train_teacher", "cache", "analyze", "train_student", "report"):
+        mod = importlib.import_module(f"loca_pipe.stages.lm.{name}")
+
+        def checked(p, _run=mod.run, _name=name):  # what each stage's run really returns (the contract)
+            rep = _run(p)
+            returned[_name] = type(rep).__name__ if not isinstance(rep, Report) else rep.stage
+            return rep
+
+        monkeypatch.setattr(mod, "run", checked)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
     for cmd in (["lm-prepare"], ["lm-tokenizer"], ["lm-train-teacher"], ["lm-cache"], ["lm-analyze"],
                 ["lm-train-student", "--method", "loca", "--seed", "1"],
                 ["lm-train-student", "--method", "seqkd", "--seed", "0"], ["lm-report"]):
         r = _run(cmd, tmp_path)
         assert r.exit_code == 0, (cmd, r.output)
+    assert returned == {n: f"lm_{n}" for n in ("prepare", "tokenizer", "train_teacher", "cache", "analyze",
+                                                "train_student", "report")}, returned
     w = tmp_path / "w"
     rep = json.loads((w / "cache_report.json").read_text())
     assert rep["complete"] and rep["prompt_tokens_stored"] == 0 and rep["rows"] > 0
     table = (w / "report" / "table.md").read_text()
+    assert _run(["lm-report", "--quiet"], tmp_path).stdout == f"report: {w.relative_to(tmp_path) / 'report' / 'table.md'}\n"
     assert "| loca | 1 |" in table and "| seqkd | 1 |" in table
     assert json.loads((w / "analysis" / "metrics.json").read_text())["tokens"] == rep["rows"]
     # a second lm-cache run finds everything written: nothing to redo

@@ -155,12 +155,14 @@ def lm_train_student(
 def lm_report(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print where the table went, not the table (lm/dvc.yaml: `make repro-lm` prints it once, at the end).")] = False,
 ) -> None:
     """Mean ± std over seeds of every student method → report/table.md (printed) and report/results.json."""
     from loca_pipe.stages.lm import common as lm_common, report as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
-    typer.echo(str(stage.run(p)))
+    rep = stage.run(p)
+    typer.echo(f"report: {rep.outputs['table']}" if quiet else str(rep))
 
 
 def register(app: typer.Typer) -> None:

@@ -130,6 +130,7 @@ def report(
     teacher_top1: Annotated[Optional[float], typer.Option(help="Teacher accuracy to show (default: from the runs).")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse runs that are not comparable (default: leave them out, with the reason).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'report' gives the defaults.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print where the report went, not the report (dvc.yaml: `make repro` prints it once, at the end).")] = False,
 ) -> None:
     """Paired comparisons over seeds (95 % intervals, p-values), mis-instruction and follow-rate tables, figures."""
     from loca_pipe.stages import report as stage
@@ -141,7 +142,8 @@ def report(
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "the report", "--out-dir")
-    typer.echo(str(stage.run(p)))
+    rep = stage.run(p)
+    typer.echo(f"report: {rep.outputs['markdown']}" if quiet else str(rep))
 
 
 def select_recipe(

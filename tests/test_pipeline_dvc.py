@@ -85,6 +85,9 @@ def test_make_repro_runs_the_whole_pipeline(project):
             "train_student_ce", "train_student_base@weak", "train_student_base@strong",
             "train_student_loca@weak-0.9", "train_student_loca@strong-0.9", "report"} <= _ran(out)
     assert (dst / "data/report/report.md").read_text().rstrip() in out  # make repro prints the report
+    title = (dst / "data/report/report.md").read_text().splitlines()[0]
+    assert out.count(title) == 1, "make repro prints the report once (the report stage runs with --quiet)"
+    assert "report: data/report/report.md" in out
     table = (dst / "data/report/report.md").read_text()
     for text in ("| KD |", "| KD* |", "| LoCa-0.9 |", "| DKD+LoCa-0.9 |", "| LoCa-0.9 − KD |", "Mis-instruction",
                  "The mechanism", "delta_vs_mis.png"):

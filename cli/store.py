@@ -1,5 +1,6 @@
 """`loca-pipe verify`: check every chunk's CRC32C of a logit store, name the bad ones, and (``--repair``) mark
-exactly those chunks not done so that re-running the same `loca-pipe cache-logits` command rewrites them."""
+exactly those chunks not done so that re-running the same `loca-pipe cache-logits` (token stores: `lm-cache`)
+command rewrites them."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ def verify(
     store: Annotated[Optional[str], typer.Argument(metavar="STORE", help="Logit store path (or --store).")] = None,
     store_opt: Annotated[Optional[str], typer.Option("--store", help="Logit store path (the same as the argument STORE).")] = None,
     teachers: Annotated[Optional[str], typer.Option("--teachers", "-t", help="Comma-separated teachers to check (default: all; the shared row arrays are always checked).")] = None,
-    repair: Annotated[bool, typer.Option("--repair", help="Delete the bad chunk files and mark those chunks not done (the teacher becomes incomplete); then re-run its cache-logits command.")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Delete the bad chunk files and mark those chunks not done (the teacher becomes incomplete); then re-run its cache-logits (token stores: lm-cache) command.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar over the chunks.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check every chunk of every teacher against its CRC32C; exit 1 naming the bad ones (array, chunk, file)."""
     from loca_pipe.pipeline.errors import ConfigError, StoreError
-    from loca_pipe.pipeline.store import LogitStore, cache_command, invalidate_chunks, verify_store
+    from loca_pipe.pipeline.store import INDEX_FLAG, LogitStore, cache_command, invalidate_chunks, verify_store
 
     path = store_option(store, store_opt)
     if path is None:
@@ -41,7 +42,9 @@ def verify(
         return
     command = cache_command(LogitStore.open(path).info.task)  # cache-logits, or lm-cache for a token store
     if repair:
-        which = "; ".join(f"{t}: chunks {c}" for t, c in cleared.items())
+        which = "; ".join(f"{t}: chunks {c}" for t, c in cleared.items() if c)
+        if any(b.flag == INDEX_FLAG for b in bad):
+            which = "; ".join(filter(None, (which, "the sequence index, rewritten from the data")))
         raise StoreError(f"{len(bad)} bad chunk(s) in {path!r} marked not done ({which}); re-run each teacher's "
                          f"`{command}` command (same options) to rewrite only those chunks")
     raise StoreError(f"{len(bad)} chunk(s) of {path!r} failed verification (listed above); run `loca-pipe verify "

@@ -786,7 +786,7 @@ def _crc_error(arr_path: str, lay: RawChunks, c: int, why: str) -> StoreError:
         f"array {arr_path!r} of the logit store: chunk {c} (rows {c * lay.chunk_rows}..{min(n, (c + 1) * lay.chunk_rows) - 1}, "
         f"file {arr_path + '/' + lay.key(c)!r}) {why} — the file is corrupted (disk or copy error), so its numbers "
         f"cannot be trusted; run `loca-pipe verify {store_root} --repair` (it marks the bad chunks not done), then "
-        f"the same `loca-pipe cache-logits` command again to rewrite only them")
+        f"the same `loca-pipe cache-logits` command (`lm-cache` for a token store) again to rewrite only them")
 
 
 def read_raw_chunk(lay: RawChunks, c: int, out: np.ndarray, arr_path: str = "?", row0: int = 0,
@@ -925,7 +925,7 @@ def _checked(arr: zarr.Array, read: Any, rows: Any) -> np.ndarray:
         raise StoreError(
             f"array {arr.path!r} of the logit store: {names} failed its CRC32C checksum — the file is corrupted "
             f"(disk or copy error), so its numbers cannot be trusted; run `loca-pipe verify {_location(arr)} --repair` (it "
-            f"marks the bad chunks not done), then the same `loca-pipe cache-logits` command again to rewrite only them") from exc \
+            f"marks the bad chunks not done), then the same `loca-pipe cache-logits` command (`lm-cache` for a token store) again to rewrite only them") from exc \
             if where is not None else exc
 
 

@@ -220,7 +220,7 @@ def run(params: CacheParams) -> Report:
 
 
 def report(r: CacheReport, stage: str, unit: str = "rows") -> Report:
-    """The stage report of one engine run (image and token caching): its numbers and the line the command prints."""
+    """The stage report of one image caching run: the engine's numbers and the line `cache-logits` prints."""
     if not r.rows:
         state = "complete" if r.complete else "waiting for other shards"
         text = (f"teacher {r.name!r} in {r.store}: nothing left to cache ({state}); pass --overwrite to "

@@ -176,5 +176,6 @@ def run(p: SelectRecipeParams) -> Report:
 
 def _write(out: Path, doc: dict[str, Any]) -> Report:
     write_json(out, doc, sort_keys=False)
-    text = json.dumps({"chosen": doc["chosen"], "gains": [round(r["gain"], 3) for r in doc["grid"] if "gain" in r]})
+    text = json.dumps({"chosen": doc["chosen"],  # a declared single recipe has no gain: null
+                       "gains": [round(r["gain"], 3) if "gain" in r else None for r in doc["grid"]]})
     return Report(SECTION, doc, {"recipe": str(out)}, text)

@@ -6,7 +6,6 @@ pipeline keeps its own in ``lm/params.yaml``) plus ``lm_base``; options override
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,20 +14,15 @@ import typer
 from loca_pipe.cli.options import choices, comma_list
 from loca_pipe.pipeline.lm.cache import ID_DTYPES
 from loca_pipe.pipeline.lm.students import METHODS
+from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.codecs import CHOICES
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
 
 
-class Template(str, enum.Enum):
-    plain = "plain"
-    chat = "chat"
-
-
-class BadLine(str, enum.Enum):
-    skip = "skip"
-    error = "error"
+Template = choices("Template", TEMPLATES)  # pipeline/lm/text.py
+BadLine = choices("BadLine", BAD_LINE_POLICIES)  # pipeline/lm/text.py
 
 
 Method = choices("Method", METHODS)  # pipeline/lm/students.py

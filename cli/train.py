@@ -11,7 +11,8 @@ import typer
 from loca_pipe.cli.options import DEVICES, choices, comma_list
 from loca_pipe.pipeline.augment import AUGMENTATIONS
 from loca_pipe.pipeline.losses import method_help
-from loca_pipe.pipeline.soft_labels import FORMS
+from loca_pipe.pipeline.soft_labels import FORMS, VIEW_POLICIES
+from loca_pipe.stages.report import METRICS as REPORT_METRICS
 
 
 class Preset(str, enum.Enum):
@@ -22,19 +23,14 @@ class Preset(str, enum.Enum):
 Form = choices("Form", FORMS)  # pipeline/soft_labels.py
 
 
-class ViewPolicy(str, enum.Enum):
-    cycle = "cycle"
-    random = "random"
+ViewPolicy = choices("ViewPolicy", VIEW_POLICIES)  # pipeline/soft_labels.py
 
 
 Augment = choices("Augment", AUGMENTATIONS)  # pipeline/augment.py
 Device = choices("Device", DEVICES)
 
 
-class Metric(str, enum.Enum):
-    test_top1 = "test_top1"
-    test_top5 = "test_top5"
-    best_test_top1 = "best_test_top1"
+Metric = choices("Metric", REPORT_METRICS)  # stages/report.py
 
 
 def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:

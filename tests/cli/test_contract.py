@@ -172,6 +172,27 @@ def test_cli_choices_are_the_library_constants():
     from loca_pipe.stages import train_student
 
     assert train_student.AUGMENTS is augment.AUGMENTATIONS
+    from loca_pipe.pipeline.lm import text
+    from loca_pipe.stages import report
+
+    assert _values(lm.Template) == text.TEMPLATES and _values(lm.BadLine) == text.BAD_LINE_POLICIES
+    assert _values(train.ViewPolicy) == soft_labels.VIEW_POLICIES and _values(train.Metric) == report.METRICS
+
+
+def test_cli_enums_written_in_the_cli_match_the_params_they_set():
+    """The few choices still spelled in cli/ (their library side is a params Literal or a dict of presets,
+    in modules the CLI does not import) equal that library side."""
+    from loca_pipe.cli import analyze, teacher, train
+    from loca_pipe.pipeline.training import PRESETS
+    from loca_pipe.stages import analyze as analyze_stage, train_teacher
+
+    def literal(cls, name):
+        return typing.get_args(typing.get_type_hints(cls)[name])
+
+    assert _values(teacher.Optimizer) == literal(train_teacher.TrainTeacherParams, "optimizer")
+    assert _values(teacher.Schedule) == literal(train_teacher.TrainTeacherParams, "schedule")
+    assert _values(analyze.Entropy) == literal(analyze_stage.AnalyzeParams, "entropy")
+    assert set(_values(train.Preset)) == set(PRESETS)
 
 
 def test_every_device_choice_resolves():

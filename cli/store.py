@@ -22,7 +22,7 @@ def verify(
 ) -> None:
     """Check every chunk of every teacher against its CRC32C; exit 1 naming the bad ones (array, chunk, file)."""
     from loca_pipe.pipeline.errors import ConfigError, StoreError
-    from loca_pipe.pipeline.store import INDEX_FLAG, LogitStore, cache_command, invalidate_chunks, verify_store
+    from loca_pipe.pipeline.store import INDEX_FLAG, cache_command, invalidate_chunks, verify_store
 
     path = store_option(store, store_opt)
     if path is None:
@@ -40,7 +40,7 @@ def verify(
             typer.echo(f"BAD {b.describe()}; teacher(s) {', '.join(b.teachers) or '-'}", err=True)
     if not bad:
         return
-    command = cache_command(LogitStore.open(path).info.task)  # cache-logits, or lm-cache for a token store
+    command = cache_command(rep["task"])  # cache-logits, or lm-cache for a token store
     if repair:
         which = "; ".join(f"{t}: chunks {c}" for t, c in cleared.items() if c)
         if any(b.flag == INDEX_FLAG for b in bad):

@@ -1193,7 +1193,7 @@ def verify_store(path: str, teachers: Iterable[str] | None = None, record: bool 
                  progress: bool = False) -> dict[str, Any]:
     """Check every chunk of every array (the shared row arrays and each teacher's) against its CRC32C.
 
-    Returns ``{"path", "chunks_checked", "bad": [BadChunk…], "teachers": {name: [bad row chunks]}}``. With
+    Returns ``{"path", "task", "chunks_checked", "bad": [BadChunk…], "teachers": {name: [bad row chunks]}}``. With
     ``record``, a teacher with bad chunks gets the attribute ``verify_failed`` (its chunks and the time), so
     ``describe``/``loca-pipe info`` no longer call it complete; a later clean verify or a repair removes it.
     """
@@ -1222,7 +1222,7 @@ def verify_store(path: str, teachers: Iterable[str] | None = None, record: bool 
             import logging
 
             logging.getLogger(__name__).warning("verify: result not recorded in %s (%s)", path, exc)
-    return {"path": str(path), "chunks_checked": total, "bad": bad, "teachers": per}
+    return {"path": str(path), "task": store.info.task, "chunks_checked": total, "bad": bad, "teachers": per}
 
 
 def _record_verify(store: "LogitStore", groups: dict[str, zarr.Group], bad: list[BadChunk],

@@ -216,16 +216,16 @@ def run(params: CacheParams) -> Report:
         overwrite=p.overwrite, recache=p.recache, shard=p.shard, num_shards=p.num_shards, amp=amp,
         device_type=device.type, progress=p.progress, unit="sample")
     job = ImageJob(spec.dataset, labels, model, device, info, p.batch_size, augmenter, p.num_workers, amp, p.dataset)
-    return report(caching.cache(settings, info, provenance, job), SECTION)
+    return _report(caching.cache(settings, info, provenance, job))
 
 
-def report(r: CacheReport, stage: str, unit: str = "rows") -> Report:
+def _report(r: CacheReport) -> Report:
     """The stage report of one image caching run: the engine's numbers and the line `cache-logits` prints."""
     if not r.rows:
         state = "complete" if r.complete else "waiting for other shards"
         text = (f"teacher {r.name!r} in {r.store}: nothing left to cache ({state}); pass --overwrite to "
                 f"re-cache it")
     else:
-        text = (f"teacher {r.name!r}: {r.rows} {unit} cached in {r.seconds_loop:.1f} s "
-                f"({r.rows / max(r.seconds_loop, 1e-9):.0f} {unit}/s){' (resumed)' if r.resumed else ''} -> {r.store}")
-    return Report(stage, r.to_dict(), {"store": r.store}, text)
+        text = (f"teacher {r.name!r}: {r.rows} rows cached in {r.seconds_loop:.1f} s "
+                f"({r.rows / max(r.seconds_loop, 1e-9):.0f} rows/s){' (resumed)' if r.resumed else ''} -> {r.store}")
+    return Report(SECTION, r.to_dict(), {"store": r.store}, text)

@@ -35,6 +35,11 @@ class LMOutputs:
     report: str = "report"                # lm-report
 
 
+def _under_workdir(key: str) -> property:
+    """The property ``Path(workdir) / outputs.<key>`` of LMBase."""
+    return property(lambda self: self.root / getattr(self.outputs, key), doc=f"workdir / outputs.{key}")
+
+
 @dataclass(frozen=True)
 class LMBase:
     """workdir: folder every output goes under (names in ``outputs``); template: plain | chat; max_length:
@@ -51,37 +56,15 @@ class LMBase:
     def root(self) -> Path:
         return Path(self.workdir)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / self.outputs.data
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / self.outputs.tokenizer
-
-    @property
-    def teacher_dir(self) -> Path:
-        return self.root / self.outputs.teacher
-
-    @property
-    def store(self) -> Path:
-        return self.root / self.outputs.store
-
-    @property
-    def cache_report(self) -> Path:
-        return self.root / self.outputs.cache_report
-
-    @property
-    def analysis_dir(self) -> Path:
-        return self.root / self.outputs.analysis
-
-    @property
-    def students_dir(self) -> Path:
-        return self.root / self.outputs.students
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / self.outputs.report
+    # workdir / outputs.<key>, one property per output
+    data_dir = _under_workdir("data")
+    tokenizer_dir = _under_workdir("tokenizer")
+    teacher_dir = _under_workdir("teacher")
+    store = _under_workdir("store")
+    cache_report = _under_workdir("cache_report")
+    analysis_dir = _under_workdir("analysis")
+    students_dir = _under_workdir("students")
+    report_dir = _under_workdir("report")
 
     def split(self, name: str) -> Path:
         return self.data_dir / f"{name}.jsonl"
@@ -99,9 +82,9 @@ def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
 
 
 def report(section: str, values: dict[str, Any], outputs: dict[str, Any], shown: dict[str, Any] | None = None) -> Report:
-    """An LM stage's report: its command prints ``shown`` (default: ``values``) as indented JSON."""
-    text = json.dumps(values if shown is None else shown, indent=2, default=_io.jsonable)
-    return Report(section, values, {k: str(v) for k, v in outputs.items()}, text)
+    """An LM stage's report: its command prints ``shown`` as indented JSON (default: the values, Report's own text)."""
+    text = "" if shown is None else json.dumps(shown, indent=2, default=_io.jsonable)
+    return Report(section, values, outputs, text)
 
 
 def set_threads(base: LMBase) -> None:

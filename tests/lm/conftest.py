@@ -52,3 +52,4 @@ def trained_teacher(tok, enc):
     m = models.build_lm("llama", len(tok), 32, 2, 2, 64, tok, seed=0)
     models.train_lm(m, enc, None, steps=40, batch_size=8, lr=1e-2, seed=0, pad_id=tok.pad_token_id, all_tokens=True)
     return m.eval()
+

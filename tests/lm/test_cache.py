@@ -288,24 +288,15 @@ cache.cache_teacher(sys.argv[1], "t", model, enc, pad_id=0, eos_id=2, top_k=4, t
 
 @pytest.mark.slow
 def test_token_cache_kill_and_resume_is_bit_identical(tmp_path):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from tests.helpers import kill_after_done_chunks
 
     killed = tmp_path / "killed"
     slow = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(killed), "0.2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    done_dir = killed / "teachers" / "t" / "done" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and slow.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            break
-        time.sleep(0.05)
-    assert slow.poll() is None, f"the slow run ended before the kill: {slow.communicate()[1].decode()[-2000:]}"
-    os.kill(slow.pid, signal.SIGKILL)
-    slow.wait(timeout=30)
+    kill_after_done_chunks(slow, killed / "teachers" / "t" / "done" / "c", timeout=120)
     from loca_pipe.pipeline.store import LogitStore
 
     pending = LogitStore.open(str(killed)).pending_chunks("t")

@@ -16,15 +16,12 @@ import yaml
 
 from loca_pipe.pipeline.errors import ModelError
 from loca_pipe.pipeline.lm import cache, models, streaming, students, text, tokenizer
+from tests.helpers import small_token_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, teacher, tok, enc):
-    path = tmp_path_factory.mktemp("hfstore") / "s.zarr"
-    cache.cache_teacher(str(path), "t", teacher, enc, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                        top_k=4, temperatures=(1.0, 2.0), dataset={"name": "x", "split": "train", "fingerprint": "f"},
-                        provenance={}, chunk_rows=32, batch_size=8, sample_draws=6)
-    return str(path)
+    return small_token_store(tmp_path_factory.mktemp("hfstore"), teacher, tok, enc)
 
 
 def _folder(tmp_path, arch, vocab, tok=None):

@@ -12,15 +12,12 @@ import torch
 
 from loca_pipe.pipeline.errors import ConfigError, StoreError
 from loca_pipe.pipeline.lm import analysis, cache, models, streaming, students
+from tests.helpers import small_token_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, trained_teacher, tok, enc):
-    path = tmp_path_factory.mktemp("tokstore") / "s.zarr"
-    cache.cache_teacher(str(path), "t", trained_teacher, enc, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                        top_k=4, temperatures=(1.0, 2.0), dataset={"name": "x", "split": "train", "fingerprint": "f"},
-                        provenance={}, chunk_rows=32, batch_size=8, sample_draws=6)
-    return str(path)
+    return small_token_store(tmp_path_factory.mktemp("tokstore"), trained_teacher, tok, enc)
 
 
 @pytest.mark.parametrize("block_rows", [32, 96, 1 << 16])

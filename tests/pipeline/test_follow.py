@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from loca_pipe.pipeline.follow import follow_rates, teacher_mistakes
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo
+from tests.helpers import write_teacher
 
 C = 4
 # rows: label, teacher logits. Mis-instructed: row 1 (teacher says 2), row 3 (tie 0/1 with label 0 → counts,
@@ -21,15 +22,7 @@ def _store(tmp_path, full: bool):
                      dataset={"name": "toy", "split": "train", "fingerprint": "fp", "view_seed": None})
     st = LogitStore.create_or_open(str(tmp_path / "s.zarr"), info)
     w = st.begin_teacher("t", {"checkpoint_sha256": "x"}, 2, (1.0,), logits_dtype="float32" if full else None)
-    for c in w.pending_chunks():
-        sl = info.chunk_slice(c)
-        st.write_rows(c, np.arange(sl.start, sl.stop), Y[sl], np.zeros(sl.stop - sl.start))
-        arrays = {k: v.numpy() for k, v in summarize_logits(torch.from_numpy(Z[sl]), torch.from_numpy(Y[sl]), 2,
-                                                            [1.0]).items()}
-        if full:
-            arrays["logits"] = Z[sl]
-        w.write_chunk(c, arrays)
-    w.finalize()
+    write_teacher(st, w, Z, Y, 2, (1.0,), full=full)
     return str(tmp_path / "s.zarr")
 
 

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from loca_pipe.pipeline.errors import (
 )
 from loca_pipe.pipeline.store import LogitStore
 from loca_pipe.stages.cache_logits import CacheParams, load_params, run
+from tests.helpers import kill_after_done_chunks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -423,15 +423,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     killed = tmp_path / "killed.zarr"
     slow = subprocess.Popen(_cli(killed), env={**env, "LOCA_TEST_SLEEP": "0.25"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    done_dir = killed / "teachers" / "teacher" / "done" / "c"
-    deadline = time.time() + 90
-    while time.time() < deadline and slow.poll() is None:
-        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 2:
-            break
-        time.sleep(0.05)
-    assert slow.poll() is None, f"the slow run ended before the kill: {slow.communicate()[1].decode()[-2000:]}"
-    os.kill(slow.pid, signal.SIGKILL)
-    slow.wait(timeout=30)
+    kill_after_done_chunks(slow, killed / "teachers" / "teacher" / "done" / "c", timeout=90)
     assert slow.returncode == -signal.SIGKILL
 
     store = LogitStore.open(str(killed))

@@ -14,8 +14,9 @@ import torch
 from loca_pipe.pipeline.data import open_dataset
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.models import build_model
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo
 from loca_pipe.stages import select_recipe as sr
+from tests.helpers import write_teacher
 
 HERE = Path(__file__).resolve().parent
 DS = "toy_train_only_module:dataset"  # its test split raises when opened
@@ -39,14 +40,7 @@ def _store(tmp_path: Path) -> str:
     path = str(tmp_path / "s.zarr")
     st = LogitStore.create_or_open(path, info)
     w = st.begin_teacher("t1", {"teacher": "mlp_small"}, top_k=3, temperatures=(1.0,))
-    y = torch.as_tensor(spec.labels)
-    for c in range(info.num_chunks):
-        sl = info.chunk_slice(c)
-        st.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
-        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (1.0,)).items()}
-        arrays["logits"] = z[sl].numpy()
-        w.write_chunk(c, arrays)
-    w.finalize()
+    write_teacher(st, w, z, spec.labels, 3, (1.0,))
     return path
 
 
@@ -123,15 +117,8 @@ def test_kd_star_on_a_teacher_without_mistakes_says_it_is_kd(tmp_path):
                      dataset={"name": "toy", "split": "train", "fingerprint": spec.fingerprint})
     st = LogitStore.create_or_open(str(tmp_path / "p.zarr"), info)
     w = st.begin_teacher("perfect", {"teacher": "oracle"}, top_k=3, temperatures=(1.0,))
-    y = torch.as_tensor(spec.labels)
-    z = 5.0 * torch.nn.functional.one_hot(y, 10).float()
-    for c in range(info.num_chunks):
-        sl = info.chunk_slice(c)
-        st.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
-        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (1.0,)).items()}
-        arrays["logits"] = z[sl].numpy()
-        w.write_chunk(c, arrays)
-    w.finalize()
+    z = 5.0 * torch.nn.functional.one_hot(torch.as_tensor(spec.labels), 10).float()
+    write_teacher(st, w, z, spec.labels, 3, (1.0,))
     common = dict(store=str(tmp_path / "p.zarr"), dataset="toy_student_module:dataset", epochs=1, batch_size=32,
                   lr=0.1, device="cpu", progress=False, tau=1.0)
     star = run(TrainStudentParams(method="kd_star", out_dir=str(tmp_path / "a"), **common))

@@ -16,9 +16,10 @@ from loca_pipe.cli.main import app
 from loca_pipe.pipeline.data import open_dataset
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
 from loca_pipe.pipeline.models import build_model
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, summarize_logits
+from loca_pipe.pipeline.store import LogitStore, StoreInfo
 from loca_pipe.stages import report as report_stage
 from loca_pipe.stages.train_student import TrainStudentParams, expand, run, run_name
+from tests.helpers import write_teacher
 
 HERE = Path(__file__).resolve().parent
 DS = "toy_student_module:dataset"
@@ -62,14 +63,7 @@ def make_store(tmp_path: Path, teacher: torch.nn.Module, *, fingerprint: str | N
                             top_k=3, temperatures=(4.0,))
     with torch.no_grad():
         z = teacher(spec.dataset.x)
-    y = torch.as_tensor(spec.labels)
-    for c in range(info.num_chunks - (0 if complete else 1)):
-        sl = info.chunk_slice(c)
-        store.write_rows(c, np.arange(sl.start, sl.stop), spec.labels[sl], np.zeros(sl.stop - sl.start))
-        arrays = {k: v.numpy() for k, v in summarize_logits(z[sl], y[sl], 3, (4.0,)).items()}
-        arrays["logits"] = z[sl].numpy()
-        w.write_chunk(c, arrays)
-    w.finalize()
+    write_teacher(store, w, z, spec.labels, 3, (4.0,), chunks=range(info.num_chunks - (0 if complete else 1)))
     return path
 
 

@@ -49,7 +49,7 @@ import datetime as _dt
 import errno as _errno
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,15 @@ def find_tau(temperatures: Iterable[float], tau: float) -> int | None:
 def cache_command(task: str) -> str:
     """The command that writes (and resumes, and after a repair rewrites) a store of ``task``."""
     return "loca-pipe lm-cache" if task == "causal-lm" else "loca-pipe cache-logits"
+
+
+def require_tau(temperatures: Sequence[float], tau: float) -> int:
+    """:func:`find_tau`, or the error a top-k-only reader gives for a τ the store did not declare."""
+    i = find_tau(temperatures, tau)
+    if i is None:
+        raise StoreError(f"temperature {tau} was not declared at cache time (the store has {list(temperatures)}); "
+                         f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
+    return i
 
 
 def now() -> str:

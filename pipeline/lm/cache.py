@@ -39,7 +39,7 @@ from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.store import LogitStore, StoreInfo, find_tau, read_checked, root_sizes
+from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, require_tau, root_sizes
 
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
@@ -241,11 +241,7 @@ class LMTeacherCache:
         return np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in seqs])
 
     def tau_index(self, tau: float) -> int:
-        i = find_tau(self.temperatures, tau)
-        if i is not None:
-            return i
-        raise StoreError(f"temperature {tau} was not declared at cache time (the store has {self.temperatures}); "
-                         f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
+        return require_tau(self.temperatures, tau)
 
     def greedy_responses(self) -> list[np.ndarray]:
         if self.greedy_ids is None:

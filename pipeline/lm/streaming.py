@@ -93,13 +93,9 @@ class TokenTeacher:
         return self.num_rows * self.row_bytes() + self.offsets.nbytes
 
     def tau_index(self, tau: float) -> int:
-        from loca_pipe.pipeline.store import find_tau
+        from loca_pipe.pipeline.store import require_tau
 
-        i = find_tau(self.temperatures, tau)  # the one τ rule (every reader)
-        if i is not None:
-            return i
-        raise StoreError(f"temperature {tau} was not declared at cache time (the store has {self.temperatures}); "
-                         f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
+        return require_tau(self.temperatures, tau)  # the one τ rule (every reader)
 
     # -- reads --------------------------------------------------------------------------------------
     def read(self, lo: int, hi: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -43,13 +43,15 @@ def _under_workdir(key: str) -> property:
 @dataclass(frozen=True)
 class LMBase:
     """workdir: folder every output goes under (names in ``outputs``); template: plain | chat; max_length:
-    tokens per sequence (longer ones are truncated and counted); threads: torch CPU threads (2 cores here)."""
+    tokens per sequence (longer ones are truncated and counted); threads: torch CPU threads (2 cores here);
+    device: auto | cpu | cuda | cuda:N (``pipeline/lm/device.py``; auto = a GPU where one exists)."""
 
     workdir: str = "lm-work"  # without an lm_base section: never write into the image pipeline's data/
     seed: int = 0
     template: str = "plain"
     max_length: int = 64
     threads: int = 1
+    device: str = "auto"
     outputs: LMOutputs = LMOutputs()
 
     @property

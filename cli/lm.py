@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import choices, comma_list
+from loca_pipe.pipeline.guard import check_lm
 from loca_pipe.pipeline.lm.cache import ID_DTYPES
 from loca_pipe.pipeline.lm.students import METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
@@ -58,6 +59,7 @@ def lm_prepare(
     p = lm_common.load(stage.Params, stage.SECTION, params, {
         "source": source, "on_bad_line": on_bad_line.value if on_bad_line else None, "train_size": train_size,
         "val_size": val_size, "test_size": test_size}, _base(workdir, template=template.value if template else None))
+    check_lm("lm-prepare", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -72,6 +74,7 @@ def lm_tokenizer(
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"vocab_size": vocab_size, "from_model": from_model},
                         _base(workdir))
+    check_lm("lm-tokenizer", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -87,6 +90,7 @@ def lm_train_teacher(
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
                         _base(workdir, threads=threads))
+    check_lm("lm-train-teacher", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -111,6 +115,7 @@ def lm_cache(
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
         "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
+    check_lm("lm-cache", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -124,6 +129,7 @@ def lm_analyze(
     from loca_pipe.stages.lm import analyze as stage, common as lm_common
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha}, _base(workdir))
+    check_lm("lm-analyze", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -143,6 +149,7 @@ def lm_train_student(
     p = lm_common.load(stage.Params, stage.SECTION, params, {
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
         _base(workdir, threads=threads))
+    check_lm("lm-train-student", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
 
@@ -155,6 +162,7 @@ def lm_report(
     from loca_pipe.stages.lm import common as lm_common, report as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    check_lm("lm-report", p)  # pipeline/guard.py: outputs never overlap inputs
     rep = stage.run(p)
     typer.echo(f"report: {rep.outputs['table']}" if quiet else str(rep))
 

@@ -37,6 +37,9 @@ def plots(
     if not (repo / "dvc.yaml").is_file():
         raise ConfigError(f"no dvc.yaml in {str(repo)!r}; run `loca-pipe plots` from the project folder or pass "
                           f"--repo")
+    from loca_pipe.pipeline.guard import FILE, check_outputs
+
+    check_outputs({"--repo (dvc.yaml)": repo / "dvc.yaml"}, {"--out": (out, FILE)})
     check_writable(str(out.parent), "the plots page", "--out")
     proc = subprocess.run([_dvc(), "plots", "show", "--json"], cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -38,6 +38,9 @@ def prepare_data(
 
     p = load_section(stage.PrepareDataParams, stage.SECTION, str(params) if params else {},
                      {"dataset": dataset, "root": root, "source": source, "record": record})
+    from loca_pipe.pipeline.guard import FILE, FOLDER, check_outputs
+
+    check_outputs({"--source": p.source}, {"--root": (p.root, FOLDER), "--record": (p.record, FILE)})
     typer.echo(str(stage.run(p)))
 
 

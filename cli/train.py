@@ -137,6 +137,9 @@ def report(
                       "strict": strict})
     from loca_pipe.stages.config import check_writable
 
+    from loca_pipe.pipeline.guard import FOLDER, check_outputs
+
+    check_outputs({"--runs-dir": p.runs_dir}, {"--out-dir": (p.out_dir, FOLDER)})
     check_writable(p.out_dir, "the report", "--out-dir")
     rep = stage.run(p)
     typer.echo(f"report: {rep.outputs['markdown']}" if quiet else str(rep))

@@ -5,6 +5,9 @@ folder (``.<name>.<pid>.<random>.tmp``, created exclusively and with the usual p
 and fsync'ed, and the temporary is renamed over the destination with ``os.replace``; the folder is then
 fsync'ed so the rename survives a power loss. A crash at any point leaves either the old file or the new
 one, never a torn file, and a failed write leaves no temporary behind. Missing parent folders are created.
+A destination that exists and is not a regular file (a device such as ``/dev/full``, a FIFO, a socket, a
+folder; symlinks followed) is refused with a ConfigError before anything is written and again just before
+the rename, so a rename never replaces one (:func:`loca_pipe.pipeline.guard.special_kind`).
 
 Checkpoint sidecars are read by :func:`loca_pipe.pipeline.models.read_sidecar` (one contract, beside
 ``load_checkpoint``); the logit store writes through zarr and does not use these helpers.
@@ -35,9 +38,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _refuse_non_regular(path: Path) -> None:
+    from loca_pipe.pipeline.errors import ConfigError
+    from loca_pipe.pipeline.guard import special_kind
+
+    what = "a folder" if path.is_dir() else special_kind(path)
+    if what:
+        raise ConfigError(f"cannot write {str(path)!r}: it is {what}, not a regular file; choose another output "
+                          f"path — nothing was written")
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(f)`` on a binary file object, then atomically put the result at ``path``; returns it."""
     path = Path(path)
+    _refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
@@ -46,6 +60,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _refuse_non_regular(path)  # again: something may have appeared while the data were written
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

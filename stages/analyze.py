@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from loca_pipe.pipeline.analysis import AnalysisOptions, TeacherReport, analyze, connect
 from loca_pipe.pipeline.errors import StoreConflictError
+from loca_pipe.pipeline.guard import FOLDER, check_outputs
 from loca_pipe.pipeline.store import LogitStore
 from loca_pipe.stages import Report
 
@@ -131,6 +132,7 @@ def run(params: AnalyzeParams) -> Report:
     from loca_pipe.pipeline import plots
 
     t0 = time.perf_counter()
+    check_outputs({"STORE": params.store}, {"--out": (params.out, FOLDER)})  # before the store is even opened
     store = LogitStore.open(params.store)
     out = Path(params.out)
     alphas = tuple(params.alpha) if params.scale else ()

@@ -29,6 +29,7 @@ from loca_pipe.pipeline import caching
 from loca_pipe.pipeline.caching import CacheReport, CacheSettings, ImageJob, weights_sha256
 from loca_pipe.stages import Report
 from loca_pipe.pipeline.errors import ConfigError, DataError, ModelError, StoreError
+from loca_pipe.pipeline.guard import LOGITS, check_outputs
 from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def run(params: CacheParams) -> Report:
 
     p = params
     _validate(p)
+    check_outputs({"--checkpoint": p.checkpoint, "--root": p.root}, {"--store": (p.store, LOGITS)})
     sidecar = _models.read_sidecar(p.checkpoint, missing_ok=True) if p.checkpoint else {}
     if p.checkpoint and not Path(p.checkpoint).is_file():
         raise ModelError(f"checkpoint {p.checkpoint!r} not found; train one with `loca-pipe train-teacher` or "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.analysis import connect
+from loca_pipe.pipeline.guard import FILE, TARGETS, check_outputs
 from loca_pipe.pipeline.targets import write_targets
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
@@ -39,6 +40,7 @@ class CalibrateParams:
 
 def run(params: CalibrateParams) -> Report:
     """Write (or resume) the targets; the report's values are what ``--json`` prints."""
+    check_outputs({"STORE": params.store}, {"--out": (params.out, TARGETS), "--metrics": (params.metrics, FILE)})
     check_writable(params.out, "the targets store", "--out")  # before any work
     if params.metrics:
         check_writable(params.metrics, "the calibrate metrics", "--metrics", kind="file")

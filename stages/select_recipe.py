@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.guard import FILE, check_outputs
 from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
 
@@ -120,6 +121,7 @@ def run(p: SelectRecipeParams) -> Report:
     from loca_pipe.pipeline.store import LogitStore
     from loca_pipe.pipeline.training import ImageSet, preload, preset_config, seed_everything, train_student
 
+    check_outputs({"--store": p.store, "--root": p.root}, {"--out": (p.out, FILE)})  # before any work
     grid = check_grid(p.grid)
     if len(grid) == 1:  # a declared recipe (e.g. the paper's for its own data set): nothing to choose
         doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",

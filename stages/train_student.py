@@ -32,6 +32,7 @@ from typing import Any
 
 from loca_pipe.pipeline.augment import AUGMENTATIONS
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.guard import FOLDER, check_outputs
 from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ def check_run_folders(runs: list[TrainStudentParams]) -> None:
             raise ConfigError(f"two runs of this sweep would both write {str(d)!r} (method {r.method}, α {r.alpha:g}, "
                               f"seed {r.seed}); remove the duplicate from --methods/--alphas/--seeds")
         seen[d] = r
+        check_outputs({"--store": r.store, "--targets": r.targets, "--root": r.root, "--recipe": r.recipe,
+                       "--teacher-checkpoint": r.teacher_checkpoint}, {"--out-dir": (d, FOLDER)})
         held = [f for f in ("metrics.json", "checkpoint.pt") if (d / f).exists()]
         if held and not (r.resume or r.overwrite):
             raise ConfigError(f"run folder {str(d)!r} already holds a run ({', '.join(held)}); pass --resume to "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from loca_pipe.pipeline.augment import make_augmenter
 from loca_pipe.pipeline.data import DatasetSpec, get_batch, open_dataset
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.guard import CHECKPOINT, FILE, check_outputs
 from loca_pipe.pipeline.io import atomic_save, versions, write_json
 from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
 from loca_pipe.pipeline.progress import progress_bar
@@ -156,6 +157,9 @@ def _run(p: TrainTeacherParams) -> Report:
                           f"batch_size={p.batch_size}, lr={p.lr}, max_samples={p.max_samples}")
     check_model_name(p.arch)  # before the data set is opened
     opt_name = "--out" if p.out else "--out-dir"  # before training: a trained teacher must never be lost
+    check_outputs({"--root": p.root}, {opt_name: (p.checkpoint, CHECKPOINT),
+                                       f"{opt_name} (sidecar)": (sidecar_path(p.checkpoint), CHECKPOINT),
+                                       f"{opt_name} (metrics)": (metrics_path(p.checkpoint), FILE)})
     for path in (p.checkpoint, sidecar_path(p.checkpoint), metrics_path(p.checkpoint)):
         check_writable(path, "the teacher checkpoint", opt_name, kind="file")
     device = resolve_device(p.device)

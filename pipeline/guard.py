@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -191,15 +191,6 @@ def check_outputs(inputs: Mapping[str, Any], outputs: Mapping[str, tuple[Any, st
 
 def _siblings_ok(a: Path, b: Path) -> bool:
     return a != b and a.parent == b.parent  # two files side by side (a checkpoint and its sidecar)
-
-
-def check_files_dirs(paths: Iterable[tuple[str, Any]]) -> None:
-    """Only the special-file rule, for outputs whose overlap is decided elsewhere."""
-    for opt, p in paths:
-        if p not in (None, "") and not is_url(p):
-            special = special_kind(p)
-            if special:
-                raise ConfigError(f"{opt} {str(p)!r} is {special}; choose another {opt} — nothing was written")
 
 
 # The LM commands (cli/lm.py): what each one reads and writes, from the params' derived paths (stages/lm/common.py).

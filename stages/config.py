@@ -213,6 +213,11 @@ def check_writable(path: str | Path, what: str, option: str, kind: str = "dir") 
     if not text or "://" in text:
         return
     p = Path(text)
+    from loca_pipe.pipeline.guard import special_kind
+
+    if special_kind(p):  # a device, FIFO or socket (issue #20)
+        raise ConfigError(f"cannot write {what} to {text!r}: it is {special_kind(p)}, not a regular "
+                          f"{'folder' if kind == 'dir' else 'file'}; choose another {option}")
     if kind == "dir" and p.exists() and not p.is_dir():
         raise ConfigError(f"cannot write {what} to {text!r}: it is a file, not a folder; choose another {option}")
     if kind == "file" and p.is_dir():

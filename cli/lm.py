@@ -150,6 +150,10 @@ def lm_train_student(
         "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
         _base(workdir, threads=threads))
     check_lm("lm-train-student", p)  # pipeline/guard.py: outputs never overlap inputs
+    if p.method == "loca":  # the image path's α rule: refused outside (0, 2), warned at ≥ 1, before any folder
+        from loca_pipe.stages.train_student import check_alpha_range
+
+        check_alpha_range(p.alpha, "--alpha")
     typer.echo(str(stage.run(p)))
 
 

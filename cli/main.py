@@ -10,8 +10,12 @@ Exit codes (README "Command line"):
   EACCES/EPERM/EROFS/ENOSPC/EDQUOT past the up-front output checks: one ``error: …`` line;
 * 2 — a usage error (unknown option or command, a value of the wrong type or outside the choices, a
   missing argument): one ``error: …`` line plus the usage line and where to find ``--help``;
-* 130 — interrupted (Ctrl-C / SIGINT): "interrupted; rerun the same command to resume". Work already
-  finished is kept (done chunks of a store, finished targets, a run's last checkpoint).
+* 130 — interrupted (Ctrl-C / SIGINT): "interrupted; resume with: loca-pipe …" naming the exact command
+  (``train-student`` gains ``--resume``) for the commands that resume (:data:`RESUMES`), else the command that
+  starts again. Work already finished is kept (done chunks of a store, finished targets, a run's last checkpoint).
+
+A remote store (an fsspec URL such as ``s3://bucket/x.zarr``) whose client fails — no credentials, no such bucket,
+no network, permission denied — is one ``error:`` line naming the URL and the fix, exit 1.
 
 No case prints a traceback except a bug (an exception that is not one of the above).
 """
@@ -29,7 +33,6 @@ import typer
 from loca_pipe import __version__
 from loca_pipe.cli import analyze, cache, lm, plots, store, teacher, train
 
-INTERRUPTED = "interrupted; rerun the same command to resume"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
 app = typer.Typer(
@@ -120,8 +123,79 @@ def _os_error_line(exc: OSError) -> str:
             f"run the same command again")
 
 
-def _interrupted() -> None:
-    typer.echo(f"\n{INTERRUPTED}", err=True)
+# Remote stores (fsspec URLs, issue #20): failures of the object store's client, recognised by class name anywhere in
+# the exception chain, so no cloud library is imported here. First match wins: (names, what happened, the fix).
+_REMOTE_ERRORS = (
+    (("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError",
+      "DefaultCredentialsError"),
+     "no credentials were found",
+     "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / ~/.aws/credentials; other back-ends: their "
+     "own credentials), then run the same command again"),
+    (("NoSuchBucket",), "the bucket does not exist", "create the bucket or fix the URL"),
+    (("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
+      "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "gaierror", "ConnectionError",
+      "ConnectionRefusedError", "TimeoutError"),
+     "the object store cannot be reached",
+     "check the network and the endpoint (AWS_ENDPOINT_URL for an S3-compatible server), then run the same command again"),
+    (("PermissionError", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"),
+     "permission denied",
+     "check that these credentials may read and write the bucket (its policy, the key's rights)"),
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out and len(out) < 20:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _remote_line(exc: BaseException, argv: Sequence[str]) -> str | None:
+    """One line for a failure of a remote store's client (None: not one): the URL, what happened, the fix."""
+    import re
+
+    chain = _chain(exc)
+    names = {c.__name__ for e in chain for c in type(e).__mro__}
+    codes = {str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) for e in chain
+             if isinstance(getattr(e, "response", None), dict)}
+    text = " ".join(str(e) for e in chain)
+    urls = [a for a in argv if re.match(r"^[a-z][a-z0-9+.-]*://", a)] or re.findall(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", text)
+    urls = [u for u in urls if not u.startswith(("file://", "http://", "https://"))] or urls
+    if not urls:
+        return None
+    local = [e for e in chain if isinstance(e, OSError) and e.filename and "://" not in str(e.filename)]
+    if local:  # a local file failed (the write-errno line or a bug), even when a URL was given too
+        return None
+    for kinds, what, fix in _REMOTE_ERRORS:
+        if names & set(kinds) or codes & set(kinds):
+            return f"cannot use the store {urls[0]!r}: {what}; {fix}"
+    return None
+
+
+# Commands whose re-run continues the interrupted work (done chunks, finished targets, the last checkpoint), and the
+# options that make it so; every other command starts again from the beginning when re-run.
+RESUMES = {"cache-logits": (), "calibrate": (), "lm-cache": (), "train-student": ("--resume",)}
+_DROP_ON_RESUME = {"train-student": ("--overwrite", "--no-resume")}
+
+
+def interrupted_line(argv: Sequence[str]) -> str:
+    """The interrupt message: the exact command that resumes (with --resume where needed), or the one that starts
+    again for a command that does not resume."""
+    import shlex
+
+    args = list(argv)
+    name = next((a for a in args if not a.startswith("-")), "")
+    if name in RESUMES:
+        args = [a for a in args if a not in _DROP_ON_RESUME.get(name, ())]
+        args += [o for o in RESUMES[name] if o not in args]
+        return f"interrupted; resume with: loca-pipe {shlex.join(args)}"
+    return (f"interrupted; this command does not resume — `loca-pipe {shlex.join(args)}` starts it again "
+            f"(outputs already finished are kept)")
+
+
+def _interrupted(argv: Sequence[str] | None = None) -> None:
+    typer.echo(f"\n{interrupted_line(sys.argv[1:] if argv is None else argv)}", err=True)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -149,31 +223,35 @@ def _main(argv: Sequence[str] | None, got_sigint: list[int]) -> None:
     try:
         rc = app(args=list(argv) if argv is not None else None, prog_name="loca-pipe", standalone_mode=False)
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(argv)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:  # end of input at a prompt, or an interrupt typer turned into Abort
         if got_sigint:
-            _interrupted()
+            _interrupted(argv)
         typer.echo("error: aborted (end of input)", err=True)
         sys.exit(1)
     except click_errors as exc:
         if got_sigint:
-            _interrupted()
+            _interrupted(argv)
         sys.exit(_show_usage_error(exc, list(argv) if argv is not None else sys.argv[1:]))
     except Exception as exc:
         if got_sigint:  # whatever the interrupt turned into while unwinding
-            _interrupted()
+            _interrupted(argv)
         errors = sys.modules.get("loca_pipe.pipeline.errors")  # loaded by whatever raised a LocaError
         if errors is not None and isinstance(exc, errors.LocaError):
             typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            sys.exit(1)
+        remote = _remote_line(exc, list(argv) if argv is not None else sys.argv[1:])
+        if remote is not None:  # a remote store's client failed: credentials, bucket, network, permission
+            typer.secho(f"error: {remote}", err=True, fg=typer.colors.RED)
             sys.exit(1)
         if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:  # a write failing after the up-front checks
             typer.secho(f"error: {_os_error_line(exc)}", err=True, fg=typer.colors.RED)
             sys.exit(1)
         raise
     if got_sigint:  # typer turns KeyboardInterrupt into a returned 130 in non-standalone mode
-        _interrupted()
+        _interrupted(argv)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from loca_pipe.pipeline.errors import ConfigError, DataError, LocaError
+from loca_pipe.pipeline.errors import ConfigError, DataError, LocaError, did_you_mean
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_FASHION_MNIST_ROOT = "data/fashion-mnist"
@@ -373,5 +373,5 @@ def open_dataset(name: str, split: str = "train", root: str | None = None, *,
         return _open_cifar(name, split, root)
     if name == "imagefolder":
         return _open_imagefolder(split, root, image_size)
-    raise DataError(f"unknown data set {name!r}; valid names are {list(DATASETS)} "
+    raise DataError(f"unknown data set {name!r}; {did_you_mean(name, DATASETS)}valid names are {list(DATASETS)} "
                     f"(module:callable = a function returning a torch Dataset of (image, label))")

@@ -96,6 +96,19 @@ def _is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+def live_writer(store_path: str, teacher: str) -> str | None:
+    """"being written now by host H, pid P (since T)" when a live job holds the teacher's writer lease, else None
+    (no lease, or its process is dead on this host): what an incomplete teacher's message says first."""
+    try:
+        lease = WriterLease(store_path, teacher)
+        rec = lease.read()
+    except Exception:  # noqa: BLE001 - the lease only words the message; the store's own error follows
+        return None
+    if not rec or lease.holder_is_stale(rec):
+        return None
+    return f"being written now by a running job (host {rec.get('host')}, pid {rec.get('pid')}, since {rec.get('time')})"
+
+
 class WriterLease:
     """The writer lease of one teacher in one store (see the module docstring)."""
 

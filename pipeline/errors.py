@@ -4,6 +4,19 @@ Every error a user can act on is a :class:`LocaError` (a ``ValueError``), so the
 message and exit 1 without a traceback. Messages say what was expected, what came instead, and the fix.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+def did_you_mean(name: object, choices: "Iterable[object]") -> str:
+    """``"did you mean 'kd'? "`` for the closest of ``choices`` to a misspelled ``name`` (difflib, cutoff 0.6), else
+    ``""`` — the one did-you-mean of every message (data sets, methods, params keys and sections, models)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), sorted(str(c) for c in choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
 
 class LocaError(ValueError):
     """Base class of every error loca-pipe raises for bad input or bad state."""

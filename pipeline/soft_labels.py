@@ -352,7 +352,8 @@ def load_soft_labels(store_path: str, spec: Any, *, teacher: str | None = None, 
         tau_index = tv.tau_index(tau)
         if tau_index < 0:  # full logits exist but τ was not declared: top-k form impossible at this τ
             raise StoreError(f"τ={tau} was not declared when teacher {tv.name!r} was cached (it has "
-                             f"{tv.temperatures}); use form 'logits', or re-cache with --temperatures including {tau}")
+                             f"{tv.temperatures}); pass --tau as one of {tv.temperatures}, use form 'logits', or re-cache with "
+                             f"--temperatures including {tau}")
         arrays = {"topk_logits": tv["topk_logits"], "topk_ids": tv["topk_ids"], "lse": tv["lse"],
                   "label_logit": tv["label_logit"]}
     aug = tv["aug_params"] if info.aug_param_names else None

@@ -127,7 +127,8 @@ def require_tau(temperatures: Sequence[float], tau: float) -> int:
     i = find_tau(temperatures, tau)
     if i is None:
         raise StoreError(f"temperature {tau} was not declared at cache time (the store has {list(temperatures)}); "
-                         f"with top-k only, p at τ={tau} is unknowable — re-cache with --temperatures including {tau}")
+                         f"with top-k only, p at τ={tau} is unknowable — pass --tau as one of {list(temperatures)}, or "
+                         f"re-cache with --temperatures including {tau}")
     return i
 
 
@@ -536,6 +537,11 @@ class LogitStore:
         g = self._teacher_group(name)
         if not allow_incomplete and not self.is_complete(name):
             left = len(self.pending_chunks(name))
+            from loca_pipe.pipeline.distributed import live_writer
+
+            if (writer := live_writer(self.path, name)) is not None:  # issue #20: say a writer is running
+                raise IncompleteStoreError(f"teacher {name!r} in {self.path!r} is incomplete ({left} of "
+                                           f"{self.info.num_chunks} chunks not written): it is {writer}; wait for it")
             raise IncompleteStoreError(
                 f"teacher {name!r} in {self.path!r} is incomplete ({left} of {self.info.num_chunks} chunks not "
                 f"written): it is still being written or its run crashed; re-run the same `{cache_command(self.info.task)}` "
@@ -1047,7 +1053,7 @@ class TeacherView:
             return -1
         raise StoreError(f"temperature {tau} was not declared when teacher {self.name!r} was cached (it has "
                          f"{self.temperatures}) and the store keeps only top-k logits, so p at τ={tau} is unknowable; "
-                         f"re-cache with --temperatures including {tau}")
+                         f"pass --tau as one of {self.temperatures}, or re-cache with --temperatures including {tau}")
 
     # -- exact probabilities ------------------------------------------------------------------------
     @staticmethod

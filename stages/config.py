@@ -8,7 +8,6 @@ wrong types with a message that names the key and the file, like nanoGPT's confi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import errno
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -88,9 +87,7 @@ def check_sections(data: dict[str, Any], where: str, extra: set[str] | frozenset
     for key in data:
         if key in known:
             continue
-        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{where}: unknown section {key!r}; {hint}the sections are {sorted(SECTIONS)} "
+        raise ConfigError(f"{where}: unknown section {key!r}; {did_you_mean(key, known)}the sections are {sorted(SECTIONS)} "
                           f"(a new stage's section is accepted once dvc.yaml lists it in that stage's params)")
 
 
@@ -173,7 +170,8 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; {did_you_mean(unknown[0], fields)}valid keys are "
+                          f"{sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():

@@ -55,6 +55,12 @@ COMMON_KEYS = ("student", "dataset", "fingerprint", "split", "train_size", "eval
 DISTILL_KEYS = ("tau", "beta", "gamma", "recipe")
 
 
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 seed"``, ``"3 seeds"`` (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 def _labels() -> dict[str, str]:
     from loca_pipe.pipeline.losses import METHODS
 
@@ -307,7 +313,7 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
                     what = f"{lab} − {r['base']}"
                     lines.append(f"- {_short(p)}: {r['paired'].words(what)}.")
         if n_seeds and n_seeds <= 5:
-            lines += ["", f"With {n_seeds} seeds the exact sign-flip test cannot go below {2 / 2 ** n_seeds:.4g}; "
+            lines += ["", f"With {plural(n_seeds, 'seed')} the exact sign-flip test cannot go below {2 / 2 ** n_seeds:.4g}; "
                           f"the paired t-test (normal per-seed differences assumed) is the primary test."]
     mis = [(p, r["follow"]) for p in pairs for r in rows if r["pair"] == p and r.get("follow")]
     if mis:
@@ -339,7 +345,7 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
             if any(vals):
                 lines.append(f"| {lab} | " + " | ".join(vals) + " |")
     if excluded:
-        lines += ["", f"### Left out ({len(excluded)} run(s) not comparable with the rest)", ""]
+        lines += ["", f"### Left out ({plural(len(excluded), 'run')} not comparable with the rest)", ""]
         lines += [f"- {e}" for e in excluded]
     if figures:
         lines += ["", "Figures: " + ", ".join(figures)]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.augment import AUGMENTATIONS
-from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.errors import ConfigError, did_you_mean
 from loca_pipe.pipeline.guard import FOLDER, check_outputs
 from loca_pipe.stages import Report
 
@@ -182,17 +182,37 @@ def loss_config(p: TrainStudentParams) -> Any:
     return LossConfig(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
+_WARNED: set[float] = set()
+
+
+def check_alpha_range(alpha: float, option: str) -> None:
+    """LoCa α before any folder is made: refused outside (0, 2), warned (once per value) in [1, 2).
+
+    s(1 − p_y) = α(1 − p_y)/(1 − p_y + p_k) exceeds 1 exactly when α > 1 + p_k/(1 − p_y), and
+    p_k ≤ 1 − p_y, so α ≥ 2 makes the calibrated label probability negative (or 0) on every mis-instructed
+    row: training could only stop at step 0. Between 1 and 2 it depends on the teacher's rows (docs/maths.md)."""
+    if not (math.isfinite(alpha) and 0 < alpha < 2):
+        raise ConfigError(f"LoCa α must be in (0, 2) — the paper uses 0.9–0.99; α ≥ 1 runs with a warning and α ≥ 2 "
+                          f"makes every mis-instructed row's label probability ≤ 0 — got {alpha:g} in {option}")
+    if alpha >= 1 and alpha not in _WARNED:
+        _WARNED.add(alpha)
+        log.warning("LoCa α=%g ≥ 1: prediction correctness is no longer guaranteed (the paper's Table 6: α ≥ 1 does "
+                    "worse than plain KD), and a row where the label's calibrated probability would be negative stops "
+                    "training with an error", alpha)
+
+
 def check_params(p: TrainStudentParams) -> None:
     from loca_pipe.pipeline.losses import METHODS
 
     if p.method not in METHODS:
-        raise ConfigError(f"unknown method {p.method!r}; valid methods: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {p.method!r}; {did_you_mean(p.method, METHODS)}valid methods: "
+                          f"{sorted(METHODS)}")
     if p.augment not in AUGMENTS:
         raise ConfigError(f"unknown augment {p.augment!r}; valid values: {list(AUGMENTS)}")
     if not (p.tau > 0 and math.isfinite(p.tau)):
         raise ConfigError(f"tau must be a positive number; got {p.tau}")
-    if takes_alpha(p.method) and not p.alpha > 0:
-        raise ConfigError(f"LoCa α must be > 0 (the paper uses 0.9–0.99); got {p.alpha}")
+    if takes_alpha(p.method):
+        check_alpha_range(p.alpha, "--alpha/--alphas")
     if p.online and not p.teacher_checkpoint:
         raise ConfigError("online mode runs the live teacher: set train_student.teacher_checkpoint "
                           "(--teacher-checkpoint PATH, a file from `loca-pipe train-teacher`)")
@@ -414,12 +434,19 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     eval_labels = torch.as_tensor(eval_spec.labels, dtype=torch.int64)
     name = run_name(p.method, p.alpha, p.seed, p.online)
     log.info("training %s (%s, student %s, %d samples, %s) → %s", name, method, p.student, len(source), device, out)
-    res = train_student(model, images=images, labels=labels, source=source, method=method, loss_cfg=loss_config(p),
-                        cfg=cfg, eval_images=eval_images, eval_labels=eval_labels, out_dir=out,
-                        teacher_model=teacher_model, replay=replay, augmenter=augmenter, resume=p.resume,
-                        identity={**identity, "run": out.name,
-                                  "teacher_test_top1": _teacher_accuracy(meta, p.teacher_checkpoint)},
-                        progress=p.progress, progress_desc=f"{name} ({meta['teacher']})" if meta.get("teacher") else name)
+    fresh = not out.exists()
+    try:
+        res = train_student(model, images=images, labels=labels, source=source, method=method,
+                            loss_cfg=loss_config(p), cfg=cfg, eval_images=eval_images, eval_labels=eval_labels,
+                            out_dir=out, teacher_model=teacher_model, replay=replay, augmenter=augmenter,
+                            resume=p.resume, identity={**identity, "run": out.name,
+                                                       "teacher_test_top1": _teacher_accuracy(meta, p.teacher_checkpoint)},
+                            progress=p.progress,
+                            progress_desc=f"{name} ({meta['teacher']})" if meta.get("teacher") else name)
+    except BaseException:
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before its first checkpoint leaves no empty folder behind
+        raise
     metrics = dict(res.metrics)
     from loca_pipe.pipeline.distributed import world
 

@@ -183,3 +183,155 @@ def test_an_unexpected_error_is_not_hidden(toy_store, tmp_path, monkeypatch):
     monkeypatch.setattr(stage, "run", lambda p: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         main(["analyze", str(toy_store), "--out", str(tmp_path / "a")])
+
+
+# -- issue #20: words that match behaviour --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train-student", "--store", "s.zarr", "--overwrite", "--seed", "1"],
+     "interrupted; resume with: loca-pipe train-student --store s.zarr --seed 1 --resume"),
+    (["train-student", "--resume", "--store", "a b.zarr"],
+     "interrupted; resume with: loca-pipe train-student --resume --store 'a b.zarr'"),
+    (["-v", "cache-logits", "--store", "s.zarr", "--overwrite"],
+     "interrupted; resume with: loca-pipe -v cache-logits --store s.zarr --overwrite"),
+    (["calibrate", "s.zarr"], "interrupted; resume with: loca-pipe calibrate s.zarr"),
+    (["train-teacher", "--arch", "cnn"], "interrupted; this command does not resume — `loca-pipe train-teacher --arch "
+                                         "cnn` starts it again (outputs already finished are kept)"),
+])
+def test_the_interrupt_message_names_the_command_that_resumes(argv, line):
+    from loca_pipe.cli.main import interrupted_line
+
+    assert interrupted_line(argv) == line
+
+
+def test_ctrl_c_in_train_student_says_resume_with_resume(monkeypatch, capsys, tmp_path):
+    """The message is what the CLI prints on an interrupt (exit 130), and its command is not refused."""
+    from loca_pipe.cli.main import main
+    from loca_pipe.stages import train_student as stage
+
+    def interrupt(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "run_many", interrupt)
+    argv = ["train-student", "--store", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "runs"), "--overwrite"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"interrupted; resume with: loca-pipe train-student --store {tmp_path / 's.zarr'} --out-dir "
+                    f"{tmp_path / 'runs'} --resume")
+    # the resuming command passes the run-folder check that refuses a plain re-run
+    from loca_pipe.stages.train_student import TrainStudentParams, check_run_folders
+
+    run = tmp_path / "runs" / "kd-s0"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="pass --resume"):
+        check_run_folders([TrainStudentParams(out_dir=str(tmp_path / "runs"), method="kd")])
+    check_run_folders([TrainStudentParams(out_dir=str(tmp_path / "runs"), method="kd", resume=True)])
+
+
+def test_alpha_out_of_range_is_refused_before_any_folder(tmp_path, toy_store, capsys):
+    from loca_pipe.cli.main import main
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-student", "--store", str(toy_store), "--dataset", "toy_cache_module:dataset", "--methods",
+              "kd,loca", "--alphas", "0.9,2.5", "--out-dir", str(out), "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert err[0].startswith("error: LoCa α must be in (0, 2)") and "got 2.5 in --alpha/--alphas" in err[0]
+    assert not out.exists()  # refused before any run folder (kd's included) was made
+
+
+def test_alpha_at_least_one_is_warned_before_training(caplog):
+    from loca_pipe.stages.train_student import _WARNED, check_alpha_range
+
+    _WARNED.discard(1.5)
+    with caplog.at_level("WARNING"):
+        check_alpha_range(1.5, "--alpha")
+        check_alpha_range(0.9, "--alpha")
+    assert [r.getMessage()[:45] for r in caplog.records] == ["LoCa α=1.5 ≥ 1: prediction correctness is no "]
+    for bad in (0.0, -1.0, 2.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"must be in \(0, 2\)"):
+            check_alpha_range(bad, "--alpha")
+
+
+def test_alpha_two_or_more_makes_every_mis_instructed_label_negative():
+    """The reason α ≥ 2 is refused: with α ≥ 2, p′_y ≤ 0 on every mis-instructed row (independent reference)."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.floats(0.001, 1.0), min_size=2, max_size=6), st.floats(2.0, 4.0))
+    def check(weights, alpha):
+        p = np.array(weights) / sum(weights)
+        y = int(np.argmin(p))
+        if p[y] >= p.max():  # not mis-instructed
+            return
+        p_k = max(v for i, v in enumerate(p) if i != y)
+        s = alpha / (1 - p[y] + p_k)  # LoCa's scale (docs/maths.md)
+        assert 1 - s * (1 - p[y]) <= 1e-12  # p′_y = 1 − s(1 − p_y)
+
+    check()
+
+
+@pytest.mark.parametrize("make, close", [
+    (lambda: __import__("loca_pipe.pipeline.data", fromlist=["x"]).open_dataset("fashion-mnsit", "train"),
+     "did you mean 'fashion-mnist'?"),
+    (lambda: __import__("loca_pipe.stages.train_student", fromlist=["x"]).check_params(
+        __import__("loca_pipe.stages.train_student", fromlist=["x"]).TrainStudentParams(method="lcoa")),
+     "did you mean 'loca'?"),
+    (lambda: __import__("loca_pipe.stages.config", fromlist=["x"]).load_section(
+        __import__("loca_pipe.stages.analyze", fromlist=["x"]).AnalyzeParams, "analyze", {"analyze": {"tua": 4}}),
+     "did you mean 'tau'?"),
+])
+def test_one_did_you_mean_for_data_sets_methods_and_params_keys(make, close):
+    from loca_pipe.pipeline.errors import LocaError
+
+    with pytest.raises(LocaError, match=close.replace("?", r"\?")):
+        make()
+
+
+def test_did_you_mean_helper():
+    from loca_pipe.pipeline.errors import did_you_mean
+
+    assert did_you_mean("lcoa", ["kd", "loca", "dkd"]) == "did you mean 'loca'? "
+    assert did_you_mean("xyz", ["kd", "loca"]) == ""
+
+
+def test_a_missing_tau_names_both_fixes(tmp_path):
+    from loca_pipe.pipeline.store import require_tau
+
+    with pytest.raises(StoreError, match=r"pass --tau as one of \[1\.0\], or re-cache with --temperatures including 4"):
+        require_tau([1.0], 4.0)
+
+
+def test_a_live_writer_is_named(toy_store, tmp_path):
+    import os
+    import shutil
+    import socket
+
+    from loca_pipe.pipeline.distributed import WriterLease
+    from loca_pipe.pipeline.errors import IncompleteStoreError
+    from loca_pipe.pipeline.store import LogitStore
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(toy_store, path)
+    g = zarr.open_group(str(path / "teachers" / "teacher"), mode="r+")
+    g["done"][0] = 0  # the teacher is incomplete, as while a job writes it
+    g.attrs["loca_pipe"] = {**dict(g.attrs["loca_pipe"]), "complete": False}
+    lease = WriterLease(str(path), "teacher")
+    assert lease.acquire()["pid"] == os.getpid()  # this (live) process holds the lease
+    with pytest.raises(IncompleteStoreError, match=rf"being written now by a running job \(host {socket.gethostname()}, "
+                                                   rf"pid {os.getpid()}, since .*\); wait for it"):
+        LogitStore.open(str(path)).teacher("teacher")
+    lease.release()
+    with pytest.raises(IncompleteStoreError, match="still being written or its run crashed; re-run the same"):
+        LogitStore.open(str(path)).teacher("teacher")
+
+
+def test_plural_forms():
+    from loca_pipe.stages.report import plural
+
+    assert plural(1, "seed") == "1 seed" and plural(3, "seed") == "3 seeds" and plural(0, "run") == "0 runs"

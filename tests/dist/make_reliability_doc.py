@@ -66,8 +66,8 @@ FOOTER = """
   `lm-cache` writes once from the data, is repaired the same way: its bad chunks are deleted, every
   teacher is marked incomplete, and the same `lm-cache` command rewrites them from the data (messages
   about a token store name `lm-cache`, not `cache-logits`).
-* **Interrupts.** Ctrl-C (SIGINT) in any command exits 130 with `interrupted; rerun the same command to
-  resume`; chunks whose done flag is set are whole and kept, and calibrate's local workers stop after the
+* **Interrupts.** Ctrl-C (SIGINT) in any command exits 130 naming the command that resumes (`interrupted;
+  resume with: loca-pipe …`; `train-student` gains `--resume`); chunks whose done flag is set are whole and kept, and calibrate's local workers stop after the
   chunk they are writing.
 """
 

@@ -1,6 +1,6 @@
 """Ctrl-C and repair, on real subprocesses of the installed console script.
 
-* SIGINT mid-cache: exit 130, "interrupted; rerun the same command to resume" on stderr, the chunks already
+* SIGINT mid-cache: exit 130, "interrupted; resume with: loca-pipe cache-logits …" (the same command) on stderr, the chunks already
   done are kept, and the same command finishes the store bit for bit like an uninterrupted run.
 * A corrupted chunk: `verify` names it and exits 1, `info` stops calling the teacher complete, `verify
   --repair` marks exactly the bad chunks not done, and re-running the same `cache-logits` command rewrites
@@ -22,7 +22,7 @@ import pytest
 
 from .conftest import REPO, subprocess_env
 
-INTERRUPTED = "interrupted; rerun the same command to resume"
+INTERRUPTED = "interrupted; resume with: loca-pipe"  # + the exact command (cli/main.py::interrupted_line)
 
 
 def console_script() -> str:
@@ -100,10 +100,12 @@ def test_sigint_mid_cache_exits_130_and_the_same_command_resumes(tmp_path, toy_s
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.rstrip().splitlines()[-1] == INTERRUPTED, err
+    import shlex
+
+    assert err.rstrip().splitlines()[-1] == f"{INTERRUPTED} {shlex.join(map(str, args))}", err
     assert "Traceback" not in err
     reliability("interrupted", "Ctrl-C (SIGINT) while cache-logits runs, after its first chunk is done",
-                f"exit code 130; {INTERRUPTED}",
+                f"exit code 130; {INTERRUPTED} cache-logits … (the same command)",
                 "every chunk marked done; the same command resumes the rest, bit-identical to an uninterrupted run")
 
     from loca_pipe.pipeline.store import LogitStore

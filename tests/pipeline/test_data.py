@@ -95,7 +95,7 @@ def test_missing_debian_files_tell_the_user_what_to_install(tmp_path):
 
 
 @pytest.mark.parametrize("name, split, root, match", [
-    ("mnist-fashion", "train", None, r"unknown data set 'mnist-fashion'; valid names are .*fashion-mnist.*cifar10"),
+    ("mnist-fashion", "train", None, r"unknown data set 'mnist-fashion'; (did you mean '[a-z0-9-]+'\? )?valid names are .*fashion-mnist.*cifar10"),
     ("fashion-mnist", "valid", None, r"unknown split 'valid'; valid splits are \['train', 'test'\]"),
     ("cifar10", "train", None, r"cifar10 needs a root folder: pass --root"),
     ("cifar100", "test", "EMPTY", r"cifar100 files not found or corrupted under .*cifar-100-python"),

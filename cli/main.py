@@ -143,6 +143,9 @@ _REMOTE_ERRORS = (
 )
 
 
+_NOT_STORES = ("file://", "http://", "https://", "tcp://", "tls://", "ucx://", "inproc://", "ws://", "wss://")
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
     while exc is not None and exc not in out and len(out) < 20:
@@ -161,7 +164,7 @@ def _remote_line(exc: BaseException, argv: Sequence[str]) -> str | None:
              if isinstance(getattr(e, "response", None), dict)}
     text = " ".join(str(e) for e in chain)
     urls = [a for a in argv if re.match(r"^[a-z][a-z0-9+.-]*://", a)] or re.findall(r"[a-z][a-z0-9+.-]*://[^\s'\"]+", text)
-    urls = [u for u in urls if not u.startswith(("file://", "http://", "https://"))] or urls
+    urls = [u for u in urls if not u.startswith(_NOT_STORES)]  # a dask scheduler, an endpoint: not a store
     if not urls:
         return None
     local = [e for e in chain if isinstance(e, OSError) and e.filename and "://" not in str(e.filename)]

@@ -82,5 +82,7 @@ def test_a_local_permission_error_is_not_called_remote():
     local = PermissionError(13, "Permission denied", "/ro/x.json")
     assert _remote_line(local, ["analyze", "s3://b/x.zarr", "--out", "/ro"]) is None
     assert _remote_line(ValueError("bug"), ["info", "s3://b/x.zarr"]) is None  # a bug keeps its traceback
+    refused = ConnectionRefusedError(111, "Connection refused")  # a dask scheduler is not a store
+    assert _remote_line(refused, ["analyze", "s.zarr", "--scheduler", "tcp://127.0.0.1:8786"]) is None
     remote = PermissionError("Access Denied")
     assert "'s3://b/x.zarr': permission denied" in _remote_line(remote, ["info", "s3://b/x.zarr"])

@@ -92,7 +92,7 @@ def test_incomparable_runs_are_left_out_with_the_reason(runs, tmp_path):
     write_run(runs / "old", "kd", 7, 70.0, epochs=20)
     write_run(runs / "other", "kd", 8, 70.0, train_size=55)
     md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
-    assert "Left out (2 run(s)" in md
+    assert "Left out (2 runs" in md
     assert "training settings epochs 20, batch_size 128, lr 0.05 differs from the other runs' epochs 5" in md
     assert "train_size 55 differs from the other runs' 100" in md
     assert "| KD | 85.00 ± 0.79 (5) |" in md  # the left-out runs are in no statistic

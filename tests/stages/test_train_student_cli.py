@@ -71,6 +71,8 @@ def test_alpha_above_one_warns_runs_and_names_alpha_not_the_learning_rate(tmp_pa
         pytest.skip("α = 1.2 kept every label probability ≥ 0 on this toy store")  # pragma: no cover
     _one_error(bad, "α = 1.2 ≥ 1, not from the optimiser: use α < 1")
     assert "learning rate" not in bad.stderr
+    assert "LoCa α=1.2 ≥ 1: prediction correctness" in bad.stderr.split("error:")[0]  # warned before training
+    assert not (tmp_path / "runs" / "loca-a1.2-s0").exists()  # and no empty run folder is left (issue #20)
 
 
 def test_unknown_group_is_named(tmp_path, store):

@@ -33,6 +33,8 @@ from loca_pipe.pipeline.calibration import (
     check_alpha,
     loca_sparse,
     mis_instruction_mask,
+    swap,
+    swap_sparse,
 )
 from loca_pipe.pipeline.errors import ConfigError, NumericsError
 
@@ -559,6 +561,22 @@ def _m_kd_star(zs, y, teacher, cfg, epoch):
     return _kd_star_mean(rows, keep) * cfg.tau ** 2
 
 
+def _swapped(teacher: _Teacher, y: torch.Tensor) -> _Teacher:
+    """The teacher with the swap correction applied (:func:`~loca_pipe.pipeline.calibration.swap`): a
+    permutation of each mis-instructed row, so it applies to logits, probabilities and sparse teachers alike."""
+    with torch.no_grad():
+        x = teacher.value.probs if teacher.kind == "sparse" else teacher.value
+        if bool(torch.isnan(x).any()):  # leave it: the loss is then NaN and _finite says so
+            return teacher
+        if teacher.kind == "sparse":
+            return _Teacher("sparse", swap_sparse(teacher.value, y)[0])
+        return _Teacher(teacher.kind, swap(teacher.value.detach(), y)[0])
+
+
+def _m_swap(zs, y, teacher, cfg, epoch):
+    return _m_kd(zs, y, _swapped(teacher, y), cfg, epoch)
+
+
 def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
     p, lp = _dense(zs, teacher, cfg.tau)
     tckd, nckd = _dkd_parts(zs, p, lp, y.view(-1, 1), cfg.tau, loca_alpha, teacher.kind == "probs")
@@ -568,6 +586,10 @@ def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
 
 def _m_loca_dkd(zs, y, teacher, cfg, epoch):
     return _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
+
+
+def _m_dkd_swap(zs, y, teacher, cfg, epoch):
+    return _m_dkd(zs, y, _swapped(teacher, y), cfg, epoch)
 
 
 def _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=None):
@@ -603,6 +625,11 @@ METHODS: dict[str, Method] = {
                label="DKD", base="ce", targets_loss="dkd"),
         Method("loca_dkd", _m_loca_dkd, ("logits", "probs"), True, "DKD with a LoCa-calibrated teacher",
                label="DKD+LoCa", base="dkd", targets_loss="dkd"),
+        Method("swap", _m_swap, _ALL, False,
+               "KD against the swapped teacher: where its top-1 is not the label, the label's and the top "
+               "logit are exchanged (arXiv 2504.20108)", label="Swap", base="kd"),
+        Method("dkd_swap", _m_dkd_swap, ("logits", "probs"), False, "DKD against the swapped teacher",
+               label="DKD+Swap", base="dkd"),
         Method("ls", _m_ls, ("logits",), False, "KD on z-scored logits at ls_tau (logit standardisation)",
                label="KD+LS", base="ce"),
         Method("loca_ls", _m_loca_ls, ("logits",), True, "logit standardisation with LoCa on the teacher",

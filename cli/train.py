@@ -85,6 +85,7 @@ def train_student(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run folder that already holds a run (otherwise refused).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe file from `loca-pipe select-recipe` (sets τ, β, γ).")] = None,
     memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Train on the first N training samples only (a full-logit store).")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
 ) -> None:
@@ -102,7 +103,7 @@ def train_student(
         "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
         "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
         "overwrite": overwrite, "recipe": recipe,
-        "memory_limit_gb": memory_limit_gb, "progress": progress,
+        "memory_limit_gb": memory_limit_gb, "progress": progress, "max_samples": max_samples,
     }
     p = load_section(stage.TrainStudentParams, stage.SECTION, str(params) if params else {}, overrides)
     from loca_pipe.stages.config import check_writable

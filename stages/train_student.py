@@ -88,6 +88,8 @@ class TrainStudentParams:
     recipe: str | None = None             # recipe file from `loca-pipe select-recipe`: sets tau/beta/gamma(/epochs/lr)
     follow: bool = True                   # measure the follow rates on the teacher's mis-instructed training rows
     memory_limit_gb: float = 4.0          # teacher signal above this is streamed chunk by chunk
+    max_samples: int | None = None        # train on the first N training samples only (full-logit stores; the
+                                          # default's CNN pair uses it to fit make repro's time budget)
     progress: bool = True
     threads: int | None = None            # torch CPU threads (None: 1 for short-cpu on CPU — tiny models run
                                           # faster single-threaded, and far faster on a busy machine — else torch's)
@@ -202,6 +204,9 @@ def check_params(p: TrainStudentParams) -> None:
     if p.online and not p.teacher_checkpoint:
         raise ConfigError("online mode runs the live teacher: set train_student.teacher_checkpoint "
                           "(--teacher-checkpoint PATH, a file from `loca-pipe train-teacher`)")
+    if p.max_samples is not None and (p.max_samples < 1 or p.targets):
+        raise ConfigError(f"max_samples must be ≥ 1 and works with a logit store (not targets); got {p.max_samples}"
+                          f"{' with targets ' + repr(p.targets) if p.targets else ''}")
     if p.memory_limit_gb < 0:
         raise ConfigError(f"memory_limit_gb must be ≥ 0; got {p.memory_limit_gb}")
 
@@ -311,6 +316,21 @@ def _follow(p: TrainStudentParams, shared: _Shared, model: Any, images: Any, sou
     return out
 
 
+def _first_samples(p: TrainStudentParams, source: Any, spec: Any, meta: dict[str, Any], method: str) -> Any:
+    """The source restricted to the first ``p.max_samples`` training samples (the teacher's full logits of
+    those samples in memory; a store without full logits, or with cached views, is refused)."""
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
+
+    n = int(p.max_samples)
+    if isinstance(source, PlainSource):
+        return PlainSource(n)
+    if getattr(source, "has_views", False):
+        raise ConfigError("max_samples needs a store without cached views; unset it or use a store cached with views: 0")
+    from loca_pipe.stages.select_recipe import _teacher_logits
+
+    return TensorSource(_teacher_logits(p.store, meta.get("teacher"), spec)[:n])
+
+
 def _blockkd(p: TrainStudentParams, model: Any, teacher_model: Any, meta: dict[str, Any], spec: Any, C: int
              ) -> tuple[Any, str]:
     """The Block-KD wrapper of ``model``: the teacher from ``p.teacher_checkpoint`` (the live teacher in online
@@ -407,6 +427,8 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
                             lambda: load_soft_labels(p.store, spec, teacher=p.teacher, student_classes=C, tau=p.tau,
                                                      form=p.form, memory_limit_bytes=mem, view_policy=p.view_policy))
         meta = source.meta
+    if p.max_samples is not None and p.max_samples < len(source):
+        source = _first_samples(p, source, spec, meta, method)
     replay = augmenter = None
     if getattr(source, "has_views", False):
         ds_meta = meta.get("dataset") or {}
@@ -433,7 +455,7 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     identity = {"method": p.method, "loss_method": method, "alpha": p.alpha if takes_a else None,
                 "tau": p.tau, "beta": p.beta, "gamma": p.gamma, "seed": p.seed, "student": p.student,
                 "dataset": p.dataset, "split": p.split, "eval_split": p.eval_split, "fingerprint": spec.fingerprint,
-                "train_size": len(source),
+                "train_size": len(source), **({"max_samples": p.max_samples} if p.max_samples else {}),
                 "store": None if method == "ce" and not p.targets else (p.targets or p.store),
                 "teacher": meta.get("teacher"), "online": p.online, "augment": p.augment, "preset": p.preset,
                 "form": getattr(source, "kind", None), "view_policy": p.view_policy,

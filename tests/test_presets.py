@@ -58,7 +58,7 @@ def test_block_kd_pair_is_declared_and_connectable(path):
 
     p = read_params(ROOT / path)
     c = p["cnn_students"]
-    assert set(c) == {"teacher", "student", "base", "loca"}
+    assert set(c) == {"teacher", "student", "base", "loca", "args"} and isinstance(c["args"], str)
     assert c["teacher"] in p["cache"]["teachers"] and c["teacher"] in p["train_teacher"]["teachers"]
     base, loca = c["base"].split(","), c["loca"].split(",")
     assert all(m in METHODS for m in base + loca) and "blockkd" in base and "blockkd_loca" in loca

@@ -113,3 +113,19 @@ def test_swap_method_is_kd_on_the_swapped_teacher():
     good.scatter_(1, y.view(-1, 1), 100.0)
     assert torch.equal(compute_loss("swap", zs, y, teacher_logits=good, cfg=cfg),
                        compute_loss("kd", zs, y, teacher_logits=good, cfg=cfg))
+
+
+def test_swap_method_on_a_sparse_teacher_is_sparse_kd_on_the_swapped_one():
+    from loca_pipe.pipeline.losses import sparse_kd_loss
+
+    z, y = _case(40, 8, 5)
+    z = z.float()
+    tau, K = 2.0, 3
+    top = (z / tau).topk(K, 1)
+    sd = sparse_from_topk(top.values * tau, top.indices, torch.logsumexp(z / tau, 1), z.gather(1, y.view(-1, 1)).view(-1),
+                          y, tau)
+    zs = torch.randn(40, 8, generator=torch.Generator().manual_seed(6))
+    cfg = LossConfig(tau=tau, beta=1.0, gamma=0.0)
+    got = compute_loss("swap", zs, y, teacher_sparse=sd, cfg=cfg)
+    assert torch.allclose(got, sparse_kd_loss(zs, swap_sparse(sd, y)[0], tau), atol=1e-6)
+    assert not torch.allclose(got, compute_loss("kd", zs, y, teacher_sparse=sd, cfg=cfg))

@@ -83,11 +83,12 @@ def _one_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
 
 def test_blockkd_loca_trains_and_saves_the_connectors(env):
     proc = cli(env, "ok", "--methods", "blockkd,blockkd_loca", "--alpha", "0.9", "--teacher-checkpoint", env["ck"],
-               "--cross", "0.25", "--cross-distance", "mse")
+               "--cross", "0.25", "--cross-distance", "mse", "--max-samples", "100")
     assert proc.returncode == 0, proc.stderr
     m = json.loads((env["tmp"] / "ok" / "blockkd_loca-a0.9-s0" / "metrics.json").read_text())
     assert m["method"] == "blockkd_loca" and m["cross"] == 0.25 and m["cross_distance"] == "mse"
     assert m["test_top1"] is not None and len(m["teacher_checkpoint_sha256"]) == 64
+    assert m["train_size"] == 100 and m["max_samples"] == 100  # the first 100 of the 240 training images
     ck = torch.load(env["tmp"] / "ok" / "blockkd-s0" / "checkpoint.pt", weights_only=False)
     assert set(ck["connectors"]) >= {"0.0.weight", "1.1.running_mean"}
     assert not any(k.startswith("_teacher") for k in ck["model"])
@@ -109,5 +110,6 @@ def test_refusals(env):
                "architecture 'toy_blockkd_module:flat' declares no blocks")
     _one_error(cli(env, "r5", "--method", "blockkd", "--teacher-checkpoint", env["ck"], "--cross-distance", "l1"),
                "cross_distance must be one of ['kl', 'mse']")
-    for r in ("r1", "r2", "r3", "r4", "r5"):  # nothing written for a refused run
+    _one_error(cli(env, "r6", "--method", "kd", "--max-samples", "0"), "max_samples must be ≥ 1")
+    for r in ("r1", "r2", "r3", "r4", "r5", "r6"):  # nothing written for a refused run
         assert not list((env["tmp"] / r).glob("*/metrics.json"))

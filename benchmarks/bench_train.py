@@ -7,8 +7,14 @@ default teacher architecture (``cnn``, random init — the ratios do not depend 
   store / CE             ÷ a CE-only epoch (the KD loss itself costs something on a tiny student)
   online / store         online KD (teacher forward every step) ÷ store epoch (speed-up; goal ≥ 10×)
 
+and, for Block-KD (student ``cnn_small``, teacher ``cnn``, two blocks each, connectors 1×1 conv + BN):
+
+  Block-KD / KD          Block-KD from the store (hybrids run the teacher's later blocks) ÷ KD from the store
+  Block-KD store / online  Block-KD from the store ÷ Block-KD with the teacher's full forward online for the
+                         KL targets (what the cache saves Block-KD)
+
 Epoch times are the minimum of interleaved repeats (the machine is shared and noisy; noise only adds). ``LOCA_BENCH_QUICK=1``
-uses 1,024 samples and one repeat.
+uses 1,024 samples and one repeat; ``LOCA_BENCH_N=N`` the first N samples.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 
 def main() -> None:
+    from loca_pipe.pipeline.blockkd import build_blockkd
     from loca_pipe.pipeline.data import open_dataset
     from loca_pipe.pipeline.losses import LossConfig
     from loca_pipe.pipeline.models import build_model
@@ -34,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     repeats = 1 if quick else 5
     spec = open_dataset("fashion-mnist", "train")
-    n = 1024 if quick else len(spec)
+    n = 1024 if quick else min(len(spec), int(os.environ.get("LOCA_BENCH_N", len(spec))))
     images = ImageSet(spec.dataset, "cpu")
     images.images = images.images[:n]
     labels = torch.as_tensor(spec.labels[:n], dtype=torch.int64)
@@ -70,12 +77,15 @@ def main() -> None:
         sl_store = load_soft_labels(path, spec, tau=4.0)
         t_load = time.perf_counter() - t0
 
-        def epoch(source, method, teacher_model=None) -> float:
+        def epoch(source, method, teacher_model=None, student="mlp_small") -> float:
             torch.manual_seed(1)
-            model = build_model("mlp_small", C, spec.in_channels, spec.image_size)
+            model = build_model(student, C, spec.in_channels, spec.image_size)
+            bk = None
+            if method.startswith("blockkd"):
+                bk = build_blockkd(model, student, teacher, "cnn", spec.in_channels, spec.image_size)
             t = time.perf_counter()
             train_student(model, images=images, labels=labels, source=source, method=method, loss_cfg=loss_cfg,
-                          cfg=cfg, teacher_model=teacher_model, do_eval=False)
+                          cfg=cfg, teacher_model=teacher_model, do_eval=False, blockkd=bk)
             return time.perf_counter() - t
 
         times: dict[str, list[float]] = {"store": [], "memory": [], "ce": [], "online": []}
@@ -86,6 +96,11 @@ def main() -> None:
                 times[k].append(epoch(*runs[k]))
             if r < (1 if quick else 2):
                 times["online"].append(epoch(PlainSource(n), "kd", teacher_model=teacher))
+        bk_runs = {"kd_cnn": (sl_store, "kd", None, "cnn_small"), "blockkd": (sl_store, "blockkd", None, "cnn_small"),
+                   "blockkd_online": (PlainSource(n), "blockkd", teacher, "cnn_small")}
+        for r in range(1 if quick else 2):
+            for k in (list(bk_runs) if r % 2 == 0 else list(reversed(bk_runs))):
+                times.setdefault(k, []).append(epoch(*bk_runs[k]))
 
     # min over repeats: the machine is shared, and noise only ever adds time (timeit's rule)
     med = {k: min(v) for k, v in times.items()}
@@ -99,6 +114,10 @@ def main() -> None:
     print(f"  store / CE           = {med['store'] / med['ce']:.3f}")
     print(f"  online / store       = {t_online / med['store']:.1f}x speed-up  (goal >= 10x)")
     print(f"  samples/s from the store: {n / med['store']:.0f}")
+    print(f"  Block-KD (student cnn_small, teacher cnn, 2 blocks), epoch seconds: KD from the store {med['kd_cnn']:.2f}  "
+          f"Block-KD from the store {med['blockkd']:.2f}  Block-KD with the teacher online {med['blockkd_online']:.2f}")
+    print(f"  Block-KD / KD (both from the store)      = {med['blockkd'] / med['kd_cnn']:.2f}")
+    print(f"  Block-KD store / Block-KD online teacher = {med['blockkd'] / med['blockkd_online']:.2f}")
     print("  all epoch times (s): " + "; ".join(f"{k} {[round(t, 2) for t in v]}" for k, v in times.items()))
 
 

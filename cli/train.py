@@ -54,6 +54,8 @@ def train_student(
     dkd_alpha: Annotated[Optional[float], typer.Option(help="DKD target-class weight.")] = None,
     dkd_beta: Annotated[Optional[float], typer.Option(help="DKD non-target weight.")] = None,
     ls_tau: Annotated[Optional[float], typer.Option(help="Base temperature of logit standardisation (ls, loca_ls; default 2).")] = None,
+    cross: Annotated[Optional[float], typer.Option(help="Block-KD cross-term weight (the paper's γ; blockkd* methods).")] = None,
+    cross_distance: Annotated[Optional[str], typer.Option(help="Block-KD cross-term distance: kl or mse.")] = None,
     form: Annotated[Optional[Form], typer.Option(help="Teacher signal: full logits, top-k (sparse, exact at stored τ), or auto.")] = None,
     view_policy: Annotated[Optional[ViewPolicy], typer.Option(help="Cached views: cycle (epoch e → view e mod V) or random per sample.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student model NAME (model zoo) or module:callable.")] = None,
@@ -78,11 +80,12 @@ def train_student(
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
     out_dir: Annotated[Optional[str], typer.Option(help="Folder of run folders (<out>/<method>[-a<α>]-s<seed>).")] = None,
     online: Annotated[Optional[bool], typer.Option("--online/--offline", help="Run the live teacher instead of the store (A/B).")] = None,
-    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online.")] = None,
+    teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online, and for the Block-KD methods' hybrids (the one the store's teacher was cached from).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the run's last checkpoint.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run folder that already holds a run (otherwise refused).")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe file from `loca-pipe select-recipe` (sets τ, β, γ).")] = None,
     memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Train on the first N training samples only (a full-logit store).")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
 ) -> None:
@@ -92,14 +95,15 @@ def train_student(
 
     overrides = {
         "store": store, "teacher": teacher, "targets": targets, "method": method, "alpha": alpha, "tau": tau,
-        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "ls_tau": ls_tau, "form": _value(form),
+        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "ls_tau": ls_tau, "cross": cross,
+        "cross_distance": cross_distance, "form": _value(form),
         "view_policy": _value(view_policy), "student": student, "dataset": dataset, "root": root, "split": split,
         "eval_split": eval_split, "augment": _value(augment), "preset": _value(preset), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
         "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
         "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
         "overwrite": overwrite, "recipe": recipe,
-        "memory_limit_gb": memory_limit_gb, "progress": progress,
+        "memory_limit_gb": memory_limit_gb, "progress": progress, "max_samples": max_samples,
     }
     p = load_section(stage.TrainStudentParams, stage.SECTION, str(params) if params else {}, overrides)
     from loca_pipe.stages.config import check_writable

@@ -43,6 +43,8 @@ __all__ = [
     "loca_sparse",
     "mis_instruction_mask",
     "sparse_from_topk",
+    "swap",
+    "swap_sparse",
 ]
 
 _TORCH_OK = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
@@ -442,6 +444,53 @@ def loca_sparse(sd: SparseDist, labels: torch.Tensor, alpha: float) -> tuple[Spa
     out = (p * s).scatter_(1, pos, new_py)
     tail_out = tail * s.view(-1)
     return SparseDist(ids, out, tail_out), LocaResult(out, mis.view(-1), s.view(-1))
+
+
+def swap(logits_or_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swapped-logit correction (arXiv 2504.20108, the teacher-side swap): on every mis-instructed row
+    (:func:`mis_instruction_mask`: the label is not the strict winner), exchange the label's entry with the
+    largest other entry (the first such class on a tie). Returns (swapped tensor, (B,) bool: rows swapped).
+
+    A per-row permutation of the entries, so it is the same operation on logits and on their probabilities
+    at any τ (softmax commutes with a permutation) and exact in any dtype: the row's multiset of values is
+    unchanged, the label then holds the row's maximum, and correct rows are returned bit for bit. On a tie
+    (label = best other) the two values are equal, so the row does not change and the label stays tied.
+    """
+    x, labels = _check_2d(logits_or_probs, labels, "logits_or_probs")
+    if x.shape[0] == 0:
+        return x.clone(), torch.zeros(0, dtype=torch.bool, device=x.device)
+    y = labels.view(-1, 1)
+    x_y = x.gather(1, y)
+    rival = x.scatter(1, y, -math.inf)
+    k = rival.argmax(1, keepdim=True)  # first maximum among i != y
+    x_k = rival.gather(1, k)
+    if bool(torch.isnan(x_y).any() | torch.isnan(x_k).any()):
+        _raise_nan(x, "teacher logits/probabilities")
+    mis = _is_mis(x_y, x_k)
+    out = x.clone()
+    out.scatter_(1, y, torch.where(mis, x_k, x_y))
+    out.scatter_(1, k, torch.where(mis, x_y, x_k))
+    return out, mis.view(-1)
+
+
+def swap_sparse(sd: SparseDist, labels: torch.Tensor) -> tuple[SparseDist, torch.Tensor]:
+    """:func:`swap` on a sparse teacher (top-k ∪ {label} ∪ tail), exact for every row: the label's mass is
+    always kept (column K, or its top-k column) and the largest other probability is the stored top-1 (the
+    top-2 when the label is the top-1), so the swap exchanges two kept probabilities and leaves the tail
+    alone. (With K = 1 and the label as top-1, a tie with an unstored class is invisible, as in
+    :func:`loca_sparse`.) Returns (swapped SparseDist, (B,) bool: rows swapped)."""
+    sd, labels = _check_sparse(sd, labels)
+    ids, p, tail = sd
+    if ids.shape[0] == 0:
+        return sd, torch.zeros(0, dtype=torch.bool, device=ids.device)
+    pos, p_y, p_k = _sparse_label_and_rival(ids, p, labels)
+    is_lab_top = (ids == labels.view(-1, 1))[:, :-1]
+    kcol = p[:, :-1].masked_fill(is_lab_top, -1.0).argmax(1, keepdim=True)
+    mis = _is_mis(p_y, p_k)
+    out = p.clone()
+    out.scatter_(1, pos, torch.where(mis, p_k, p_y))
+    out.scatter_(1, kcol, torch.where(mis, p_y, p_k))
+    return SparseDist(ids, out, tail), mis.view(-1)
 
 
 def loca_calibrate_blocks(logits: Any, labels: Any, alpha: float, tau: float, *, out: Any,

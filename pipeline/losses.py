@@ -33,13 +33,17 @@ from loca_pipe.pipeline.calibration import (
     check_alpha,
     loca_sparse,
     mis_instruction_mask,
+    swap,
+    swap_sparse,
 )
 from loca_pipe.pipeline.errors import ConfigError, NumericsError
 
 __all__ = [
     "METHODS",
+    "CROSS_DISTANCES",
     "LossConfig",
     "Method",
+    "blockkd_terms",
     "ce_loss",
     "compute_loss",
     "dkd_loss",
@@ -58,6 +62,9 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 # configuration
 
+#: Block-KD's cross-term distances (LossConfig.cross_distance).
+CROSS_DISTANCES = ("kl", "mse")
+
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -69,6 +76,10 @@ class LossConfig:
     linear warm-up (20). To reproduce mdistiller's DKD total (CE + warm-up·DKD) set beta = gamma = 1.
     ls_tau: base temperature of logit standardisation (Sun et al.: 2.0; their CIFAR-100 runs use KD
     weight 9 and CE weight 0.1, i.e. beta = 9, gamma = 0.1).
+    Block-KD (methods ``blockkd*``): L = gamma·L_task + beta·L_distill + cross·L_cross (the paper's α, β, γ
+    are gamma, beta, cross here, so Block-KD and KD share the recipe's weights); cross_distance: "kl"
+    (τ²·KL(mean hybrid ‖ output) at tau) or "mse" (mean squared logit difference). The default cross weight
+    was chosen on the validation split (docs/students.md).
     """
 
     tau: float = 4.0
@@ -79,9 +90,16 @@ class LossConfig:
     dkd_beta: float = 8.0
     warmup_epochs: int = 20
     ls_tau: float = 2.0
+    cross: float = 0.5
+    cross_distance: str = "kl"
 
     def __post_init__(self) -> None:
+        if self.cross_distance not in CROSS_DISTANCES:
+            raise ConfigError(f"LossConfig.cross_distance must be one of {list(CROSS_DISTANCES)}; got "
+                              f"{self.cross_distance!r}")
         for f in fields(self):
+            if f.name == "cross_distance":
+                continue
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"LossConfig.{f.name} must be a number; got {v!r}")
@@ -92,7 +110,7 @@ class LossConfig:
                 raise ConfigError(f"LossConfig.{name} is a temperature and must be > 0; got {getattr(self, name)}")
         if self.alpha <= 0:
             raise ConfigError(f"LossConfig.alpha (LoCa) must be in (0, 1), e.g. 0.95; got {self.alpha}")
-        for name in ("beta", "gamma", "dkd_alpha", "dkd_beta", "warmup_epochs"):
+        for name in ("beta", "gamma", "dkd_alpha", "dkd_beta", "warmup_epochs", "cross"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"LossConfig.{name} is a weight and must be >= 0; got {getattr(self, name)}")
         if int(self.warmup_epochs) != self.warmup_epochs:
@@ -512,6 +530,8 @@ class Method:
     carry α); ``label``: the report's row label; ``base``: the method its paired difference is taken
     against (same seeds); ``targets_loss``: the loss to apply to precomputed targets (``loca-pipe
     calibrate``; None: cannot train from them), whose LoCa targets at α are read when ``loca`` is set.
+    ``blocks``: a Block-KD method, trained with the teacher's blocks online (pipeline/blockkd.py) and its
+    ``distill`` applied to the student and every hybrid (:func:`blockkd_terms`).
     """
 
     name: str
@@ -522,6 +542,7 @@ class Method:
     label: str = ""
     base: str | None = None
     targets_loss: str | None = None
+    blocks: bool = False  # Block-KD: ``distill`` is applied to the student and every stepping-stone hybrid
 
     @property
     def needs_teacher(self) -> bool:
@@ -559,6 +580,22 @@ def _m_kd_star(zs, y, teacher, cfg, epoch):
     return _kd_star_mean(rows, keep) * cfg.tau ** 2
 
 
+def _swapped(teacher: _Teacher, y: torch.Tensor) -> _Teacher:
+    """The teacher with the swap correction applied (:func:`~loca_pipe.pipeline.calibration.swap`): a
+    permutation of each mis-instructed row, so it applies to logits, probabilities and sparse teachers alike."""
+    with torch.no_grad():
+        x = teacher.value.probs if teacher.kind == "sparse" else teacher.value
+        if bool(torch.isnan(x).any()):  # leave it: the loss is then NaN and _finite says so
+            return teacher
+        if teacher.kind == "sparse":
+            return _Teacher("sparse", swap_sparse(teacher.value, y)[0])
+        return _Teacher(teacher.kind, swap(teacher.value.detach(), y)[0])
+
+
+def _m_swap(zs, y, teacher, cfg, epoch):
+    return _m_kd(zs, y, _swapped(teacher, y), cfg, epoch)
+
+
 def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
     p, lp = _dense(zs, teacher, cfg.tau)
     tckd, nckd = _dkd_parts(zs, p, lp, y.view(-1, 1), cfg.tau, loca_alpha, teacher.kind == "probs")
@@ -568,6 +605,10 @@ def _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=None):
 
 def _m_loca_dkd(zs, y, teacher, cfg, epoch):
     return _m_dkd(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
+
+
+def _m_dkd_swap(zs, y, teacher, cfg, epoch):
+    return _m_dkd(zs, y, _swapped(teacher, y), cfg, epoch)
 
 
 def _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=None):
@@ -583,6 +624,34 @@ def _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=None):
 
 def _m_loca_ls(zs, y, teacher, cfg, epoch):
     return _m_ls(zs, y, teacher, cfg, epoch, loca_alpha=check_alpha(cfg.alpha))
+
+
+def _cross_rows(o: torch.Tensor, mean: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Block-KD's cross distance of outputs ``o`` to the hybrids' mean logits (a constant target)."""
+    if cfg.cross_distance == "mse":
+        return ((o - mean) ** 2).mean()
+    t = cfg.tau
+    lp = F.log_softmax(mean / t, dim=1)
+    return _kl_rows(lp.exp(), lp, F.log_softmax(o / t, dim=1)).mean() * t * t
+
+
+def blockkd_terms(m: "Method", zs: torch.Tensor, y: torch.Tensor, teacher: "_Teacher", hybrids: list[torch.Tensor],
+                  cfg: LossConfig, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_task, L_distill, L_cross) of Block-KD (arXiv 2411.01547) for student logits ``zs`` and hybrid
+    logits N_1 … N_n, each hybrid's terms weighted w_i = 1/2^(n−i) (the student's weight is 1):
+
+        L_task = CE(zs) + Σ w_i CE(N_i),   L_distill = D(zs) + Σ w_i D(N_i),
+        L_cross = d(zs, N̄) + Σ w_i d(N_i, N̄),   N̄ = (1/n) Σ N_i (detached: a target),
+
+    D = the method's distillation term against the stored teacher (KD, LoCa, KD*, swap)."""
+    n = len(hybrids)
+    outs = [zs, *hybrids]
+    ws = [1.0] + [0.5 ** (n - i) for i in range(1, n + 1)]
+    mean = torch.stack([h.detach() for h in hybrids]).mean(0)
+    task = sum(w * F.cross_entropy(o, y) for w, o in zip(ws, outs))
+    distill = sum(w * m.distill(o, y, teacher, cfg, epoch) for w, o in zip(ws, outs))
+    cross = sum(w * _cross_rows(o, mean, cfg) for w, o in zip(ws, outs))
+    return task, distill, cross
 
 
 _ALL = ("logits", "probs", "sparse")
@@ -603,6 +672,22 @@ METHODS: dict[str, Method] = {
                label="DKD", base="ce", targets_loss="dkd"),
         Method("loca_dkd", _m_loca_dkd, ("logits", "probs"), True, "DKD with a LoCa-calibrated teacher",
                label="DKD+LoCa", base="dkd", targets_loss="dkd"),
+        Method("swap", _m_swap, _ALL, False,
+               "KD against the swapped teacher: where its top-1 is not the label, the label's and the top "
+               "logit are exchanged (arXiv 2504.20108)", label="Swap", base="kd"),
+        Method("dkd_swap", _m_dkd_swap, ("logits", "probs"), False, "DKD against the swapped teacher",
+               label="DKD+Swap", base="dkd"),
+        Method("blockkd", _m_kd, _ALL, False,
+               "Block-KD (arXiv 2411.01547): KD on the student and every stepping-stone hybrid (student blocks → "
+               "connector → the teacher's later blocks), targets from the store; needs the teacher checkpoint",
+               label="Block-KD", base="kd", blocks=True),
+        Method("blockkd_loca", _m_loca, _ALL, True, "Block-KD against the LoCa-calibrated teacher",
+               label="Block-KD+LoCa", base="blockkd", blocks=True),
+        Method("blockkd_kd_star", _m_kd_star, _ALL, False,
+               "Block-KD with the teacher's mis-instructed rows dropped from every KD term",
+               label="Block-KD*", base="blockkd", blocks=True),
+        Method("blockkd_swap", _m_swap, _ALL, False, "Block-KD against the swapped teacher",
+               label="Block-KD+Swap", base="blockkd", blocks=True),
         Method("ls", _m_ls, ("logits",), False, "KD on z-scored logits at ls_tau (logit standardisation)",
                label="KD+LS", base="ce"),
         Method("loca_ls", _m_loca_ls, ("logits",), True, "logit standardisation with LoCa on the teacher",
@@ -626,7 +711,7 @@ def method_help() -> str:
 def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor, *,
                  teacher_logits: torch.Tensor | None = None, teacher_probs: torch.Tensor | None = None,
                  teacher_sparse: SparseDist | None = None, cfg: LossConfig = LossConfig(),
-                 epoch: int = 0) -> torch.Tensor:
+                 epoch: int = 0, hybrids: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Total training loss (scalar): beta·L_distill + gamma·CE, or CE alone for ``ce``.
 
     Exactly one teacher form for the distillation methods: ``teacher_logits`` (B, C), ``teacher_probs``
@@ -635,6 +720,9 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
     ``teacher_probs`` and ``teacher_sparse`` must be distributions: entries in [0, 1], each row (kept
     entries + tail for sparse) summing to 1 within ``PROB_SUM_TOL`` = 1e-2, as :func:`loca` requires;
     anything else (raw logits passed as probabilities) is a ConfigError. An empty batch is a ConfigError.
+    Block-KD methods (``blockkd*``) need ``hybrids``, the stepping-stone logits N_1 … N_n
+    (:class:`~loca_pipe.pipeline.blockkd.BlockKD`), and return gamma·L_task + beta·L_distill + cross·L_cross
+    (:func:`blockkd_terms`); other methods refuse them.
     """
     m = get_method(method)
     if not isinstance(cfg, LossConfig):
@@ -663,5 +751,18 @@ def compute_loss(method: str, student_logits: torch.Tensor, labels: torch.Tensor
         value = SparseDist(sd.ids, sd.probs.to(zs.dtype), sd.tail.to(zs.dtype))
     elif kind == "probs" and isinstance(value, torch.Tensor) and value.is_floating_point():
         _check_teacher_probs(_float(value.detach()))
+    if m.blocks:
+        if not hybrids:
+            raise ConfigError(f"method {method!r} is Block-KD: it needs the stepping-stone hybrids' logits "
+                              f"(hybrids=, from pipeline.blockkd.BlockKD); train it with `loca-pipe train-student "
+                              f"--method {method} --teacher-checkpoint PATH`")
+        hs = [_check_student(h, "hybrid logits") for h in hybrids]
+        if any(h.shape != zs.shape for h in hs):
+            raise ConfigError(f"every hybrid's logits must have the student's shape {tuple(zs.shape)}; got "
+                              f"{[tuple(h.shape) for h in hs]}")
+        task, distill, cross = blockkd_terms(m, zs, y, _Teacher(kind, value), hs, cfg, epoch)
+        return _finite(cfg.gamma * task + cfg.beta * distill + cfg.cross * cross, f"{method} loss")
+    if hybrids is not None:
+        raise ConfigError(f"method {method!r} takes no hybrids (only the Block-KD methods do)")
     distill = m.distill(zs, y, _Teacher(kind, value), cfg, epoch)
     return _finite(cfg.beta * distill + cfg.gamma * ce, f"{method} loss")

@@ -267,7 +267,8 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                   teacher_model: nn.Module | None = None, replay: Any = None, augmenter: Any = None,
                   resume: bool = False, identity: dict[str, Any] | None = None, hooks: Hooks | None = None,
                   progress: bool = False, loss_fn: Callable[..., torch.Tensor] | None = None,
-                  do_eval: bool = True, progress_desc: str | None = None) -> TrainResult:
+                  do_eval: bool = True, progress_desc: str | None = None, blockkd: nn.Module | None = None
+                  ) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs and return the final metrics.
 
     ``source`` yields :class:`~loca_pipe.pipeline.soft_labels.Batch` es: a ``SoftLabels`` (teacher signal
@@ -276,6 +277,11 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
     ``augmenter`` a plain augmentation for batches without them (view = epoch). ``identity`` is a JSON
     dict describing the run; a resume refuses a checkpoint whose identity differs. ``out_dir`` receives
     ``checkpoint.pt`` (every epoch), ``log.csv`` and ``metrics.json``.
+
+    ``blockkd`` (a :class:`~loca_pipe.pipeline.blockkd.BlockKD` wrapping ``model``): the Block-KD methods'
+    forward, which returns the student's logits and the stepping-stone hybrids' (passed to the loss as
+    ``hybrids``); the optimizer then holds the student's and the connectors' parameters (never the
+    teacher's), and the checkpoint the connectors too.
     """
     cfg = cfg.validate()
     compute_loss = loss_fn or _loss_fn()
@@ -293,7 +299,12 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         out.mkdir(parents=True, exist_ok=True)
     identity = json.loads(json.dumps(identity or {}, default=str))
     model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    if blockkd is not None:
+        if getattr(blockkd, "student", None) is not model:
+            raise ConfigError("train_student: blockkd must wrap the model being trained (BlockKD(student=model, ...))")
+        blockkd.to(device)
+    trained = blockkd if blockkd is not None else model
+    opt = torch.optim.SGD(trained.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
     use_amp = cfg.amp and device.type == "cuda"
@@ -310,17 +321,19 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             raise ConfigError(f"cannot resume from {str(ckpt_path)!r}: it belongs to another run ({'; '.join(diffs)}); "
                               f"use another output folder or run without --resume to start over")
         model.load_state_dict(ck["model"])
+        if blockkd is not None:
+            blockkd.connectors.load_state_dict(ck["connectors"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"])
         history, start = list(ck["history"]), int(ck["epoch"])
         log.info("resuming %s from epoch %d", out, start)
-    net: nn.Module = model
+    net: nn.Module = trained
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     if teacher_model is not None:
         teacher_model.to(device).eval()
     if labels.device != device and device.type == "cuda":
@@ -360,6 +373,9 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                     teacher = {"teacher_logits": teacher_model(x).float()}
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 logits = net(x)
+            if blockkd is not None:  # (student logits, [N_1 … N_n])
+                logits, hybrids = logits
+                teacher["hybrids"] = [h.float() for h in hybrids]
             try:
                 if idx.numel() == 0:  # DDP, a last batch smaller than the world: no rows here, zero gradient
                     loss = logits.float().sum() * 0.0
@@ -416,7 +432,9 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         if out is not None and main:
             atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                         "history": history, "identity": identity, "config": asdict(cfg)}, ckpt_path)
+                         "history": history, "identity": identity, "config": asdict(cfg),
+                         **({"connectors": blockkd.connectors.state_dict()} if blockkd is not None else {})},
+                        ckpt_path)
             write_log(out / LOG_CSV, history)
         if bar.disable is False:
             bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{row['train_loss']:.4f}",

@@ -61,7 +61,7 @@ def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any
 # Sections named in a dvc.yaml next to the params file (its stages' `params:` lists) count as known too,
 # so a new stage is accepted once dvc.yaml reads its section.
 SECTIONS = ("base", "prepare_data", "train_teacher", "cache", "select_recipe", "analyze", "calibrate",
-            "train_student", "report",
+            "train_student", "cnn_students", "report",
             "lm_base", "lm_prepare", "lm_tokenizer", "lm_train_teacher", "lm_cache", "lm_analyze",
             "lm_train_student", "lm_report")
 

@@ -393,10 +393,22 @@ def _key(r: dict[str, Any]) -> str:
 def to_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The small dvc metrics file: per teacher its top-1 and training mis-instruction ratio (%), and per
     method (run-name style keys: kd, kd_star, loca-a0.95) the mean top-1 and, where it has a base method,
-    the paired Δ and its t-test p."""
+    the paired Δ and its t-test p. A teacher with students of several architectures (the default's strong
+    teacher: mlp_small and cnn_small) keys the most common student's pair by the teacher's name and each
+    other pair by "teacher → student", so no pair's rows overwrite another's."""
+    from collections import Counter
+
     out: dict[str, Any] = {}
+    pairs = list(dict.fromkeys(r["pair"] for r in rows))
+    common = Counter(p.split(" → ", 1)[-1] for p in pairs).most_common(1)
+    per_teacher = Counter(_short(p) for p in pairs)
+
+    def key(pair: str) -> str:
+        alone = per_teacher[_short(pair)] == 1 or pair.split(" → ", 1)[-1] == common[0][0]
+        return _short(pair) if alone else pair
+
     for r in rows:
-        t = out.setdefault(_short(r["pair"]), {})
+        t = out.setdefault(key(r["pair"]), {})
         if r["row"] == "Teacher":
             t["teacher"] = round(r["mean"], 2)
             continue

@@ -61,6 +61,8 @@ class TrainStudentParams:
     dkd_beta: float = 8.0
     ls_tau: float | None = None           # logit standardisation's base τ (ls, loca_ls; None: the library's 2.0)
     warmup_epochs: int | None = None      # DKD warm-up (None: the loss library's default)
+    cross: float | None = None            # Block-KD cross-term weight (None: the loss library's default)
+    cross_distance: str | None = None     # Block-KD cross-term distance: kl | mse (None: the library's kl)
     form: str = "auto"                    # teacher signal: auto | logits | topk
     view_policy: str = "cycle"            # cached views: cycle (epoch e → view e mod V) | random
     student: str = "mlp_small"            # model zoo name or module:callable
@@ -81,12 +83,14 @@ class TrainStudentParams:
     amp: bool = True                      # fp16 autocast on CUDA
     out_dir: str = "data/students"
     online: bool = False                  # run the live teacher instead of reading the store
-    teacher_checkpoint: str | None = None  # for online mode (arch read from its .json sidecar)
+    teacher_checkpoint: str | None = None  # online mode and Block-KD's hybrids (arch read from its .json sidecar)
     resume: bool = False
     overwrite: bool = False               # replace a run folder that already holds a run
     recipe: str | None = None             # recipe file from `loca-pipe select-recipe`: sets tau/beta/gamma(/epochs/lr)
     follow: bool = True                   # measure the follow rates on the teacher's mis-instructed training rows
     memory_limit_gb: float = 4.0          # teacher signal above this is streamed chunk by chunk
+    max_samples: int | None = None        # train on the first N training samples only (full-logit stores; the
+                                          # default's CNN pair uses it to fit make repro's time budget)
     progress: bool = True
     threads: int | None = None            # torch CPU threads (None: 1 for short-cpu on CPU — tiny models run
                                           # faster single-threaded, and far faster on a busy machine — else torch's)
@@ -178,7 +182,8 @@ def loss_config(p: TrainStudentParams) -> Any:
 
     names = {f.name for f in dataclasses.fields(LossConfig)}
     values = {"tau": p.tau, "alpha": p.alpha, "beta": p.beta, "gamma": p.gamma, "dkd_alpha": p.dkd_alpha,
-              "dkd_beta": p.dkd_beta, "warmup_epochs": p.warmup_epochs, "ls_tau": p.ls_tau}
+              "dkd_beta": p.dkd_beta, "warmup_epochs": p.warmup_epochs, "ls_tau": p.ls_tau,
+              "cross": p.cross, "cross_distance": p.cross_distance}
     return LossConfig(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
@@ -213,9 +218,16 @@ def check_params(p: TrainStudentParams) -> None:
         raise ConfigError(f"tau must be a positive number; got {p.tau}")
     if takes_alpha(p.method):
         check_alpha_range(p.alpha, "--alpha/--alphas")
+    if METHODS[p.method].blocks and not p.teacher_checkpoint:
+        raise ConfigError(f"method {p.method!r} is Block-KD: its stepping-stone hybrids run the teacher's blocks; set "
+                          f"train_student.teacher_checkpoint (--teacher-checkpoint PATH, the checkpoint the store's "
+                          f"teacher was cached from)")
     if p.online and not p.teacher_checkpoint:
         raise ConfigError("online mode runs the live teacher: set train_student.teacher_checkpoint "
                           "(--teacher-checkpoint PATH, a file from `loca-pipe train-teacher`)")
+    if p.max_samples is not None and (p.max_samples < 1 or p.targets):
+        raise ConfigError(f"max_samples must be ≥ 1 and works with a logit store (not targets); got {p.max_samples}"
+                          f"{' with targets ' + repr(p.targets) if p.targets else ''}")
     if p.memory_limit_gb < 0:
         raise ConfigError(f"memory_limit_gb must be ≥ 0; got {p.memory_limit_gb}")
 
@@ -327,6 +339,53 @@ def _follow(p: TrainStudentParams, shared: _Shared, model: Any, images: Any, sou
     return out
 
 
+def _first_samples(p: TrainStudentParams, source: Any, spec: Any, meta: dict[str, Any], method: str) -> Any:
+    """The source restricted to the first ``p.max_samples`` training samples (the teacher's full logits of
+    those samples in memory; a store without full logits, or with cached views, is refused)."""
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
+
+    n = int(p.max_samples)
+    if isinstance(source, PlainSource):
+        return PlainSource(n)
+    if getattr(source, "has_views", False):
+        raise ConfigError("max_samples needs a store without cached views; unset it or use a store cached with views: 0")
+    from loca_pipe.stages.select_recipe import _teacher_logits
+
+    return TensorSource(_teacher_logits(p.store, meta.get("teacher"), spec)[:n])
+
+
+def _blockkd(p: TrainStudentParams, model: Any, teacher_model: Any, meta: dict[str, Any], spec: Any, C: int
+             ) -> tuple[Any, str]:
+    """The Block-KD wrapper of ``model``: the teacher from ``p.teacher_checkpoint`` (the live teacher in online
+    mode), refused when its weights are not the ones the store's teacher was cached from."""
+    from loca_pipe.pipeline.blockkd import build_blockkd
+    from loca_pipe.pipeline.caching import weights_sha256
+    from loca_pipe.pipeline.models import build_model, load_checkpoint, read_sidecar
+
+    side = read_sidecar(p.teacher_checkpoint)
+    teacher = teacher_model
+    if teacher is None:
+        teacher = build_model(side["arch"], int(side.get("num_classes", C)), int(spec.in_channels), int(spec.image_size))
+        load_checkpoint(teacher, p.teacher_checkpoint)
+    from loca_pipe.pipeline.models import file_sha256
+
+    ck_sha = file_sha256(p.teacher_checkpoint)
+    prov = meta.get("provenance") or {}
+    want, have = prov.get("weights_sha256"), weights_sha256(teacher)
+    if not p.online:
+        if want is None:
+            raise ConfigError(f"the store's teacher {meta.get('teacher')!r} records no weights hash, so it cannot be "
+                              f"matched to checkpoint {p.teacher_checkpoint!r}; re-cache it with `loca-pipe cache-logits "
+                              f"--checkpoint {p.teacher_checkpoint}` (Block-KD's targets and hybrids must be one teacher)")
+        if want != have:
+            raise ConfigError(f"the store's teacher {meta.get('teacher')!r} was cached from other weights (sha256 "
+                              f"{str(want)[:12]}…) than checkpoint {p.teacher_checkpoint!r} (sha256 {have[:12]}…): "
+                              f"Block-KD's KL targets and its hybrids must come from one teacher; pass the checkpoint "
+                              f"that teacher was cached from, or pick the matching --teacher")
+    teacher.to(next(model.parameters()).device)
+    return build_blockkd(model, p.student, teacher, side["arch"], int(spec.in_channels), int(spec.image_size)), ck_sha
+
+
 def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     """Train one student; the report's values are its final metrics (also written to ``<run dir>/metrics.json``).
 
@@ -391,6 +450,8 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
                             lambda: load_soft_labels(p.store, spec, teacher=p.teacher, student_classes=C, tau=p.tau,
                                                      form=p.form, memory_limit_bytes=mem, view_policy=p.view_policy))
         meta = source.meta
+    if p.max_samples is not None and p.max_samples < len(source):
+        source = _first_samples(p, source, spec, meta, method)
     replay = augmenter = None
     if getattr(source, "has_views", False):
         ds_meta = meta.get("dataset") or {}
@@ -417,7 +478,7 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     identity = {"method": p.method, "loss_method": method, "alpha": p.alpha if takes_a else None,
                 "tau": p.tau, "beta": p.beta, "gamma": p.gamma, "seed": p.seed, "student": p.student,
                 "dataset": p.dataset, "split": p.split, "eval_split": p.eval_split, "fingerprint": spec.fingerprint,
-                "train_size": len(source),
+                "train_size": len(source), **({"max_samples": p.max_samples} if p.max_samples else {}),
                 "store": None if method == "ce" and not p.targets else (p.targets or p.store),
                 "teacher": meta.get("teacher"), "online": p.online, "augment": p.augment, "preset": p.preset,
                 "form": getattr(source, "kind", None), "view_policy": p.view_policy,
@@ -427,6 +488,11 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
         identity.update(dkd_alpha=p.dkd_alpha, dkd_beta=p.dkd_beta, warmup_epochs=p.warmup_epochs)
     if p.method in ("ls", "loca_ls"):
         identity.update(ls_tau=loss_config(p).ls_tau)
+    blockkd = None
+    if METHODS[p.method].blocks:
+        blockkd, ck_sha = _blockkd(p, model, teacher_model, meta, spec, C)
+        lc = loss_config(p)
+        identity.update(cross=lc.cross, cross_distance=lc.cross_distance, teacher_checkpoint_sha256=ck_sha)
     images = shared.get(("images", p.dataset, p.split, p.root, str(device)), lambda: ImageSet(spec.dataset, device))
     eval_images = shared.get(("images", p.dataset, p.eval_split, p.root, str(device)),
                              lambda: ImageSet(eval_spec.dataset, device))
@@ -439,7 +505,7 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
         res = train_student(model, images=images, labels=labels, source=source, method=method,
                             loss_cfg=loss_config(p), cfg=cfg, eval_images=eval_images, eval_labels=eval_labels,
                             out_dir=out, teacher_model=teacher_model, replay=replay, augmenter=augmenter,
-                            resume=p.resume, identity={**identity, "run": out.name,
+                            resume=p.resume, blockkd=blockkd, identity={**identity, "run": out.name,
                                                        "teacher_test_top1": _teacher_accuracy(meta, p.teacher_checkpoint)},
                             progress=p.progress,
                             progress_desc=f"{name} ({meta['teacher']})" if meta.get("teacher") else name)

@@ -39,6 +39,7 @@ def _tiny_params(params: dict) -> dict:
     p["train_student"].update(seeds=[0, 1], epochs=2, milestones=[1], batch_size=64,
                               groups={"weak": {"base": "kd,kd_star,dkd", "loca": "loca,loca_dkd"},
                                       "strong": {"base": "kd", "loca": "loca"}})
+    p["cnn_students"]["args"] = "--epochs 1 --max-samples 256"
     return p
 
 
@@ -83,13 +84,15 @@ def test_make_repro_runs_the_whole_pipeline(project):
     out = _run(["make", f"VENV={VENV}", "-o", str(stamp), "-o", str(FMNIST), "repro"], dst, env)
     assert {"prepare_data", "train_teacher@strong", "cache_logits", "analyze", "calibrate", "select_recipe",
             "train_student_ce", "train_student_base@weak", "train_student_base@strong",
-            "train_student_loca@weak-0.9", "train_student_loca@strong-0.9", "report"} <= _ran(out)
+            "train_student_loca@weak-0.9", "train_student_loca@strong-0.9", "train_student_cnn_base",
+            "train_student_cnn_loca@0.9", "report"} <= _ran(out)
     assert (dst / "data/report/report.md").read_text().rstrip() in out  # make repro prints the report
     title = (dst / "data/report/report.md").read_text().splitlines()[0]
     assert out.count(title) == 1, "make repro prints the report once (the report stage runs with --quiet)"
     assert "report: data/report/report.md" in out
     table = (dst / "data/report/report.md").read_text()
     for text in ("| KD |", "| KD* |", "| LoCa-0.9 |", "| DKD+LoCa-0.9 |", "| LoCa-0.9 − KD |", "Mis-instruction",
+                 "| Swap − KD |", "| Block-KD − KD |", "| Block-KD+LoCa-0.9 − Block-KD |", "strong → cnn_small",
                  "The mechanism", "delta_vs_mis.png"):
         assert text in table, table
     for fig in ("data/analysis/figures/mis_instruction.png", "data/report/delta_vs_mis.png",

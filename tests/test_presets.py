@@ -46,3 +46,34 @@ def test_paper_settings(path, teacher, student, tau, beta, gamma):
     assert load_section(select_recipe.SelectRecipeParams, "select_recipe", p).grid == (
         {"tau": tau, "beta": beta, "gamma": gamma},)  # the paper's recipe, declared
     assert load_section(calibrate.CalibrateParams, "calibrate", p).tau == tau
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "presets/cifar100.yaml", "presets/imagenet.yaml"])
+def test_block_kd_pair_is_declared_and_connectable(path):
+    """dvc.yaml's train_student_cnn_* stages read cnn_students: a cached teacher, methods of the registry with
+    Block-KD among them, and a (student, teacher) pair whose declared blocks connect."""
+    from loca_pipe.pipeline.blockkd import build_blockkd
+    from loca_pipe.pipeline.losses import METHODS
+    from loca_pipe.pipeline.models import build_model
+
+    p = read_params(ROOT / path)
+    c = p["cnn_students"]
+    assert set(c) == {"teacher", "student", "base", "loca", "args"} and isinstance(c["args"], str)
+    assert c["teacher"] in p["cache"]["teachers"] and c["teacher"] in p["train_teacher"]["teachers"]
+    base, loca = c["base"].split(","), c["loca"].split(",")
+    assert all(m in METHODS for m in base + loca) and "blockkd" in base and "blockkd_loca" in loca
+    assert not any(METHODS[m].loca for m in base) and all(METHODS[m].loca for m in loca)
+    if c["student"] == p["train_student"]["student"]:  # same pair as the groups: no method twice in the report
+        listed = {m for g in p["train_student"]["groups"].get(c["teacher"], {}).values() for m in g.split(",")}
+        assert not listed & set(base + loca)
+    arch = p["train_teacher"]["teachers"][c["teacher"]]["arch"]
+    size = 28 if path == "params.yaml" else 32
+    ch = 1 if path == "params.yaml" else 3
+    bk = build_blockkd(build_model(c["student"], 10, ch, size), c["student"], build_model(arch, 10, ch, size), arch,
+                       ch, size)
+    assert bk.n >= 2
+
+
+def test_cifar100_preset_has_the_block_kd_pair():
+    c = read_params(ROOT / "presets/cifar100.yaml")["cnn_students"]
+    assert (c["teacher"], c["student"]) == ("resnet32x4", "resnet8x4")

@@ -154,6 +154,11 @@ def test_loca_kd_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda s: loca_kd_loss(s, zt.double(), y, 2.0, 0.9, teacher_is="logits"), (zs,))
 
 
+def _hybrids(method: str, zs: torch.Tensor) -> dict:
+    """Block-KD methods take the stepping-stone logits too: two made from the student's (NaN stays NaN)."""
+    return {"hybrids": [zs * 0.5, zs.flip(1)]} if METHODS[method].blocks else {}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_computed_in_fp32(dtype):
     zs, zt, y = _batch()
@@ -163,8 +168,8 @@ def test_half_inputs_computed_in_fp32(dtype):
     assert torch.equal(out, kd_loss(zs_h.float(), zt_h.float(), 4.0, teacher_is="logits"))
     cfg = LossConfig()
     for m in METHODS:
-        a = compute_loss(m, zs_h, y, teacher_logits=zt_h, cfg=cfg)
-        b = compute_loss(m, zs_h.float(), y, teacher_logits=zt_h.float(), cfg=cfg)
+        a = compute_loss(m, zs_h, y, teacher_logits=zt_h, cfg=cfg, **_hybrids(m, zs_h))
+        b = compute_loss(m, zs_h.float(), y, teacher_logits=zt_h.float(), cfg=cfg, **_hybrids(m, zs_h.float()))
         assert a.dtype == torch.float32 and torch.equal(a, b), m
 
 
@@ -436,7 +441,7 @@ def test_nan_inputs_raise(which):
         if m == "ce" and which == "teacher":
             continue
         with pytest.raises(NumericsError, match="contain NaN/inf"):
-            compute_loss(m, zs, y, teacher_logits=zt)
+            compute_loss(m, zs, y, teacher_logits=zt, **_hybrids(m, zs))
     with pytest.raises(NumericsError, match="KD loss is nan"):
         kd_loss(zs, zt, 4.0)
 

@@ -126,3 +126,27 @@ def test_report_cli_refuses_incomparable_runs_in_strict_mode(runs, tmp_path):
     proc = subprocess.run([LOCA_PIPE, "report", "--params", str(p)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: runs are not comparable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_swap_and_block_kd_rows_of_a_second_student_pair(runs, tmp_path):
+    """The default's CNN pair: a second student of the same teacher gets its own column and metrics key;
+    swap and Block-KD pair against KD, Block-KD+LoCa against Block-KD."""
+    accs = {"kd": KD, "swap": LOCA, "blockkd": [a + 0.5 for a in KD], "blockkd_loca": [a + 1.0 for a in KD]}
+    for s in range(5):  # mlp_small is the most common student (two teachers), as in the default
+        write_run(runs, "kd", s, KD[s], teacher="strong")
+    for m, vals in accs.items():
+        for s in range(5):
+            d = write_run(runs / "cnn", m, s, vals[s], alpha=0.95 if m == "blockkd_loca" else None,
+                          student="cnn_small")
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
+    full = json.loads((tmp_path / "rep" / "full.json").read_text())["pairs"]
+    cnn = full["weak → cnn_small"]
+    assert cnn["Swap"]["vs"] == "KD" and cnn["Block-KD"]["vs"] == "KD"
+    assert cnn["Block-KD+LoCa-0.95"]["vs"] == "Block-KD"
+    assert cnn["Block-KD+LoCa-0.95"]["paired"]["mean"] == pytest.approx(0.5)
+    assert cnn["Swap"]["paired"]["mean"] == pytest.approx(sum(LOCA) / 5 - sum(KD) / 5)
+    assert "| Block-KD − KD |" in md and "| Swap − KD |" in md
+    small = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert small["weak"]["loca-a0.95"]["top1"] == round(sum(LOCA) / 5, 2)  # the mlp_small pair keeps its key
+    assert small["weak → cnn_small"]["blockkd"]["delta"] == pytest.approx(0.5)
+    assert d.exists()

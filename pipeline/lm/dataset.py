@@ -14,7 +14,8 @@ labels             (L,) int64    ``input_ids`` with the prompt masked (−100)
 teacher_mask       (L,) bool     position j has teacher rows (it predicts a response token j + 1)
 teacher_ids        (L, K) int64  the teacher's top-k ids for token j + 1 (0 where unmasked)
 teacher_logprobs   (L, K) fp32   their log-probs at τ over the full vocabulary (z/τ − lse_τ; LoCa'd)
-label_logprob      (L,) fp32     log p of token j + 1 itself (exact: the stored label logit; LoCa'd)
+label_logprob      (L,) fp32     log p of token j + 1 (the exact label logit outside the top-k, its
+                                 top-k entry inside it, as the codec decoded it; LoCa'd)
 label_in_topk      (L,) bool     token j + 1 is among the top-k ids
 tail_mass          (L,) fp32     the mass outside top-k ∪ {label}: 1 − Σ kept, ≥ 0
 =================  ============  =================================================================

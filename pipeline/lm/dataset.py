@@ -21,7 +21,8 @@ tail_mass          (L,) fp32     the mass outside top-k ∪ {label}: 1 − Σ ke
 =================  ============  =================================================================
 
 Memory: the dataset holds the sequence index (offsets, 8 B per sequence), the caller's token ids and at
-most ``cache_blocks`` decoded blocks of rows (one block = the sequences that start in one store chunk),
+most ``cache_blocks`` decoded blocks of rows (one block = the sequences that start in ``block_rows`` rows
+of whole store chunks, 16,384 by default: one read per array per block),
 so a store larger than RAM is read a block at a time. Random access reads and decodes a whole block for
 one sequence; :class:`BlockShuffleSampler` orders an epoch block by block (blocks in random order,
 sequences shuffled within a window of ``window_blocks`` blocks), so each block is decoded once per epoch
@@ -49,11 +50,12 @@ class TokenStoreDataset(torch.utils.data.Dataset):
     :class:`~loca_pipe.pipeline.lm.tokenizer.Encoded`, whose ``prompt_len`` is then used); ``prompt_len``:
     tokens before each response. Their response tokens must equal the store's labels (checked, block by
     block: another tokenizer or other data is refused). ``tau`` must be a declared temperature;
-    ``alpha`` (0 < α, < 1 advised) applies LoCa to every row."""
+    ``alpha`` (0 < α, < 1 advised) applies LoCa to every row. ``block_rows``: rows per block, rounded down to
+    whole store chunks (at least one); ``cache_blocks``: decoded blocks held."""
 
     def __init__(self, store_path: str, input_ids: Any, prompt_len: Sequence[int] | None = None, *,
                  teacher: str | None = None, tau: float = 1.0, alpha: float | None = None,
-                 expect_fingerprint: str | None = None, cache_blocks: int = 2):
+                 expect_fingerprint: str | None = None, cache_blocks: int = 2, block_rows: int = 16384):
         if prompt_len is None:
             if not hasattr(input_ids, "prompt_len"):
                 raise ConfigError("TokenStoreDataset needs prompt_len (tokens before each response) with plain "
@@ -72,7 +74,8 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         self.cache_blocks = max(1, int(cache_blocks))
         self._check_data()
         off = self.t.offsets
-        chunk_of = off[:-1] // self.t.chunk_rows
+        self.block_rows = max(1, int(block_rows) // self.t.chunk_rows) * self.t.chunk_rows  # whole store chunks
+        chunk_of = off[:-1] // self.block_rows
         self.block_of = np.concatenate([[0], np.cumsum(np.diff(chunk_of) != 0)]).astype(np.int64) \
             if len(chunk_of) else np.zeros(0, np.int64)
         self.block_seqs = np.split(np.arange(len(chunk_of)), np.flatnonzero(np.diff(chunk_of)) + 1) \

@@ -97,7 +97,7 @@ def test_collator_pads_and_kd_target_matches_the_items(store, enc, tok):
 
 
 def test_block_shuffled_epoch_reads_each_block_once(store, enc):
-    ds = TokenStoreDataset(store, enc, cache_blocks=2)
+    ds = TokenStoreDataset(store, enc, cache_blocks=2, block_rows=32)  # one store chunk a block
     s = BlockShuffleSampler(ds, window_blocks=2, seed=3)
     order = list(s)
     assert sorted(order) == list(range(len(ds)))  # every sequence once

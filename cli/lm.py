@@ -175,5 +175,25 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     for name, fn in (("lm-prepare", lm_prepare), ("lm-tokenizer", lm_tokenizer), ("lm-train-teacher", lm_train_teacher),
                      ("lm-cache", lm_cache), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
-                     ("lm-report", lm_report)):
+                     ("lm-report", lm_report), ("lm-export", lm_export)):
         app.command(name)(fn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# #21: the token store for other tools (registered by register above)
+
+
+def lm_export(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    tau: Annotated[Optional[float], typer.Option(help="Temperature of the exported log-probs (must have been cached).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoCa α: export calibrated log-probs (default: the teacher's own).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Parquet file to write (default <workdir>/export/<teacher>-tau<τ>.parquet).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the pipeline's); must be the store's.")] = None,
+) -> None:
+    """Export the token store to Parquet (Axolotl's target_token_ids / target_logprobs / target_mask + labels, label log-prob, tail mass)."""
+    from loca_pipe.stages.lm import common as lm_common, export as stage
+
+    p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha, "out": out,
+                                                             "tokenizer": tokenizer}, _base(workdir))
+    typer.echo(str(stage.run(p)))

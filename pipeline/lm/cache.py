@@ -35,7 +35,6 @@ import torch
 from loca_pipe.pipeline import caching
 from loca_pipe.pipeline import layout
 from loca_pipe.pipeline.caching import Batch, CacheReport, CacheSettings, sample_sparse
-from loca_pipe.pipeline.codecs import codec_of
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
 from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
@@ -264,28 +263,18 @@ def open_token_store(store_path: str, expect_fingerprint: str | None = None) -> 
 
 
 def open_lm_cache(store_path: str, name: str | None = None, expect_fingerprint: str | None = None) -> LMTeacherCache:
-    """Open a complete causal-LM teacher; the data fingerprint must match when ``expect_fingerprint`` is given."""
-    store = open_token_store(store_path, expect_fingerprint)
-    view = store.teacher(name)  # refuses incomplete teachers
-    g = view.group
-    root = store.group
+    """A complete causal-LM teacher loaded whole: every row of :class:`~loca_pipe.pipeline.lm.streaming.TokenTeacher`
+    (the one LM reader: fingerprint, completeness, codec version, checked chunk reads) in one read."""
+    from loca_pipe.pipeline.lm.streaming import TokenTeacher
 
-    def read(group, key):  # a corrupted chunk is named (array, chunk, file), not a bare checksum error
-        return read_checked(group[key]) if key in group else None
-
-    codec = codec_of(view.attrs)  # refuses a codec (version) this reader does not know
-    lse = read(g, "lse")
-    coded = {k: read(g, k) for k in codec.arrays(store.info.num_classes, view.top_k, len(view.temperatures))}
-    topk_logits, topk_ids = codec.decode(coded, lse, view.temperatures, store.info.num_classes, view.top_k)
-    if codec.name == "lossless":
-        topk_ids = coded["topk_ids"]  # keep the stored (narrow) dtype
-
+    t = TokenTeacher(store_path, name, expect_fingerprint)
+    d = t.read(0, t.num_rows)
     return LMTeacherCache(
-        offsets=read(root, "offsets"), position=read(root, "position"), sample_id=read(root, "sample_id"),
-        label=read(root, "label"), topk_logits=topk_logits, topk_ids=topk_ids, lse=lse,
-        label_logit=read(g, "label_logit"), temperatures=list(view.temperatures),
-        num_classes=store.info.num_classes, attrs=view.attrs, dataset=dict(store.info.dataset),
-        sampled_ids=read(g, "sampled_ids"), sampled_counts=read(g, "sampled_counts"), greedy_ids=read(g, "greedy_ids"))
+        offsets=t.offsets, position=d["position"], sample_id=d["sample_id"], label=d["label"],
+        topk_logits=d["topk_logits"], topk_ids=d["topk_ids"], lse=d["lse"], label_logit=d["label_logit"],
+        temperatures=list(t.temperatures), num_classes=t.num_classes, attrs=t.attrs, dataset=t.dataset,
+        sampled_ids=d.get("sampled_ids"), sampled_counts=d.get("sampled_counts"),
+        greedy_ids=read_checked(t.view.group["greedy_ids"]) if t.has_greedy else None)
 
 
 def store_bytes(store_path: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """A causal-LM teacher read from the token store chunk by chunk, with bounded memory.
 
 :func:`open_teacher` gives the students their teacher rows: the whole teacher loaded into memory
-(:class:`~loca_pipe.pipeline.lm.cache.LMTeacherCache`) only when its arrays fit a stated memory limit,
+(:class:`~loca_pipe.pipeline.lm.cache.LMTeacherCache`, which ``open_lm_cache`` fills from this reader) only when its arrays fit a stated memory limit,
 otherwise a :class:`StreamedTeacher` that keeps a shuffle buffer of row blocks (about one store chunk of
 rows each, whole sequences) and serves batches of sequences from it — the image path's chunk-granular
 shuffle. Only the sequence index (``offsets``, N + 1 int64) is held whole; it is 8 bytes per sequence.

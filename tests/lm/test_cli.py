@@ -68,7 +68,7 @@ def test_lm_pipeline_through_cli(tmp_path, monkeypatch):
     from loca_pipe.pipeline.lm.cache import open_lm_cache
 
     assert open_lm_cache(str(w / "store.zarr")).attrs["codec"]["name"] == "compact"
-    assert "codec compact v1" in _run(["info", str(w / "store.zarr")], tmp_path).output
+    assert "codec compact v2" in _run(["info", str(w / "store.zarr")], tmp_path).output
     assert _run(["lm-analyze"], tmp_path).exit_code == 0
     with pytest.raises(StoreConflictError, match="written with codec 'compact'; this run asks for codec 'lossless'"):
         _run(["lm-cache"], tmp_path)

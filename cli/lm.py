@@ -13,6 +13,8 @@ import typer
 
 from loca_pipe.cli.options import choices, comma_list
 from loca_pipe.pipeline.lm.cache import ID_DTYPES
+from loca_pipe.pipeline.lm.device import DTYPES
+from loca_pipe.pipeline.lm.models import ATTN_IMPLEMENTATIONS, DEVICE_MAPS
 from loca_pipe.pipeline.lm.students import METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.codecs import CHOICES
@@ -32,6 +34,13 @@ Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by ha
 
 
 IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
+
+
+Dtype = choices("Dtype", DTYPES)  # pipeline/lm/device.py
+Attn = choices("Attn", ATTN_IMPLEMENTATIONS)  # pipeline/lm/models.py
+DeviceMap = choices("DeviceMap", [m for m in DEVICE_MAPS if m])
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="The model's weights and logits (auto = bfloat16 on a GPU that supports it, else float32).")]
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
@@ -102,6 +111,11 @@ def lm_cache(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Re-cache the teacher (also when complete), replacing a store of other data; an interrupted identical run is resumed.")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="Write at most N chunks now (resume later).")] = None,
     codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attn_implementation: Annotated[Optional[Attn], typer.Option(help="Attention kernel passed to transformers (auto = its default).")] = None,
+    device_map: Annotated[Optional[DeviceMap], typer.Option(help="auto: accelerate spreads a teacher larger than one GPU over the GPUs (ignores --device).")] = None,
+    length_window: Annotated[Optional[int], typer.Option(help="Batch sequences by length within windows of N sequences (0 = data order); the store keeps the data's row order.")] = None,
 ) -> None:
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
     from loca_pipe.stages.lm import cache as stage, common as lm_common
@@ -110,7 +124,10 @@ def lm_cache(
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
-        "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
+        "max_chunks": max_chunks, "codec": codec.value if codec else None, "dtype": dtype.value if dtype else None,
+        "attn_implementation": attn_implementation.value if attn_implementation else None,
+        "device_map": device_map.value if device_map else None, "length_window": length_window},
+        _base(workdir, device=device))
     typer.echo(str(stage.run(p)))
 
 

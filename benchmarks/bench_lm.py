@@ -216,7 +216,7 @@ def bucketing(tmp: Path) -> None:
     from loca_pipe.pipeline.lm.tokenizer import Encoded
     from loca_pipe.pipeline.store import StoreInfo
 
-    V, d, L, n = (4000, 64, 1, 48) if QUICK else (32000, 256, 4, 256)
+    V, d, L, n = (4000, 64, 1, 48) if QUICK else (32000, 256, 4, 96)
     rng = np.random.default_rng(1)
     lengths = np.clip(rng.lognormal(np.log(48), 0.7, n), 8, 240).astype(int)
     enc = Encoded([rng.integers(3, V, m).astype(np.int64) for m in lengths], np.maximum(1, lengths // 3))

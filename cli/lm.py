@@ -176,9 +176,23 @@ def lm_report(
     typer.echo(f"report: {rep.outputs['table']}" if quiet else str(rep))
 
 
+def lm_plan(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Dry run of a params file: checks paths, model configs and tokenizers, and prints the job's size (tokens,
+    teacher forwards, store bytes, weights' memory at the dtype) without loading weights or using a GPU."""
+    from loca_pipe.stages.lm import common as lm_common, plan as stage
+
+    p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    rep = stage.run(p, params, _base(workdir))
+    typer.echo(str(rep))
+    stage.check(rep)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     for name, fn in (("lm-prepare", lm_prepare), ("lm-tokenizer", lm_tokenizer), ("lm-train-teacher", lm_train_teacher),
-                     ("lm-cache", lm_cache), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
+                     ("lm-cache", lm_cache), ("lm-plan", lm_plan), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
                      ("lm-report", lm_report)):
         app.command(name)(fn)

@@ -1,6 +1,7 @@
 """Run every benchmark: `python -m benchmarks [NAME ...]` (names without the `bench_` prefix).
 
-Set LOCA_BENCH_QUICK=1 for a seconds-long smoke run of each.
+Set LOCA_BENCH_QUICK=1 for a seconds-long smoke run of each. `python -m benchmarks gpu [--device …] [--tiny]`
+is the GPU check (benchmarks/gpu.py): run by name only, never among "every benchmark", since it needs a GPU.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ def available() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["gpu"]:  # the GPU check takes its own options
+        from benchmarks import gpu
+
+        return gpu.main(argv[1:])
     names = argv or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
+        print(f"unknown benchmark(s) {unknown}; available: {available()} (and the GPU check: gpu)", file=sys.stderr)
         return 2
     for name in names:
         print(f"\n=== benchmark: {name} ===", flush=True)

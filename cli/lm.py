@@ -14,6 +14,8 @@ import typer
 from loca_pipe.cli.options import choices, comma_list
 from loca_pipe.pipeline.guard import check_lm
 from loca_pipe.pipeline.lm.cache import ID_DTYPES
+from loca_pipe.pipeline.lm.device import DTYPES
+from loca_pipe.pipeline.lm.models import ATTN_IMPLEMENTATIONS, DEVICE_MAPS
 from loca_pipe.pipeline.lm.students import METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.codecs import CHOICES
@@ -33,6 +35,13 @@ Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by ha
 
 
 IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
+
+
+Dtype = choices("Dtype", DTYPES)  # pipeline/lm/device.py
+Attn = choices("Attn", ATTN_IMPLEMENTATIONS)  # pipeline/lm/models.py
+DeviceMap = choices("DeviceMap", [m for m in DEVICE_MAPS if m])
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
+DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="The model's weights and logits (auto = bfloat16 on a GPU that supports it, else float32).")]
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
@@ -106,6 +115,11 @@ def lm_cache(
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Re-cache the teacher (also when complete), replacing a store of other data; an interrupted identical run is resumed.")] = None,
     max_chunks: Annotated[Optional[int], typer.Option(help="Write at most N chunks now (resume later).")] = None,
     codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    attn_implementation: Annotated[Optional[Attn], typer.Option(help="Attention kernel passed to transformers (auto = its default).")] = None,
+    device_map: Annotated[Optional[DeviceMap], typer.Option(help="auto: accelerate spreads a teacher larger than one GPU over the GPUs (ignores --device).")] = None,
+    length_window: Annotated[Optional[int], typer.Option(help="Batch sequences by length within windows of N sequences (0 = data order); the store keeps the data's row order.")] = None,
 ) -> None:
     """Run the teacher once over the response tokens and write the token store (resumes after a crash)."""
     from loca_pipe.stages.lm import cache as stage, common as lm_common
@@ -114,7 +128,10 @@ def lm_cache(
         "teacher": teacher, "top_k": top_k, "temperatures": _floats(temperatures, "--temperatures"),
         "id_dtype": id_dtype.value if id_dtype else None, "sample_draws": sample_draws,
         "greedy_max_new_tokens": greedy_max_new_tokens, "overwrite": overwrite, "recache": overwrite,
-        "max_chunks": max_chunks, "codec": codec.value if codec else None}, _base(workdir))
+        "max_chunks": max_chunks, "codec": codec.value if codec else None, "dtype": dtype.value if dtype else None,
+        "attn_implementation": attn_implementation.value if attn_implementation else None,
+        "device_map": device_map.value if device_map else None, "length_window": length_window},
+        _base(workdir, device=device))
     check_lm("lm-cache", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
@@ -171,10 +188,24 @@ def lm_report(
     typer.echo(f"report: {rep.outputs['table']}" if quiet else str(rep))
 
 
+def lm_plan(
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+) -> None:
+    """Dry run of a params file: checks paths, model configs and tokenizers, and prints the job's size (tokens,
+    teacher forwards, store bytes, weights' memory at the dtype) without loading weights or using a GPU."""
+    from loca_pipe.stages.lm import common as lm_common, plan as stage
+
+    p = lm_common.load(stage.Params, stage.SECTION, params, {}, _base(workdir))
+    rep = stage.run(p, params, _base(workdir))
+    typer.echo(str(rep))
+    stage.check(rep)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     for name, fn in (("lm-prepare", lm_prepare), ("lm-tokenizer", lm_tokenizer), ("lm-train-teacher", lm_train_teacher),
-                     ("lm-cache", lm_cache), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
+                     ("lm-cache", lm_cache), ("lm-plan", lm_plan), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
                      ("lm-report", lm_report), ("lm-export", lm_export)):
         app.command(name)(fn)
 

@@ -84,13 +84,21 @@ class Batch:
     """One teacher forward: logits (B, C) on the teacher's device, labels (B,), shared row arrays (B, …).
 
     ``keep`` selects the rows that belong to the chunk (token batches cover whole sequences, which may
-    straddle a chunk boundary); None keeps all.
+    straddle a chunk boundary): a slice or row indices; None keeps all. A ``row`` entry in ``rows`` (each
+    row's index in the store) lets a job hand rows over in another order (length-bucketed token batches):
+    each chunk is put back in ``row`` order before it is written.
     """
 
     logits: torch.Tensor
     labels: torch.Tensor
     rows: dict[str, np.ndarray]
-    keep: slice | None = None
+    keep: slice | np.ndarray | None = None
+
+    @property
+    def kept(self) -> int:
+        if self.keep is None:
+            return len(self.labels)
+        return self.keep.stop - self.keep.start if isinstance(self.keep, slice) else len(self.keep)
 
 
 class Job(Protocol):
@@ -522,7 +530,7 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
                 if not sm.inline:
                     sm.start()
             sm.put((c, b))
-            bar.update(len(b.labels) if b.keep is None else b.keep.stop - b.keep.start)
+            bar.update(b.kept)
         failed = False
     finally:
         bar.close()
@@ -536,6 +544,9 @@ def _loop(s: CacheSettings, store: LogitStore, writer: TeacherWriter, job: Job, 
 
 def _pack(c: int, acc: dict[str, list[np.ndarray]]) -> tuple[int, dict, dict]:
     cat = {k: np.concatenate(v) for k, v in acc.items()}
+    if "row" in cat:  # rows handed over out of order (Batch.rows["row"]): back to the store's order
+        order = np.argsort(cat.pop("row"), kind="stable")
+        cat = {k: v[order] for k, v in cat.items()}
     n = len(cat["label"])
     rows = {"sample_id": cat.pop("sample_id"), "label": cat.pop("label"),
             "view": cat.pop("view", np.zeros(n, np.int16)), "aug_params": cat.pop("aug_params", None)}

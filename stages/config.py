@@ -63,7 +63,7 @@ def resolve_refs(params: dict[str, Any], where: str = "params") -> dict[str, Any
 SECTIONS = ("base", "prepare_data", "train_teacher", "cache", "select_recipe", "analyze", "calibrate",
             "train_student", "cnn_students", "report",
             "lm_base", "lm_prepare", "lm_tokenizer", "lm_train_teacher", "lm_cache", "lm_analyze",
-            "lm_train_student", "lm_report")
+            "lm_train_student", "lm_report", "lm_plan")
 
 
 def _dvc_sections(params_file: Path) -> set[str]:

@@ -53,3 +53,12 @@ def kill_after_done_chunks(proc: Any, done_dir: Path, n: int = 2, timeout: float
     assert proc.poll() is None, f"the slow run ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def zarr_arrays(path: Path | str) -> dict[str, np.ndarray]:
+    """Every array of a store (the store group's and each teacher's), by its path inside the store: what two
+    stores must hold bit for bit when they are said to be identical."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    return {k: v[:] for k, v in root.members(max_depth=None) if isinstance(v, zarr.Array)}

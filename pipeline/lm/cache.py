@@ -36,7 +36,7 @@ from loca_pipe.pipeline import caching
 from loca_pipe.pipeline import layout
 from loca_pipe.pipeline.caching import Batch, CacheReport, CacheSettings, sample_sparse
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
-from loca_pipe.pipeline.lm.models import greedy_generate, model_vocab, response_logits
+from loca_pipe.pipeline.lm.models import greedy_generate, input_device, model_vocab, placement, response_logits
 from loca_pipe.pipeline.lm.tokenizer import Encoded
 from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, require_tau, root_sizes
 
@@ -71,27 +71,63 @@ def rows_of_sequences(offsets: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
 
 
 class TokenJob:
-    """The token use of the engine: batches of whole sequences overlapping each chunk, through the teacher."""
+    """The token use of the engine: batches of whole sequences overlapping each chunk, through the teacher.
 
-    def __init__(self, model, enc: Encoded, pad_id: int, batch_size: int, info: StoreInfo):
+    ``length_window`` > 1 groups sequences by length: each chunk's sequences are taken ``length_window`` at a
+    time, sorted by length (ties by index) inside that window and cut into batches, so a batch pads to the
+    length of similar sequences rather than of the longest nearby one. Every row carries its global row
+    number (``row``); the engine puts each chunk back in row order before writing, so the store's row order
+    stays the data's whatever the batches were.
+    """
+
+    def __init__(self, model, enc: Encoded, pad_id: int, batch_size: int, info: StoreInfo, length_window: int = 0):
         self.model, self.enc, self.pad_id, self.batch_size, self.info = model, enc, pad_id, batch_size, info
         self.offsets = enc.offsets()
+        self.length_window = int(length_window)
+        self.lengths = np.array([len(s) for s in enc.ids], dtype=np.int64)
+
+    def groups(self, i0: int, i1: int) -> list[np.ndarray]:
+        """The batches (sequence indices, in forward order) of sequences [i0, i1)."""
+        seqs = np.arange(i0, i1)
+        if self.length_window <= 1:
+            return [seqs[s:s + self.batch_size] for s in range(0, len(seqs), self.batch_size)]
+        out = []
+        for w in range(0, len(seqs), self.length_window):
+            win = seqs[w:w + self.length_window]
+            win = win[np.lexsort((win, self.lengths[win]))]  # by length, then index: deterministic
+            out += [win[s:s + self.batch_size] for s in range(0, len(win), self.batch_size)]
+        return out
 
     def batches(self, chunks: list[int]):
         for c in chunks:
             sl = self.info.chunk_slice(c)
             i0, i1 = rows_of_sequences(self.offsets, sl.start, sl.stop)
-            for s in range(i0, i1, self.batch_size):  # each chunk's batches start at its first sequence
-                e = min(i1, s + self.batch_size)
-                lo, hi = int(self.offsets[s]), int(self.offsets[e])
-                yield c, (s, e, slice(max(sl.start, lo) - lo, min(sl.stop, hi) - lo))
+            for seqs in self.groups(i0, i1):  # each chunk's batches start at its first sequence
+                if self.length_window <= 1:
+                    lo, hi = int(self.offsets[seqs[0]]), int(self.offsets[seqs[-1] + 1])
+                    yield c, (seqs, slice(max(sl.start, lo) - lo, min(sl.stop, hi) - lo))
+                else:
+                    rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in seqs])
+                    yield c, (seqs, np.flatnonzero((rows >= sl.start) & (rows < sl.stop)))
 
     def forward(self, item) -> Batch:
-        s, e, keep = item
+        seqs, keep = item
         with torch.inference_mode():
-            logits, labels = response_logits(self.model, self.enc.ids[s:e], self.enc.prompt_len[s:e], self.pad_id)
-        sid = np.repeat(np.arange(s, e), self.enc.response_len[s:e])
-        return Batch(logits, labels, {"sample_id": sid}, keep)
+            logits, labels = response_logits(self.model, [self.enc.ids[i] for i in seqs], self.enc.prompt_len[seqs],
+                                             self.pad_id)
+        rows = {"sample_id": np.repeat(seqs, self.enc.response_len[seqs])}
+        if self.length_window > 1:
+            rows["row"] = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in seqs])
+        return Batch(logits, labels, rows, keep)
+
+    def padding(self, chunks: list[int]) -> float:
+        """Share of the padded (batch × length) tokens that are padding, over the batches of ``chunks``."""
+        pad = tot = 0
+        for _, (seqs, _) in self.batches(chunks):
+            L = self.lengths[seqs]
+            tot += len(seqs) * int(L.max())
+            pad += len(seqs) * int(L.max()) - int(L.sum())
+        return pad / max(tot, 1)
 
 
 def _restore_index(store: LogitStore, arr, want: np.ndarray) -> None:
@@ -137,7 +173,7 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
                   greedy_max_new_tokens: int = 0, greedy_chunk: int = 256, overwrite: bool = False,
                   recache: bool = False, max_chunks: int | None = None, progress: bool = False,
                   compress_logits: bool = False, codec: str = "lossless", shard: int | None = None,
-                  num_shards: int | None = None) -> CacheReport:
+                  num_shards: int | None = None, length_window: int = 0) -> CacheReport:
     """Cache teacher ``name`` over the response tokens of ``enc`` into the store at ``store_path`` (resumable).
 
     Runs on the one caching engine (pipeline/caching.py): sharding (torchrun's RANK / WORLD_SIZE or
@@ -146,7 +182,10 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
     resumes). ``greedy_max_new_tokens`` > 0 also caches the teacher's greedy responses (SeqKD).
     ``compress_logits`` puts zstd on the float arrays too; ``codec`` picks how top-k values and ids are
     stored (pipeline/codecs.py; lossless by default). ``overwrite`` replaces what conflicts, ``recache``
-    also a complete identical teacher.
+    also a complete identical teacher. ``length_window`` > 1 batches sequences by length within windows of
+    that many sequences (:class:`TokenJob`); the store is the one written without it, its integer arrays bit for
+    bit and its float summaries to fp32 rounding (other batch shapes); with ``sample_draws`` the draws come from
+    the same distribution but consume the generator in another order, so they differ.
     """
     V = model_vocab(model)
     check_top_k(top_k, V)
@@ -162,8 +201,13 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         raise StoreError("no response tokens to cache")
     info = StoreInfo(task=TASK, num_samples=N, num_views=1, num_rows=R, num_classes=V,
                      chunk_rows=int(chunk_rows), dataset=dataset)
+    # dtype and attention implementation change the numbers (a resume must match them); where it ran does not
+    where = placement(model)
+    run = {"device": where["device"], "device_map": where["device_map"], "batch_size": int(batch_size),
+           "length_window": int(length_window), "num_processes": caching.resolve_shard(shard, num_shards)[1]}
     prov = {**provenance, "sample_draws": int(sample_draws), "sample_tau": float(sample_tau), "sample_seed": int(seed),
-            "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype}
+            "greedy_max_new_tokens": int(greedy_max_new_tokens), "id_dtype": id_dtype, "dtype": where["dtype"],
+            "attn_implementation": where["attn_implementation"], "run": {**provenance.get("run", {}), **run}}
     G, n_greedy = int(greedy_max_new_tokens), -(-N // greedy_chunk)
     # the sampled and greedy arrays are the store table's (pipeline/layout.py): sized here, absent when 0
     extra = {"dims": {"draw": int(sample_draws), "sequence": N, "new_token": G, "greedy_chunk": n_greedy if G else 0},
@@ -192,19 +236,15 @@ def cache_teacher(store_path: str, name: str, model, enc: Encoded, *, pad_id: in
         store=str(store_path), name=name, top_k=top_k, temperatures=tuple(float(t) for t in temperatures),
         logits_dtype=logits_dtype, compress_logits=compress_logits, codec=codec, sample_draws=int(sample_draws),
         sample_tau=float(sample_tau), sample_seed=int(seed), overwrite=overwrite, recache=recache, shard=shard,
-        num_shards=num_shards, max_chunks=max_chunks, device_type=_device_of(model).type, progress=progress,
+        num_shards=num_shards, max_chunks=max_chunks, device_type=input_device(model).type, progress=progress,
         unit="tok")
     model.eval()
-    rep = caching.cache(settings, info, prov, TokenJob(model, enc, pad_id, batch_size, info), extra_dims=extra,
+    rep = caching.cache(settings, info, prov, TokenJob(model, enc, pad_id, batch_size, info, length_window), extra_dims=extra,
                         on_store=lambda store: _write_index(store, enc), finish=finish)
     rep.extra.update(sequences=N, tokens=R, greedy_chunks_written=written[0],
-                     tokens_per_s=rep.rows / max(rep.seconds_total, 1e-9))
+                     tokens_per_s=rep.rows / max(rep.seconds_total, 1e-9), dtype=where["dtype"],
+                     attn_implementation=where["attn_implementation"], **run)
     return rep
-
-
-def _device_of(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------

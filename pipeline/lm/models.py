@@ -50,8 +50,19 @@ def build_lm(arch: str, vocab_size: int, d_model: int, n_layers: int, n_heads: i
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_lm(path: str | Path) -> torch.nn.Module:
-    """Load a causal LM folder (``save_pretrained`` format) in eval mode, fp32, on CPU."""
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": transformers' own choice
+DEVICE_MAPS = ("", "auto")  # "auto": accelerate spreads a model larger than one GPU over the GPUs (and CPU)
+
+
+def load_lm(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+            attn_implementation: str | None = None, device_map: str | None = None) -> torch.nn.Module:
+    """Load a causal LM folder (``save_pretrained`` format) in eval mode.
+
+    Defaults: fp32 on the CPU. ``dtype`` is the weights' (and so the logits') dtype; ``attn_implementation``
+    (sdpa | eager | flash_attention_2; None or "auto" = transformers' default) is passed through;
+    ``device_map="auto"`` lets accelerate place a model larger than one GPU over every GPU (then ``device``
+    is ignored: the inputs go where the embedding is, :func:`input_device`).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -60,12 +71,47 @@ def load_lm(path: str | Path) -> torch.nn.Module:
     if not (path / "config.json").exists():
         raise ModelError(f"no causal LM at {str(path)!r} (no config.json); train one with `loca-pipe lm-train-teacher` "
                          f"or point to a folder written by save_pretrained")
+    if attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+        raise ConfigError(f"unknown attn_implementation {attn_implementation!r}; expected one of "
+                          f"{', '.join(ATTN_IMPLEMENTATIONS)}")
+    if (device_map or "") not in DEVICE_MAPS:
+        raise ConfigError(f"unknown device_map {device_map!r}; expected '' (one device) or 'auto' (accelerate)")
     check_causal_lm_folder(path)
+    kw: dict = {"dtype": dtype or torch.float32}
+    if attn_implementation not in (None, "auto"):
+        kw["attn_implementation"] = attn_implementation
+    if device_map:
+        kw["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    except ImportError as exc:  # flash_attention_2 without flash-attn, device_map without accelerate
+        raise ModelError(f"cannot load {str(path)!r} with {kw}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal LM from {str(path)!r}: {exc}") from exc
+    if not device_map:
+        model = model.to(torch.device(device) if device is not None else torch.device("cpu"))
     return model.eval()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embedding's device (under ``device_map="auto"`` the first GPU
+    holding a layer, not necessarily the model's ``.device``)."""
+    emb = model.get_input_embeddings()
+    p = next(iter(emb.parameters()), None) if emb is not None else None
+    if p is None:
+        p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def placement(model) -> dict:
+    """How a loaded model runs, for provenance: its weights' dtype, the attention implementation transformers
+    picked, the device its inputs go to, and accelerate's device map (None: the whole model on that device)."""
+    p = next(iter(model.parameters()), None)
+    dmap = getattr(model, "hf_device_map", None)
+    return {"dtype": str(p.dtype if p is not None else torch.float32).removeprefix("torch."),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "device": str(input_device(model)),
+            "device_map": {k: str(v) for k, v in dmap.items()} if dmap else None}
 
 
 def check_causal_lm_folder(path: str | Path) -> None:
@@ -119,12 +165,15 @@ def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int]
     """Logits that predict each response token, flattened in sequence order.
 
     Returns (logits (R, V), labels (R,)) where for sequence i the rows are the positions
-    ``prompt_len[i]-1 .. len-2`` (each predicting the next token, which is the label). Right padding.
+    ``prompt_len[i]-1 .. len-2`` (each predicting the next token, which is the label). Right padding. The
+    batch goes to the model's :func:`input_device`; both results are on the device of its logits, in the
+    model's dtype.
     """
-    x, m = pad_batch(seqs, pad_id)
-    out = model(input_ids=x, attention_mask=m).logits  # (B, L, V)
-    b, t = _response_positions(seqs, prompt_len)
-    return out[b, t], x[b, t + 1]
+    dev = input_device(model)
+    x, m = (a.to(dev) for a in pad_batch(seqs, pad_id))
+    out = model(input_ids=x, attention_mask=m).logits  # (B, L, V), on the last layer's device
+    b, t = (a.to(out.device) for a in _response_positions(seqs, prompt_len))
+    return out[b, t], x.to(out.device)[b, t + 1]
 
 
 def response_hidden(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int], pad_id: int
@@ -166,9 +215,10 @@ def greedy_generate(model, prompts: Sequence[np.ndarray], eos_id: int, pad_id: i
     outs: list[np.ndarray] = []
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])
-        x, m = pad_batch(chunk, pad_id, left=True)
-        gen = torch.full((len(chunk), max_new_tokens), -1, dtype=torch.long)
-        done = torch.zeros(len(chunk), dtype=torch.bool)
+        dev = input_device(model)
+        x, m = (a.to(dev) for a in pad_batch(chunk, pad_id, left=True))
+        gen = torch.full((len(chunk), max_new_tokens), -1, dtype=torch.long, device=dev)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=dev)
         past = None
         cur_x, cur_m = x, m
         for step in range(max_new_tokens):
@@ -179,7 +229,7 @@ def greedy_generate(model, prompts: Sequence[np.ndarray], eos_id: int, pad_id: i
                 out = model(input_ids=cur_x[:, -1:], attention_mask=cur_m, position_ids=pos[:, -1:],
                             past_key_values=past, use_cache=True)
             past = out.past_key_values
-            nxt = out.logits[:, -1].argmax(-1)
+            nxt = out.logits[:, -1].argmax(-1).to(dev)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             gen[:, step] = torch.where(done, torch.full_like(nxt, -1), nxt)
             done = done | (nxt == eos_id)
@@ -188,7 +238,7 @@ def greedy_generate(model, prompts: Sequence[np.ndarray], eos_id: int, pad_id: i
             cur_m = torch.cat([cur_m, torch.ones_like(cur_m[:, :1])], 1)
             if bool(done.all()):
                 break
-        for row in gen.numpy():
+        for row in gen.cpu().numpy():
             row = row[row >= 0]
             cut = np.flatnonzero(row == eos_id)
             outs.append(row[:cut[0]] if len(cut) else row)

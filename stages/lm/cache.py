@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loca_pipe.pipeline.lm import cache, models, tokenizer
+from loca_pipe.pipeline import caching
+from loca_pipe.pipeline.lm import cache, device as lm_device, models, tokenizer
 from loca_pipe.pipeline.io import write_json
 from loca_pipe.stages import Report
 from loca_pipe.stages.lm.common import LMBase, data_fingerprint, encode_split, set_threads, report as lm_report
@@ -40,18 +41,25 @@ class Params:
     recache: bool = False         # also re-cache a complete identical teacher (what --overwrite on the command line does)
     codec: str = "lossless"       # how top-k values and ids are stored (pipeline/codecs.py; docs/store-format.md)
     max_chunks: int = 0           # > 0: write at most this many chunks in this run (time-sliced jobs)
+    dtype: str = "auto"           # the teacher's weights and logits: auto | bfloat16 | float16 | float32 (pipeline/lm/device.py)
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2, passed to transformers
+    device_map: str = ""          # "" = the whole teacher on lm_base.device; "auto" = accelerate spreads it over the GPUs
+    length_window: int = 1024     # batch sequences by length within windows of this many (0 = in data order); rows stay in data order
     base: LMBase = LMBase()  # lm_base, filled in by common.load
 
 
 def run(p: Params) -> Report:
     base = p.base
     set_threads(base)
+    device = lm_device.resolve_device(base.device)  # before anything is read: a bad device or dtype fails at once
+    dtype = lm_device.resolve_dtype(p.dtype, device)
     teacher_dir = Path(p.teacher) if p.teacher else base.teacher_dir
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
     teacher_tok = tokenizer.load_tokenizer(teacher_dir) if (teacher_dir / "tokenizer.json").exists() or \
         (teacher_dir / "tokenizer_config.json").exists() else tok
     tokenizer.check_same_tokenizer(teacher_tok, tok, ("teacher", "pipeline"))
-    model = models.load_lm(teacher_dir)
+    model = models.load_lm(teacher_dir, device=device, dtype=dtype, attn_implementation=p.attn_implementation,
+                           device_map=p.device_map or None)
     models.check_vocab(model, tok)
     examples, enc = encode_split(base, "train", tok)
     dataset = {"name": "lm-train", "split": "train", "fingerprint": data_fingerprint(base, "train", examples, tok),
@@ -66,11 +74,13 @@ def run(p: Params) -> Report:
                               logits_dtype=None if p.logits_dtype == "none" else p.logits_dtype, id_dtype=p.id_dtype,
                               sample_draws=p.sample_draws, sample_tau=p.sample_tau, seed=base.seed,
                               greedy_max_new_tokens=p.greedy_max_new_tokens, overwrite=p.overwrite,
-                              recache=p.recache, codec=p.codec, max_chunks=p.max_chunks or None, progress=True)
+                              recache=p.recache, codec=p.codec, max_chunks=p.max_chunks or None, progress=True,
+                              length_window=p.length_window)
     out = {**rep.to_dict(), "wall_seconds": time.perf_counter() - t0, "truncated_sequences": enc.truncated,
            "prompt_tokens_stored": 0, "bytes": cache.store_bytes(str(base.store))}
     out["bytes_per_token"] = sum(out["bytes"].values()) / max(1, rep.extra["tokens"])
-    write_json(base.cache_report, out, sort_keys=False)
+    if caching.resolve_shard(None, None)[0] == 0:  # under torchrun: rank 0 writes the report (its rows are its share)
+        write_json(base.cache_report, out, sort_keys=False)
     log.info("cache: %s", out)
     return lm_report(SECTION, out, {"store": base.store, "cache_report": base.cache_report},
                      shown={k: v for k, v in out.items() if k != "bytes"})

@@ -108,7 +108,9 @@ def placement(model) -> dict:
     picked, the device its inputs go to, and accelerate's device map (None: the whole model on that device)."""
     p = next(iter(model.parameters()), None)
     dmap = getattr(model, "hf_device_map", None)
-    return {"dtype": str(p.dtype if p is not None else torch.float32).removeprefix("torch."),
+    from loca_pipe.pipeline.lm.device import dtype_name
+
+    return {"dtype": dtype_name(p.dtype if p is not None else torch.float32),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "device": str(input_device(model)),
             "device_map": {k: str(v) for k, v in dmap.items()} if dmap else None}
@@ -179,10 +181,11 @@ def response_logits(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int]
 def response_hidden(model, seqs: Sequence[np.ndarray], prompt_len: Sequence[int], pad_id: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`response_logits`, but the last hidden states (R, d) — the output projection's input."""
-    x, m = pad_batch(seqs, pad_id)
+    dev = input_device(model)
+    x, m = (a.to(dev) for a in pad_batch(seqs, pad_id))
     h = model.base_model(input_ids=x, attention_mask=m).last_hidden_state  # (B, L, d), final norm applied
-    b, t = _response_positions(seqs, prompt_len)
-    return h[b, t], x[b, t + 1]
+    b, t = (a.to(h.device) for a in _response_positions(seqs, prompt_len))
+    return h[b, t], x.to(h.device)[b, t + 1]
 
 
 def output_projection(model, check_on: Sequence[np.ndarray] | None = None, pad_id: int = 0):

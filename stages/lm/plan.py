@@ -116,7 +116,10 @@ def run(p: Params, params: str | Path | dict = common.DEFAULT_PARAMS, base_overr
 
     # models: configs only, never weights
     teacher_dir = Path(cp.teacher) if cp.teacher else base.teacher_dir
-    teacher_tok = _folder(teacher_dir, "teacher", problems, out, base.device, cp.dtype)
+    if not cp.teacher and not (teacher_dir / "config.json").exists():  # the pipeline's own, not trained yet
+        out["teacher"], teacher_tok = {"path": str(teacher_dir), "note": "made by lm-train-teacher (not yet)"}, None
+    else:
+        teacher_tok = _folder(teacher_dir, "teacher", problems, out, base.device, cp.dtype)
     student_tok = None
     if student.get("init_from"):
         student_tok = _folder(Path(student["init_from"]), "student", problems, out, base.device,

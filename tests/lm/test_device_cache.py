@@ -139,6 +139,7 @@ def workdir(tmp_path_factory, teacher_dir, tok, pairs):
     return root
 
 
+@pytest.mark.slow
 def test_lm_cache_cli_bf16_records_the_run(workdir):
     res = _cli(["lm-cache", "--device", "cpu", "--dtype", "bfloat16", "--attn-implementation", "eager"], workdir)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -152,6 +153,7 @@ def test_lm_cache_cli_bf16_records_the_run(workdir):
     assert "3" in line and "1.0" in line, line
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cli_device_and_dtype_errors(tmp_path):
     (tmp_path / "params.yaml").write_text("{}\n")

@@ -21,6 +21,7 @@ def _bench(*args, tmp_path):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     res = _bench(tmp_path=tmp_path)

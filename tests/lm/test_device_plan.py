@@ -46,6 +46,7 @@ TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
 
 
+@pytest.mark.slow
 def test_paper_preset_plans_from_configs_alone(tmp_path, tok, pairs):
     """The preset as shipped, on folders holding only config.json + tokenizer (no weights) and a tiny Dolly file
     (the split sizes scaled down): LLaMA-7B's 6.74 B parameters, 13.5 GB in bf16, TinyLLaMA's 1.1 B, the store's
@@ -77,6 +78,7 @@ def test_paper_preset_plans_from_configs_alone(tmp_path, tok, pairs):
     assert plan["problems"] == [] and not (tmp_path / p["lm_base"]["workdir"]).exists()
 
 
+@pytest.mark.slow
 def test_plan_lists_every_missing_piece_in_one_line(tmp_path):
     res = _cli(["lm-plan", "--params", str(PRESET)], tmp_path)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
@@ -87,6 +89,7 @@ def test_plan_lists_every_missing_piece_in_one_line(tmp_path):
     assert json.loads(res.stdout)["problems"]  # the plan itself is printed first
 
 
+@pytest.mark.slow
 def test_plan_on_tiny_folders_matches_what_lm_cache_writes(tmp_path, teacher, tok, pairs):
     """The same code path on a real tiny teacher: the plan's response tokens and truncations are the ones
     `lm-cache` then caches, and its bytes per token is the sum over the row arrays the store really has."""
@@ -119,3 +122,15 @@ def test_plan_on_tiny_folders_matches_what_lm_cache_writes(tmp_path, teacher, to
             if arr.shape and arr.shape[0] == rep["tokens"] and name not in ("done", "rows_done"):
                 row_bytes += np.dtype(arr.dtype).itemsize * math.prod(arr.shape[1:])
     assert plan["cache"]["bytes_per_token"] == row_bytes
+
+
+@pytest.mark.slow
+def test_plan_of_the_default_pipeline_before_it_ran(tmp_path):
+    """lm/params.yaml with an empty workdir: the teacher and tokenizer are the pipeline's own outputs, so their
+    absence is no problem; the split is the default text's 3,000 training pairs."""
+    res = _cli(["lm-plan", "--params", str(ROOT / "lm" / "params.yaml"), "--workdir", str(tmp_path / "w")], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(res.stdout)
+    assert plan["teacher"]["note"].startswith("made by lm-train-teacher") and plan["tokenizer"]["path"] is None
+    assert plan["train_sequences"] == 3000 and plan["students"]["runs"] == 15 and plan["problems"] == []
+    assert not (tmp_path / "w").exists()

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import choices, comma_list
-from loca_pipe.pipeline.lm.cache import ID_DTYPES
-from loca_pipe.pipeline.lm.students import METHODS
+from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES
+from loca_pipe.pipeline.names import LM_METHODS as METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.codecs import CHOICES
 
@@ -25,13 +25,13 @@ Template = choices("Template", TEMPLATES)  # pipeline/lm/text.py
 BadLine = choices("BadLine", BAD_LINE_POLICIES)  # pipeline/lm/text.py
 
 
-Method = choices("Method", METHODS)  # pipeline/lm/students.py
+Method = choices("Method", METHODS)  # pipeline/names.py
 
 
 Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by hand
 
 
-IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
+IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/names.py
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:

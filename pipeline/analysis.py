@@ -43,7 +43,8 @@ import torch
 from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha, loca_sparse, mis_instruction_mask,
                                             sparse_from_topk)
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
-from loca_pipe.pipeline.store import LogitStore, TeacherView, summarize_logits
+from loca_pipe.pipeline.caching import summarize_logits
+from loca_pipe.pipeline.store import LogitStore, TeacherView, find_tau, raw_chunks
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +358,6 @@ class _LogitChunks:
     local files, else through zarr in runs of LOGITS_BLOCK_BYTES."""
 
     def __init__(self, tv: TeacherView):
-        from loca_pipe.pipeline.store import raw_chunks
-
         self.arr = tv["logits"]
         self.info = tv.store.info
         self.raw = raw_chunks(self.arr.zarr) is not None
@@ -430,8 +429,6 @@ def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
 
 
 def _tau_stored(tv: TeacherView, tau: float) -> bool:
-    from loca_pipe.pipeline.store import find_tau
-
     return find_tau(tv.temperatures, tau) is not None
 
 

@@ -47,18 +47,19 @@ import zarr
 
 from loca_pipe.pipeline.analysis import (_one_torch_thread, _TorchThreads, alpha_key, check_alpha_tau, chunk_groups,
                                          cluster_threads, local_workers, resolve_teachers)
+from loca_pipe.pipeline.caching import summarize_logits
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
 from loca_pipe.pipeline import layout
-from loca_pipe.pipeline.store import (ATTR, LogitStore, array_codecs, dims, now, open_zarr_group, root_sizes,
-                                      versions)
+from loca_pipe.pipeline.io import versions
+from loca_pipe.pipeline.store import ATTR, LogitStore, array_codecs, dims, now, open_zarr_group, root_sizes
 
 log = logging.getLogger(__name__)
 
 FORMAT = "loca-pipe/targets"
 FORMAT_VERSION = 1
 CHECKS = ("sum", "range", "argmax", "margin", "ratio", "unchanged", "mask")
-FORMS = ("auto", "dense", "sparse")
+from loca_pipe.pipeline.names import TARGET_FORMS as FORMS  # defined in the torch-free leaf, for the CLI
 # tolerances for fp32 targets (sums over up to a few thousand classes)
 SUM_TOL, MARGIN_TOL, ELEM_TOL = 1e-4, 1e-5, 1e-6
 
@@ -247,8 +248,6 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
                     ti = tv["topk_ids"][sl].astype(np.int64)
                     zl = tv["label_logit"][sl]
                 else:  # full logits, τ not declared: exact summary from the logits at this τ
-                    from loca_pipe.pipeline.store import summarize_logits
-
                     s = summarize_logits(torch.from_numpy(tv["logits"][sl]).float(), y, tv.top_k, [tau])
                     tl, ti, lse, zl = s["topk_logits"].numpy(), s["topk_ids"].numpy(), s["lse"][:, 0].numpy(), s["label_logit"].numpy()
                 sd = sparse_from_topk(torch.from_numpy(tl), torch.from_numpy(ti), torch.from_numpy(lse),

@@ -44,7 +44,7 @@ from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, requir
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
 LM_ATTR = "loca_pipe_lm"
-ID_DTYPES = ("auto", "int16", "int32", "int64")
+from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES  # defined in the torch-free leaf, for the CLI
 
 
 def check_id_dtype(vocab_size: int, id_dtype: str) -> None:

@@ -584,7 +584,7 @@ def test_one_pass_equals_the_pre_rewrite_analysis(tmp_path, monkeypatch, case, t
         return
     new = analyze(st.path, None, opts, samples_dir=tmp_path / f"new-{case}")
     with monkeypatch.context() as m:
-        m.setattr(store_mod, "raw_chunks", lambda arr: None)  # the reference reads through zarr, as it did
+        m.setattr(store_mod.checked, "raw_chunks", lambda arr: None)  # the reference reads through zarr, as it did
         old = ref_mod.analyze(st.path, None, ref_mod.AnalysisOptions(tau=tau, alphas=(0.9, 0.95), top_confusions=100,
                                                                      entropy=entropy),
                               samples_dir=tmp_path / f"old-{case}")

@@ -45,6 +45,7 @@ from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
 from loca_pipe.pipeline.caching import summarize_logits
 from loca_pipe.pipeline.store import LogitStore, TeacherView, find_tau, raw_chunks
+from loca_pipe.pipeline.threads import pin_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -496,8 +497,7 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
 def _one_torch_thread() -> None:
     # A task is one unit of parallelism (a dask thread or a distributed worker thread); torch's own
     # intra-op threads on top of it only add hand-offs, which are very costly on a busy machine.
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    pin_threads(1)
 
 
 def chunk_groups(num_chunks: int, num_tasks: int) -> list[list[int]]:
@@ -507,17 +507,8 @@ def chunk_groups(num_chunks: int, num_tasks: int) -> list[list[int]]:
     return [list(range(edges[i], edges[i + 1])) for i in range(num_tasks) if edges[i + 1] > edges[i]]
 
 
-class _TorchThreads:
-    """Single-threaded torch ops inside dask's thread pool: parallelism comes from the pool, not from both."""
-
-    def __init__(self, n: int):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+# Single-threaded torch ops inside dask's thread pool: parallelism comes from the pool, not from both.
+_TorchThreads = torch_threads
 
 
 def run_tasks(fn, arg_lists: list[tuple], client=None, num_workers: int | None = None,

@@ -7,6 +7,7 @@ any other layout goes through zarr with the same error contract (:func:`read_che
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -91,15 +92,36 @@ def raw_chunks(arr: zarr.Array) -> RawChunks | None:
         return None
 
 
+TARGETS_FORMAT = "loca-pipe/targets"  # pipeline/targets.py's FORMAT: its chunks go through these reads too
+
+
+def _advice(root: str, fmt: str | None) -> tuple[str, str]:
+    """(what the store is, how to rewrite a corrupted chunk of it) for a store of format ``fmt`` at ``root``."""
+    if fmt == TARGETS_FORMAT:
+        return ("targets store", f"re-run the same `loca-pipe calibrate` command with --overwrite to rewrite {root} "
+                                 f"from its logit store")
+    return ("logit store", f"run `loca-pipe verify {root} --repair` (it marks the bad chunks not done), then the same "
+                           f"`loca-pipe cache-logits` command (`lm-cache` for a token store) again to rewrite only them")
+
+
+def _format_at(folder: str) -> str | None:
+    """The ``loca_pipe.format`` attribute of the local Zarr group at ``folder`` (None if unreadable)."""
+    try:
+        with open(os.path.join(folder, "zarr.json")) as fh:
+            return ((json.load(fh).get("attributes") or {}).get("loca_pipe") or {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _crc_error(arr_path: str, lay: RawChunks, c: int, why: str) -> StoreError:
     n = lay.shape[0]
     folder = lay.folder.replace("\\", "/")
     store_root = folder[:-len(arr_path)].rstrip("/") if arr_path != "?" and folder.endswith(arr_path) else "STORE"
+    what, fix = _advice(store_root, _format_at(store_root) if store_root != "STORE" else None)
     return StoreError(
-        f"array {arr_path!r} of the logit store: chunk {c} (rows {c * lay.chunk_rows}..{min(n, (c + 1) * lay.chunk_rows) - 1}, "
+        f"array {arr_path!r} of the {what}: chunk {c} (rows {c * lay.chunk_rows}..{min(n, (c + 1) * lay.chunk_rows) - 1}, "
         f"file {arr_path + '/' + lay.key(c)!r}) {why} — the file is corrupted (disk or copy error), so its numbers "
-        f"cannot be trusted; run `loca-pipe verify {store_root} --repair` (it marks the bad chunks not done), then "
-        f"the same `loca-pipe cache-logits` command (`lm-cache` for a token store) again to rewrite only them")
+        f"cannot be trusted; {fix}")
 
 
 def read_raw_chunk(lay: RawChunks, c: int, out: np.ndarray, arr_path: str = "?", row0: int = 0,
@@ -229,11 +251,13 @@ def _checked(arr: zarr.Array, read: Any, rows: Any) -> np.ndarray:
         where = bad[0] if bad else None
         names = ", ".join(f"chunk {c} (rows {c * ch}..{min(n, (c + 1) * ch) - 1}, file {chunk_key(arr, c)!r})"
                           for c in bad[:5]) or "a chunk"
+        if where is None:
+            raise exc
+        root = _location(arr)
+        what, fix = _advice(root, _format_at(root) if root != "STORE" and "://" not in root else None)
         raise StoreError(
-            f"array {arr.path!r} of the logit store: {names} failed its CRC32C checksum — the file is corrupted "
-            f"(disk or copy error), so its numbers cannot be trusted; run `loca-pipe verify {_location(arr)} --repair` (it "
-            f"marks the bad chunks not done), then the same `loca-pipe cache-logits` command (`lm-cache` for a token store) again to rewrite only them") from exc \
-            if where is not None else exc
+            f"array {arr.path!r} of the {what}: {names} failed its CRC32C checksum — the file is corrupted "
+            f"(disk or copy error), so its numbers cannot be trusted; {fix}") from exc
 
 
 def _location(arr: zarr.Array) -> str:

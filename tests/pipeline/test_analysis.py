@@ -270,6 +270,29 @@ def test_targets_resume_and_refuse_half_written(tmp_path):
     assert np.array_equal(TargetsStore(out).teacher("t1").dense(0.95)[:], before)
 
 
+def _flip(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def test_a_damaged_targets_chunk_is_a_named_error(tmp_path):
+    st, *_ = make_store(tmp_path / "s.zarr")
+    out = str(tmp_path / "t.zarr")
+    write_targets(st.path, out, [0.95], 4.0)
+    good = TargetsStore(out).teacher("t1").dense(0.95)[:]
+    _flip(Path(out, "teachers", "t1", "loca_0.95", "c", "1", "0"))  # raw fp32: the fast checked read
+    _flip(Path(out, "label", "c", "2"))                               # zstd int64: the zarr path
+    ts = TargetsStore(out)
+    dense = ts.teacher("t1").dense(0.95)
+    np.testing.assert_array_equal(dense[0:64], good[0:64])  # other chunks are intact
+    for read in (lambda: dense[:], lambda: dense[64:70], lambda: ts["label"][:]):
+        with pytest.raises(StoreError, match=r"of the targets store: chunk \d .*CRC32C|of the targets store: chunk \d .*checksum"):
+            read()
+    with pytest.raises(StoreError, match=r"re-run the same `loca-pipe calibrate` command with --overwrite"):
+        ts["label"][128:130]
+
+
 def test_targets_with_violations_are_never_complete(tmp_path, monkeypatch):
     import loca_pipe.pipeline.targets as targets
 

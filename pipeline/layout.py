@@ -47,7 +47,7 @@ def array_codecs(dtype: np.dtype, compress: bool = False) -> dict[str, Any]:
 
     Integers (ids, labels, flags) get zstd always, floats only when ``compress``; CRC32C goes on everything.
     """
-    # Logits barely compress (zstd ~1.09x, blosc-lz4 1.00x on fp16; DESIGN.md §6), so float arrays are
+    # Logits barely compress (zstd ~1.09x, blosc-lz4 1.00x on fp16; docs/store-format.md), so float arrays are
     # stored raw by default; integers (ids, labels) compress well. CRC32C goes on everything.
     comp: list[Any] = []
     if compress or np.dtype(dtype).kind in "iub":

@@ -27,7 +27,7 @@ Layout (docs/analysis.md is the reader's reference)::
         done            (n_chunks,) uint8  completion record, one flag per row chunk
 
 ``<a>`` is :func:`~loca_pipe.pipeline.analysis.alpha_key` (shortest round-trip text: 0.95 → ``0.95``).
-Every chunk is validated against LoCa's invariants (DESIGN.md §2) right after it is computed, before it is
+Every chunk is validated against LoCa's invariants (docs/maths.md §1) right after it is computed, before it is
 written; the counts are stored, and a store with any violation is never marked complete.
 """
 

@@ -5,7 +5,7 @@ response tokens, ``num_views`` 1. Prompt tokens are never stored. Row r of seque
 token ``position[r]`` of that sequence from the teacher's logits at the previous position; ``label[r]`` is
 that token (the next token), ``sample_id[r] = i``. The ragged sequences are stored flat with offsets (the
 same values + offsets layout Arrow's list type uses; docs/language-models.md gives the measurement that
-chose Zarr). Arrays added by this module (everything else is ``pipeline/store.py``'s)::
+chose Zarr). Arrays added by this module (everything else is the store package's, ``pipeline/store/``)::
 
     STORE/
       offsets        (N+1,) int64   rows of sequence i are offsets[i] .. offsets[i+1]-1

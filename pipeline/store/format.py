@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 ATTR = "loca_pipe"
 TASKS = ("classification", "causal-lm")
 # ~4 MiB for the widest array of a chunk: big enough to read at disk speed (tiny chunks are slow,
-# DESIGN.md §6), small enough that a crash loses little and resume has something to skip.
+# docs/store-format.md), small enough that a crash loses little and resume has something to skip.
 TARGET_CHUNK_BYTES = 4 << 20
 # ... but never more than 8192 rows: with few classes (Fashion-MNIST, C=10) 4 MiB would be 100k rows, the
 # whole data set in one chunk, and a crash would lose all the teacher compute. 8192 rows of C=10 fp32 are

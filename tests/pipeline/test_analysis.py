@@ -167,7 +167,7 @@ def test_tau_not_declared_uses_full_logits_and_fp16_entropy(tmp_path):
 
 
 def _np_loca(p, labels, alpha):
-    """Independent reference of LoCa (DESIGN.md §2) on float64 probabilities."""
+    """Independent reference of LoCa (docs/maths.md §1) on float64 probabilities."""
     R = len(labels)
     py = p[np.arange(R), labels]
     o = p.copy()

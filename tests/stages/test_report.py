@@ -126,3 +126,19 @@ def test_report_cli_refuses_incomparable_runs_in_strict_mode(runs, tmp_path):
     proc = subprocess.run([LOCA_PIPE, "report", "--params", str(p)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: runs are not comparable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_report_never_shows_the_best_test_epoch(runs, tmp_path):
+    """best_test_top1 is each run's best epoch on the test set (early stopping on test): no table may show it."""
+    assert "best_test_top1" not in rs.METRICS
+    with pytest.raises(ConfigError, match="best epoch on the test set"):
+        rs.table(rs.collect(runs), "best_test_top1")
+    p = tmp_path / "p.yaml"
+    p.write_text(f"report:\n  runs_dir: {runs}\n  out_dir: {tmp_path / 'rep'}\n  metric: best_test_top1\n")
+    proc = subprocess.run([LOCA_PIPE, "report", "--params", str(p)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: report metric 'best_test_top1' picks each run's best epoch on the test set" in proc.stderr
+    assert not (tmp_path / "rep").exists()
+    cli = subprocess.run([LOCA_PIPE, "report", "--runs-dir", str(runs), "--metric", "best_test_top1"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "best_test_top1" in cli.stderr  # not among the choices --metric offers

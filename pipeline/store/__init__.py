@@ -67,8 +67,6 @@ from loca_pipe.pipeline.store.checked import (
     READ_THREADS,
     CheckedArray,
     RawChunks,
-    _checked,
-    _is_checksum_error,
     chunk_key,
     raw_chunks,
     read_checked,
@@ -76,7 +74,6 @@ from loca_pipe.pipeline.store.checked import (
     read_rows_fast,
 )
 from loca_pipe.pipeline.store.format import (
-    _RUN_KEYS,
     ATTR,
     FORMAT,
     FORMAT_VERSION,
@@ -86,7 +83,6 @@ from loca_pipe.pipeline.store.format import (
     TASKS,
     VERIFY_ATTR,
     StoreInfo,
-    _same_identity,
     cache_command,
     default_chunk_rows,
     find_tau,

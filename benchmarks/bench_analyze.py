@@ -50,7 +50,8 @@ def build_store(path: Path, R: int) -> dict:
     """Write the synthetic store with the store API, chunks generated in two threads."""
     import torch
 
-    from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows, summarize_logits
+    from loca_pipe.pipeline.caching import summarize_logits
+    from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows
 
     chunk = default_chunk_rows(C, bytes_per_value=2)  # ~4 MiB fp16 logit chunks
     info = StoreInfo("classification", R, 1, R, C, chunk, {"name": "synthetic-imagenet", "fingerprint": f"bench-{R}",

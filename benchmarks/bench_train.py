@@ -33,7 +33,8 @@ def main() -> None:
     from loca_pipe.pipeline.losses import LossConfig
     from loca_pipe.pipeline.models import build_model
     from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource, load_soft_labels
-    from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows, summarize_logits
+    from loca_pipe.pipeline.caching import summarize_logits
+    from loca_pipe.pipeline.store import LogitStore, StoreInfo, default_chunk_rows
     from loca_pipe.pipeline.training import ImageSet, TrainConfig, preset_config, train_student
 
     quick = os.environ.get("LOCA_BENCH_QUICK") == "1"

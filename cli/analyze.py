@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import choices, comma_list, store_option
-from loca_pipe.pipeline.targets import FORMS
+from loca_pipe.pipeline.names import TARGET_FORMS as FORMS
 
 
 class Entropy(str, enum.Enum):
@@ -17,7 +17,7 @@ class Entropy(str, enum.Enum):
     topk = "topk"
 
 
-Form = choices("Form", FORMS)  # pipeline/targets.py
+Form = choices("Form", FORMS)  # pipeline/names.py (targets forms)
 
 
 def _floats(text: Optional[str], opt: str) -> Optional[list[float]]:

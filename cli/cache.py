@@ -10,10 +10,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import DATASET_HELP, DEVICES, choices, comma_list, store_option
-from loca_pipe.pipeline.store import LOGIT_DTYPES
+from loca_pipe.pipeline.names import LOGIT_DTYPES
 
 
-LogitsDtype = choices("LogitsDtype", (*LOGIT_DTYPES, "none"))  # pipeline/store.py; none: top-k only
+LogitsDtype = choices("LogitsDtype", (*LOGIT_DTYPES, "none"))  # pipeline/names.py; none: top-k only
 Device = choices("Device", DEVICES)
 
 

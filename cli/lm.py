@@ -13,10 +13,11 @@ import typer
 
 from loca_pipe.cli.options import choices, comma_list
 from loca_pipe.pipeline.guard import check_lm
-from loca_pipe.pipeline.lm.cache import ID_DTYPES
-from loca_pipe.pipeline.lm.device import DTYPES
-from loca_pipe.pipeline.lm.models import ATTN_IMPLEMENTATIONS, DEVICE_MAPS
-from loca_pipe.pipeline.lm.students import METHODS
+from loca_pipe.pipeline.names import LM_ATTN_IMPLEMENTATIONS as ATTN_IMPLEMENTATIONS
+from loca_pipe.pipeline.names import LM_DEVICE_MAPS as DEVICE_MAPS
+from loca_pipe.pipeline.names import LM_DTYPES as DTYPES
+from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES
+from loca_pipe.pipeline.names import LM_METHODS as METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.codecs import CHOICES
 
@@ -28,17 +29,17 @@ Template = choices("Template", TEMPLATES)  # pipeline/lm/text.py
 BadLine = choices("BadLine", BAD_LINE_POLICIES)  # pipeline/lm/text.py
 
 
-Method = choices("Method", METHODS)  # pipeline/lm/students.py
+Method = choices("Method", METHODS)  # pipeline/names.py
 
 
 Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by hand
 
 
-IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/lm/cache.py
+IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/names.py
 
 
-Dtype = choices("Dtype", DTYPES)  # pipeline/lm/device.py
-Attn = choices("Attn", ATTN_IMPLEMENTATIONS)  # pipeline/lm/models.py
+Dtype = choices("Dtype", DTYPES)  # pipeline/names.py (pipeline/lm/device.py)
+Attn = choices("Attn", ATTN_IMPLEMENTATIONS)  # pipeline/names.py (pipeline/lm/models.py)
 DeviceMap = choices("DeviceMap", [m for m in DEVICE_MAPS if m])
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
 DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="The model's weights and logits (auto = bfloat16 on a GPU that supports it, else float32).")]

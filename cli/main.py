@@ -32,6 +32,7 @@ import typer
 
 from loca_pipe import __version__
 from loca_pipe.cli import analyze, cache, lm, plots, store, teacher, train
+from loca_pipe.pipeline.oserrors import WRITE_REASONS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -111,9 +112,7 @@ def _show_usage_error(exc: Any, argv: Sequence[str]) -> int:
     return code
 
 
-_WRITE_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                 errno.EROFS: "the file system is read-only", errno.ENOSPC: "the disk is full",
-                 errno.EDQUOT: "the disk quota is exceeded"}
+_WRITE_ERRNOS = WRITE_REASONS  # the one errno table, pipeline/oserrors.py
 
 
 def _os_error_line(exc: OSError) -> str:

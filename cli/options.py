@@ -5,17 +5,28 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable, Iterable, Optional
 
+from typer.core import TyperCommand
+
+from loca_pipe.pipeline.names import DATASETS
+
 # Devices every --device option takes (pipeline/models.py::resolve_device also takes cuda:N).
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def _dataset_help() -> str:
-    from loca_pipe.pipeline.data import DATASETS
-
-    return f"Data set NAME ({', '.join(d for d in DATASETS if ':' not in d)}) or module:callable."
+DATASET_HELP = f"Data set NAME ({', '.join(d for d in DATASETS if ':' not in d)}) or module:callable."  # never by hand
 
 
-DATASET_HELP = _dataset_help()  # from pipeline/data.py's DATASETS, never listed by hand
+class MethodHelp(TyperCommand):
+    """A command whose ``{methods}`` in an option's help is filled from the losses registry only when its help is
+    shown: the registry imports torch, and building the text at import would load torch for every typo."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from loca_pipe.pipeline.losses import method_help  # deferred on purpose: torch, only for --help
+
+        for p in self.params:
+            if isinstance(getattr(p, "help", None), str) and "{methods}" in p.help:
+                p.help = p.help.replace("{methods}", method_help())
+        super().format_help(ctx, formatter)
 
 
 def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import DATASET_HELP, choices
-from loca_pipe.pipeline.augment import AUGMENTATIONS
+from loca_pipe.pipeline.names import AUGMENTATIONS
 
 
 class Optimizer(str, enum.Enum):
@@ -22,7 +22,7 @@ class Schedule(str, enum.Enum):
     constant = "constant"
 
 
-Augment = choices("Augment", AUGMENTATIONS)  # pipeline/augment.py
+Augment = choices("Augment", AUGMENTATIONS)  # pipeline/names.py
 
 
 def prepare_data(

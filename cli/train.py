@@ -8,10 +8,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import DEVICES, choices, comma_list
-from loca_pipe.pipeline.augment import AUGMENTATIONS
-from loca_pipe.pipeline.losses import method_help
-from loca_pipe.pipeline.soft_labels import FORMS, VIEW_POLICIES
+from loca_pipe.cli.options import DEVICES, MethodHelp, choices, comma_list
+from loca_pipe.pipeline.names import AUGMENTATIONS, VIEW_POLICIES
+from loca_pipe.pipeline.names import SOFT_LABEL_FORMS as FORMS
 from loca_pipe.stages.report import METRICS as REPORT_METRICS
 
 
@@ -20,13 +19,13 @@ class Preset(str, enum.Enum):
     paper_cifar = "paper-cifar"
 
 
-Form = choices("Form", FORMS)  # pipeline/soft_labels.py
+Form = choices("Form", FORMS)  # pipeline/names.py (soft-label forms)
 
 
-ViewPolicy = choices("ViewPolicy", VIEW_POLICIES)  # pipeline/soft_labels.py
+ViewPolicy = choices("ViewPolicy", VIEW_POLICIES)  # pipeline/names.py
 
 
-Augment = choices("Augment", AUGMENTATIONS)  # pipeline/augment.py
+Augment = choices("Augment", AUGMENTATIONS)  # pipeline/names.py
 Device = choices("Device", DEVICES)
 
 
@@ -46,7 +45,7 @@ def train_student(
     store: Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")] = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: its only teacher).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Targets store from `loca-pipe calibrate` (instead of logits).")] = None,
-    method: Annotated[Optional[str], typer.Option(help=f"Loss, from the losses registry: {method_help()}.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Loss, from the losses registry: {methods}.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α (0 < α < 1; paper: 0.9–0.99).")] = None,
     tau: Annotated[Optional[float], typer.Option(help="KD temperature τ.")] = None,
     beta: Annotated[Optional[float], typer.Option(help="KD loss weight β.")] = None,
@@ -172,5 +171,5 @@ def select_recipe(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("select-recipe")(select_recipe)
-    app.command("train-student")(train_student)
+    app.command("train-student", cls=MethodHelp)(train_student)
     app.command("report")(report)

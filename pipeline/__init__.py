@@ -4,36 +4,17 @@ Pure tensor maths (calibration, losses) stays free of I/O; nothing here reads ar
 Users who only want LoCa inside their own training loop need just this package::
 
     from loca_pipe.pipeline import loca_from_logits, kd_loss
+
+The maths names are re-exported lazily (PEP 562 ``__getattr__``): importing ``loca_pipe.pipeline`` (which every
+``loca_pipe.pipeline.X`` import does, the CLI's included) must not import torch, so a usage error answers in a
+fraction of a second (tests/cli/test_fast_usage.py). ``from loca_pipe.pipeline import kd_loss`` works as before.
 """
 
-from loca_pipe.pipeline.calibration import (
-    LocaResult,
-    LocaWarning,
-    SparseDist,
-    check_alpha,
-    loca,
-    loca_calibrate,
-    loca_calibrate_blocks,
-    loca_from_logits,
-    loca_label_logit,
-    loca_sparse,
-    mis_instruction_mask,
-    sparse_from_topk,
-)
-from loca_pipe.pipeline.losses import (
-    METHODS,
-    LossConfig,
-    Method,
-    ce_loss,
-    compute_loss,
-    dkd_loss,
-    dkd_warmup,
-    kd_loss,
-    loca_kd_loss,
-    ls_kd_loss,
-    sparse_kd_loss,
-    standardize_logits,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from loca_pipe.pipeline.errors import (
     ConfigError,
     DataError,
@@ -45,10 +26,28 @@ from loca_pipe.pipeline.errors import (
     StoreError,
 )
 
-from loca_pipe.pipeline import calibration as _calibration
-from loca_pipe.pipeline import losses as _losses
-
 _ERRORS = ["ConfigError", "DataError", "IncompleteStoreError", "LocaError", "ModelError", "NumericsError",
            "StoreConflictError", "StoreError"]
-# one list per module, kept by that module; this package re-exports them all
-__all__ = _ERRORS + _calibration.__all__ + _losses.__all__
+# name → the module that defines it (each module keeps its own __all__; this package re-exports them all)
+_CALIBRATION = ["LocaResult", "LocaWarning", "SparseDist", "check_alpha", "loca", "loca_calibrate",
+                "loca_calibrate_blocks", "loca_from_logits", "loca_label_logit", "loca_sparse", "mis_instruction_mask",
+                "sparse_from_topk"]
+_LOSSES = ["METHODS", "LossConfig", "Method", "ce_loss", "compute_loss", "dkd_loss", "dkd_warmup", "get_method",
+           "kd_loss", "kd_star_loss", "loca_kd_loss", "ls_kd_loss", "method_help", "sparse_kd_loss", "standardize_logits"]
+# tests/pipeline/test_imports.py checks these lists are the modules' __all__
+_LAZY = {**{n: "calibration" for n in _CALIBRATION}, **{n: "losses" for n in _LOSSES}}
+
+
+def __getattr__(name: str) -> Any:
+    # Deferred on purpose: calibration and losses import torch (see the module docstring).
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    if name == "__all__":
+        return _ERRORS + _CALIBRATION + _LOSSES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

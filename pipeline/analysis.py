@@ -43,7 +43,9 @@ import torch
 from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha, loca_sparse, mis_instruction_mask,
                                             sparse_from_topk)
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
-from loca_pipe.pipeline.store import LogitStore, TeacherView, summarize_logits
+from loca_pipe.pipeline.caching import summarize_logits
+from loca_pipe.pipeline.store import LogitStore, TeacherView, find_tau, raw_chunks
+from loca_pipe.pipeline.threads import pin_threads, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +359,6 @@ class _LogitChunks:
     local files, else through zarr in runs of LOGITS_BLOCK_BYTES."""
 
     def __init__(self, tv: TeacherView):
-        from loca_pipe.pipeline.store import raw_chunks
-
         self.arr = tv["logits"]
         self.info = tv.store.info
         self.raw = raw_chunks(self.arr.zarr) is not None
@@ -430,8 +430,6 @@ def _iter_blocks(tv: TeacherView, chunks: Sequence[int], opts: AnalysisOptions):
 
 
 def _tau_stored(tv: TeacherView, tau: float) -> bool:
-    from loca_pipe.pipeline.store import find_tau
-
     return find_tau(tv.temperatures, tau) is not None
 
 
@@ -499,8 +497,7 @@ def analyze_task(store_path: str, teacher: str, chunks: Sequence[int], opts: Ana
 def _one_torch_thread() -> None:
     # A task is one unit of parallelism (a dask thread or a distributed worker thread); torch's own
     # intra-op threads on top of it only add hand-offs, which are very costly on a busy machine.
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    pin_threads(1)
 
 
 def chunk_groups(num_chunks: int, num_tasks: int) -> list[list[int]]:
@@ -510,17 +507,8 @@ def chunk_groups(num_chunks: int, num_tasks: int) -> list[list[int]]:
     return [list(range(edges[i], edges[i + 1])) for i in range(num_tasks) if edges[i + 1] > edges[i]]
 
 
-class _TorchThreads:
-    """Single-threaded torch ops inside dask's thread pool: parallelism comes from the pool, not from both."""
-
-    def __init__(self, n: int):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+# Single-threaded torch ops inside dask's thread pool: parallelism comes from the pool, not from both.
+_TorchThreads = torch_threads
 
 
 def run_tasks(fn, arg_lists: list[tuple], client=None, num_workers: int | None = None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from loca_pipe.pipeline.errors import ConfigError, DataError
 
-AUGMENTATIONS = ("none", "crop-flip")
+from loca_pipe.pipeline.names import AUGMENTATIONS  # defined in the torch-free leaf, for the CLI
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

@@ -28,9 +28,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from loca_pipe.pipeline.errors import ConfigError, StoreError
-from loca_pipe.pipeline.store import id_dtype
 
 
+def id_dtype(num_classes: int) -> np.dtype:
+    """Smallest signed integer dtype that holds every class id in [0, C). (fp16 ids are a known bug.)"""
+    for dt in (np.int16, np.int32):
+        if num_classes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
 
 
 class _Codec:

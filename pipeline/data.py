@@ -46,7 +46,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the ImageNet statistics
 }
 SPLITS = ("train", "test")
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "module:callable")
+from loca_pipe.pipeline.names import DATASETS  # defined in the torch-free leaf, for the CLI
 # module:callable fingerprints hash this many evenly spaced items (plus the length and all labels).
 FINGERPRINT_SAMPLE_ITEMS = 64
 _FINGERPRINT_VERSION = b"loca-pipe-fingerprint-v1"

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+
+from loca_pipe.pipeline.codecs import id_dtype
 
 ROOT, TEACHER = "root", "teacher"
 
@@ -37,6 +40,20 @@ FINISH = "lm finish"         # pipeline/lm/cache.py's greedy pass, chunk by chun
 
 LETTERS = {"row": "R", "class": "C", "k": "K", "temperature": "T", "chunk": "n_chunks", "aug_param": "P",
            "draw": "S", "sequence": "N", "sequence_edge": "N+1", "new_token": "G", "greedy_chunk": "n_greedy"}
+
+
+def array_codecs(dtype: np.dtype, compress: bool = False) -> dict[str, Any]:
+    """The zarr codecs of every array the project writes (store, targets, token index): the one helper.
+
+    Integers (ids, labels, flags) get zstd always, floats only when ``compress``; CRC32C goes on everything.
+    """
+    # Logits barely compress (zstd ~1.09x, blosc-lz4 1.00x on fp16; docs/store-format.md), so float arrays are
+    # stored raw by default; integers (ids, labels) compress well. CRC32C goes on everything.
+    comp: list[Any] = []
+    if compress or np.dtype(dtype).kind in "iub":
+        comp.append(ZstdCodec(level=1))
+    comp.append(Crc32cCodec())
+    return {"serializer": BytesCodec(), "compressors": comp}
 
 
 @dataclass(frozen=True)
@@ -100,8 +117,6 @@ def _always(flag: bool) -> Callable[[Sizes], bool]:
 
 
 def _id_dtype(s: Sizes) -> np.dtype:
-    from loca_pipe.pipeline.store import id_dtype
-
     return id_dtype(s.num_classes)
 
 
@@ -206,8 +221,6 @@ def dimension_names(name: str) -> tuple[str, ...]:
 
 def create(group: Any, a: ArraySpec, s: Sizes, **kw: Any) -> Any:
     """Create array ``a`` in ``group`` with the shape, chunks, dtype, fill, codecs and dimension names its entry gives."""
-    from loca_pipe.pipeline.store import array_codecs
-
     dt = np.dtype(a.dtype(s))
     return group.create_array(a.name, shape=a.shape(s), chunks=a.chunks(s), dtype=dt, fill_value=a.fill,
                               **array_codecs(dt, a.compress(s)), dimension_names=a.dims, **kw)

@@ -39,8 +39,8 @@ from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreErr
 
 log = logging.getLogger(__name__)
 
-FORMS = ("auto", "logits", "topk")
-VIEW_POLICIES = ("cycle", "random")
+from loca_pipe.pipeline.names import SOFT_LABEL_FORMS as FORMS
+from loca_pipe.pipeline.names import VIEW_POLICIES
 DEFAULT_MEMORY_LIMIT = 4 << 30
 
 

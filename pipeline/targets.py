@@ -27,7 +27,7 @@ Layout (docs/analysis.md is the reader's reference)::
         done            (n_chunks,) uint8  completion record, one flag per row chunk
 
 ``<a>`` is :func:`~loca_pipe.pipeline.analysis.alpha_key` (shortest round-trip text: 0.95 → ``0.95``).
-Every chunk is validated against LoCa's invariants (DESIGN.md §2) right after it is computed, before it is
+Every chunk is validated against LoCa's invariants (docs/maths.md §1) right after it is computed, before it is
 written; the counts are stored, and a store with any violation is never marked complete.
 """
 
@@ -47,18 +47,20 @@ import zarr
 
 from loca_pipe.pipeline.analysis import (_one_torch_thread, _TorchThreads, alpha_key, check_alpha_tau, chunk_groups,
                                          cluster_threads, local_workers, resolve_teachers)
+from loca_pipe.pipeline.caching import summarize_logits
 from loca_pipe.pipeline.calibration import LocaWarning, loca_from_logits, loca_sparse, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, IncompleteStoreError, NumericsError, StoreConflictError, StoreError
 from loca_pipe.pipeline import layout
-from loca_pipe.pipeline.store import (ATTR, LogitStore, array_codecs, dims, now, open_zarr_group, root_sizes,
-                                      versions)
+from loca_pipe.pipeline.io import versions
+from loca_pipe.pipeline.store import (ATTR, CheckedArray, LogitStore, array_codecs, dims, now, open_zarr_group,
+                                      read_checked, root_sizes)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "loca-pipe/targets"
 FORMAT_VERSION = 1
 CHECKS = ("sum", "range", "argmax", "margin", "ratio", "unchanged", "mask")
-FORMS = ("auto", "dense", "sparse")
+from loca_pipe.pipeline.names import TARGET_FORMS as FORMS  # defined in the torch-free leaf, for the CLI
 # tolerances for fp32 targets (sums over up to a few thousand classes)
 SUM_TOL, MARGIN_TOL, ELEM_TOL = 1e-4, 1e-5, 1e-6
 
@@ -247,8 +249,6 @@ def targets_task(src: str, out: str, teacher: str, chunks: Sequence[int], tau: f
                     ti = tv["topk_ids"][sl].astype(np.int64)
                     zl = tv["label_logit"][sl]
                 else:  # full logits, τ not declared: exact summary from the logits at this τ
-                    from loca_pipe.pipeline.store import summarize_logits
-
                     s = summarize_logits(torch.from_numpy(tv["logits"][sl]).float(), y, tv.top_k, [tau])
                     tl, ti, lse, zl = s["topk_logits"].numpy(), s["topk_ids"].numpy(), s["lse"][:, 0].numpy(), s["label_logit"].numpy()
                 sd = sparse_from_topk(torch.from_numpy(tl), torch.from_numpy(ti), torch.from_numpy(lse),
@@ -374,15 +374,15 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
         if pending:
             raise IncompleteStoreError(f"targets for {n!r} in {str(out)!r}: {pending} chunks not written; run the same "
                                        f"command again to resume")
-        viol = g["violations"][:].sum(0)
+        viol = read_checked(g["violations"]).sum(0)
         counts = {k: int(v) for k, v in zip(CHECKS, viol)}
         total += int(viol.sum())
         a = dict(g.attrs[ATTR])
-        mis = int(g["mis_instructed"][:].astype(np.int64).sum())
+        mis = int(read_checked(g["mis_instructed"]).astype(np.int64).sum())
         if "sigma_sum" in g:
-            sigma = float(g["sigma_sum"][:].sum()) / mis if mis else None
+            sigma = float(read_checked(g["sigma_sum"]).sum()) / mis if mis else None
         else:  # a store begun by an older loca-pipe: recompute from the kd targets
-            sigma = _mean_sigma_mis(g, root["label"], forms[n], info.chunk_rows)
+            sigma = _mean_sigma_mis(g, CheckedArray(root["label"]), forms[n], info.chunk_rows)
         a.update(violations=counts, calibrated_rows=mis, complete=not viol.any(), finished=now())
         g.attrs[ATTR] = a
         report[n] = {"form": forms[n], "arrays": {k: list(g[k].shape) for k in a["arrays"]},
@@ -402,13 +402,14 @@ def write_targets(store_path: str, out: str, alphas: Sequence[float], tau: float
     return rep
 
 
-def _mean_sigma_mis(g: zarr.Group, labels: zarr.Array, form: str, block: int) -> float | None:
+def _mean_sigma_mis(g: zarr.Group, labels: CheckedArray, form: str, block: int) -> float | None:
     """Mean σ = 1/(1 − p_y + p_k) over the calibrated rows, from the stored plain-KD targets.
 
     s = α·σ and σ does not depend on α, so the mean LoCa scale of every α is α times this (metrics only).
     """
     total, count = 0.0, 0
     R = labels.shape[0]
+    g = {k: CheckedArray(g[k]) for k in ("mis_instructed", "kd", "ids", "kd_probs") if k in g}  # checked reads
     for start in range(0, R, block):
         sl = slice(start, min(R, start + block))
         mis = g["mis_instructed"][sl].astype(bool)
@@ -469,7 +470,7 @@ def _copy_rows(store: LogitStore, root: zarr.Group) -> None:
                                 overwrite=True, **array_codecs(src.dtype), **dims(k))
         for c in range(info.num_chunks):
             sl = info.chunk_slice(c)
-            dst[sl] = src[sl]
+            dst[sl] = read_checked(src, sl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,8 +501,9 @@ class TargetsStore:
         self.alphas: tuple[float, ...] = tuple(a["alphas"])
         self.teachers: list[str] = list(a["teachers"])
 
-    def __getitem__(self, key: str) -> zarr.Array:
-        return self.group[key]
+    def __getitem__(self, key: str) -> CheckedArray:
+        """Array ``key`` of the store group; its reads are CRC32C-checked (a damaged chunk is a named StoreError)."""
+        return CheckedArray(self.group[key])
 
     def teacher(self, name: str | None = None) -> "TargetsView":
         if name is None:
@@ -526,17 +528,17 @@ class TargetsView:
             raise StoreError(f"no LoCa targets for alpha={alpha} in {self.store.path!r}; it has alphas "
                              f"{list(self.store.alphas)} — re-run `loca-pipe calibrate` with --alpha {alpha}")
 
-    def dense(self, alpha: float | None = None) -> zarr.Array:
+    def dense(self, alpha: float | None = None) -> CheckedArray:
         """(R, C) float32 targets: ``kd`` (alpha None) or ``loca_<alpha>``."""
         self._check_alpha(alpha)
         if self.form != "dense":
             raise StoreError(f"targets of {self.name!r} are sparse (top-k-only teacher); use .sparse(alpha)")
-        return self.group[dense_name(alpha)]
+        return CheckedArray(self.group[dense_name(alpha)])
 
-    def sparse(self, alpha: float | None = None) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+    def sparse(self, alpha: float | None = None) -> tuple[CheckedArray, CheckedArray, CheckedArray]:
         """(ids (R, K+1), probs (R, K+1), tail (R,)) — a SparseDist per row block."""
         self._check_alpha(alpha)
         if self.form != "sparse":
             raise StoreError(f"targets of {self.name!r} are dense; use .dense(alpha)")
         i, p, t = sparse_names(alpha)
-        return self.group[i], self.group[p], self.group[t]
+        return CheckedArray(self.group[i]), CheckedArray(self.group[p]), CheckedArray(self.group[t])

@@ -8,15 +8,17 @@ violations — which must all be 0).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from loca_pipe.pipeline.analysis import connect
 from loca_pipe.pipeline.guard import FILE, TARGETS, check_outputs
+from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.targets import write_targets
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
+from loca_pipe.stages.train_student import read_recipe
 
 SECTION = "calibrate"
 
@@ -29,6 +31,9 @@ class CalibrateParams:
     teachers: tuple[str, ...] = ()  # empty: every teacher in the store
     alpha: tuple[float, ...] = (0.95,)  # one loca_<α> target per value (paper: 0.9–0.999)
     tau: float = 4.0  # temperature of the targets p = softmax(z/τ); students must use the same τ
+    # select-recipe's output file: its τ wins over ``tau`` (as in train_student), so the pipeline's targets are made
+    # at the τ its students train with (params.yaml sets it; unset, ``tau`` is used)
+    recipe: str | None = None
     out: str = "data/targets/fashion-mnist-train.zarr"
     metrics: str = "data/calibrate.json"  # where the pipeline (params.yaml) writes it
     form: Literal["auto", "dense", "sparse"] = "auto"  # auto: dense for full-logit teachers with C ≤ dense_max_classes
@@ -44,6 +49,7 @@ def run(params: CalibrateParams) -> Report:
     check_writable(params.out, "the targets store", "--out")  # before any work
     if params.metrics:
         check_writable(params.metrics, "the calibrate metrics", "--metrics", kind="file")
+    params = with_recipe_tau(params)
     client = connect(params.scheduler)
     try:
         rep = write_targets(params.store, params.out, params.alpha, params.tau, teachers=params.teachers,
@@ -64,6 +70,17 @@ def run(params: CalibrateParams) -> Report:
         m.write_text(json.dumps(lean, indent=1))
     outputs = {"targets": params.out, **({"metrics": params.metrics} if params.metrics else {})}
     return Report(SECTION, full, outputs, _text(full))
+
+
+def with_recipe_tau(params: CalibrateParams) -> CalibrateParams:
+    """``params`` with τ from the recipe file when one is set (and chooses τ)."""
+    if not params.recipe:
+        return params
+    try:
+        chosen = read_recipe(params.recipe)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("train_student.recipe", "calibrate.recipe")) from None
+    return replace(params, tau=float(chosen["tau"])) if "tau" in chosen else params
 
 
 def _text(rep: dict[str, Any]) -> str:

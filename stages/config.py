@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from loca_pipe.pipeline.errors import ConfigError, did_you_mean
+from loca_pipe.pipeline.oserrors import WRITE_REASONS
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -195,9 +196,7 @@ def load_section(cls: type[T], section: str, params: dict[str, Any] | str | Path
 # ----------------------------------------------------------------------------------------------------
 # Outputs: refuse an unwritable location before the expensive work, in one line.
 
-_WRITE_REASONS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.EPERM: "operation not permitted", errno.ENOSPC: "the disk is full",
-                  errno.EDQUOT: "the disk quota is exceeded"}
+_WRITE_REASONS = WRITE_REASONS  # the one errno table, pipeline/oserrors.py
 
 
 def check_writable(path: str | Path, what: str, option: str, kind: str = "dir") -> None:

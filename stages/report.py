@@ -50,7 +50,9 @@ from loca_pipe.stages import Report
 log = logging.getLogger(__name__)
 SECTION = "report"
 
-METRICS = ("test_top1", "test_top5", "best_test_top1")
+# What a table may show: final-epoch accuracies. metrics.json also holds best_test_top1 (the best epoch *on the test
+# set*: selecting an epoch by its test score is early stopping on test), so the report never offers it.
+METRICS = ("test_top1", "test_top5")
 COMMON_KEYS = ("student", "dataset", "fingerprint", "split", "train_size", "eval_split", "preset", "augment")
 DISTILL_KEYS = ("tau", "beta", "gamma", "recipe")
 
@@ -74,7 +76,7 @@ class ReportParams:
     runs_dir: str = "data/students"
     out_dir: str = "data/report"
     metrics: str | None = None             # small JSON for dvc metrics (default: <out_dir>/report.json)
-    metric: str = "test_top1"              # test_top1 | test_top5 | best_test_top1
+    metric: str = "test_top1"              # test_top1 | test_top5 (never best_test_top1: test-set selection)
     teacher_top1: float | None = None      # override the teacher accuracy found in the runs
     title: str = "Student accuracy (%)"
     strict: bool = False                   # refuse (instead of leaving out) runs that are not comparable
@@ -198,6 +200,9 @@ def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: f
     from loca_pipe.pipeline import stats
     from loca_pipe.pipeline.losses import METHODS
 
+    if metric == "best_test_top1":
+        raise ConfigError("report metric 'best_test_top1' picks each run's best epoch on the test set (early stopping "
+                          f"on test), so no table shows it; use one of {list(METRICS)}")
     if metric not in METRICS:
         raise ConfigError(f"unknown report metric {metric!r}; valid: {list(METRICS)}")
     order = {n: i for i, n in enumerate(METHODS)}

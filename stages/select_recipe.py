@@ -27,6 +27,7 @@ from typing import Any
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.guard import FILE, check_outputs
 from loca_pipe.pipeline.io import write_json
+from loca_pipe.pipeline.threads import pin_threads
 from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def run(p: SelectRecipeParams) -> Report:
                "validation": None, "grid": [{"recipe": grid[0]}],
                "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
         return _write(Path(p.out), doc)
-    torch.set_num_threads(int(p.threads))
+    pin_threads(int(p.threads))  # the one thread helper, pipeline/threads.py
     spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
     fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
     x = preload(spec.dataset)

@@ -34,6 +34,7 @@ from loca_pipe.pipeline.guard import CHECKPOINT, FILE, check_outputs
 from loca_pipe.pipeline.io import atomic_save, versions, write_json
 from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
 from loca_pipe.pipeline.progress import progress_bar
+from loca_pipe.pipeline.threads import torch_threads
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
 
@@ -143,12 +144,8 @@ def run(p: TrainTeacherParams) -> Report:
         return _run(p)
     if p.threads < 1:
         raise ConfigError(f"{SECTION}.threads must be ≥ 1 or null, got {p.threads}")
-    before = torch.get_num_threads()
-    torch.set_num_threads(p.threads)
-    try:
+    with torch_threads(p.threads):  # the one thread helper, pipeline/threads.py
         return _run(p)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(p: TrainTeacherParams) -> Report:

@@ -14,7 +14,7 @@ def write_teacher(store: Any, writer: Any, z: Any, labels: Any, top_k: int, temp
     """Write a teacher's row chunks from its logits ``z`` (R, C) as cache-logits would: the shared rows (sample id
     = row, view 0), the summaries, and the full logits unless ``full`` is False; ``chunks``: which (default: all
     pending). Returns ``writer.finalize()``."""
-    from loca_pipe.pipeline.store import summarize_logits
+    from loca_pipe.pipeline.caching import summarize_logits
 
     z, y = torch.as_tensor(z), torch.as_tensor(labels)
     for c in writer.pending_chunks() if chunks is None else chunks:

@@ -26,8 +26,13 @@ ONCE = {
     "jsonable": "pipeline/io.py",
     "progress_bar": "pipeline/progress.py",
     "read_sidecar": "pipeline/models.py",
-    "find_tau": "pipeline/store.py",
-    "array_codecs": "pipeline/store.py",
+    "find_tau": "pipeline/store/format.py",
+    "require_tau": "pipeline/store/format.py",
+    "array_codecs": "pipeline/layout.py",
+    "summarize_logits": "pipeline/caching.py",
+    "WRITE_REASONS": "pipeline/oserrors.py",
+    "one_thread": "pipeline/threads.py",
+    "torch_threads": "pipeline/threads.py",
     "_check_tau": "pipeline/calibration.py",
     "_check_labels": "pipeline/calibration.py",
     "mis_instruction_mask": "pipeline/calibration.py",
@@ -36,9 +41,9 @@ ONCE = {
     "_versions": None,
     "execute": None,  # a second stage entry point beside run(params)
 }
-# zarr codec objects are built in one place (the store's array_codecs) and the top-k codecs' module
+# zarr codec objects are built in one place (array_codecs, with the array table in pipeline/layout.py)
 CODEC_CLASSES = {"ZstdCodec", "Crc32cCodec", "BytesCodec", "BloscCodec", "ShardingCodec"}
-CODEC_BUILDERS = {"pipeline/store.py"}
+CODEC_BUILDERS = {"pipeline/layout.py"}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -83,7 +88,7 @@ def test_zarr_codecs_are_built_in_one_place():
                 name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
                 if name in CODEC_CLASSES:
                     where.add(m)
-    assert where == CODEC_BUILDERS, f"zarr codecs constructed in {sorted(where)}; use store.array_codecs"
+    assert where == CODEC_BUILDERS, f"zarr codecs constructed in {sorted(where)}; use layout.array_codecs"
 
 
 def _mentions_tau(node: ast.AST) -> bool:
@@ -104,11 +109,11 @@ def test_temperatures_are_compared_by_the_one_rule():
                        and isinstance(n.left.args[0], ast.BinOp) and isinstance(n.left.args[0].op, ast.Sub))
             if (isclose or absdiff) and _mentions_tau(n):
                 found.append(f"{m}:{n.lineno}")
-    assert found == ["pipeline/store.py:" + str(_find_tau_isclose_line())], found
+    assert found == ["pipeline/store/format.py:" + str(_find_tau_isclose_line())], found
 
 
 def _find_tau_isclose_line() -> int:
-    tree = MODULES["pipeline/store.py"]
+    tree = MODULES["pipeline/store/format.py"]
     fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "find_tau")
     return next(n.lineno for n in ast.walk(fn) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "isclose")
 

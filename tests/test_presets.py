@@ -45,7 +45,8 @@ def test_paper_settings(path, teacher, student, tau, beta, gamma):
     assert (s.teacher, s.student, s.tau, s.beta, s.gamma) == (teacher, student, tau, beta, gamma)
     assert load_section(select_recipe.SelectRecipeParams, "select_recipe", p).grid == (
         {"tau": tau, "beta": beta, "gamma": gamma},)  # the paper's recipe, declared
-    assert load_section(calibrate.CalibrateParams, "calibrate", p).tau == tau
+    # the targets are made at the students' τ: calibrate reads the same recipe file (its τ is the grid's above)
+    assert load_section(calibrate.CalibrateParams, "calibrate", p).recipe == s.recipe
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "presets/cifar100.yaml", "presets/imagenet.yaml"])

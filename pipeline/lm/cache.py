@@ -5,7 +5,7 @@ response tokens, ``num_views`` 1. Prompt tokens are never stored. Row r of seque
 token ``position[r]`` of that sequence from the teacher's logits at the previous position; ``label[r]`` is
 that token (the next token), ``sample_id[r] = i``. The ragged sequences are stored flat with offsets (the
 same values + offsets layout Arrow's list type uses; docs/language-models.md gives the measurement that
-chose Zarr). Arrays added by this module (everything else is ``pipeline/store.py``'s)::
+chose Zarr). Arrays added by this module (everything else is the store package's, ``pipeline/store/``)::
 
     STORE/
       offsets        (N+1,) int64   rows of sequence i are offsets[i] .. offsets[i+1]-1
@@ -43,7 +43,7 @@ from loca_pipe.pipeline.store import LogitStore, StoreInfo, read_checked, requir
 log = logging.getLogger(__name__)
 TASK = "causal-lm"
 LM_ATTR = "loca_pipe_lm"
-ID_DTYPES = ("auto", "int16", "int32", "int64")
+from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES  # defined in the torch-free leaf, for the CLI
 
 
 def check_id_dtype(vocab_size: int, id_dtype: str) -> None:

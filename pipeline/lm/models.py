@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loca_pipe.pipeline import names
 from loca_pipe.pipeline.errors import ConfigError, ModelError
 from loca_pipe.pipeline.lm.tokenizer import Encoded, pad_batch
 
@@ -50,8 +51,8 @@ def build_lm(arch: str, vocab_size: int, d_model: int, n_layers: int, n_heads: i
     return AutoModelForCausalLM.from_config(cfg)
 
 
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": transformers' own choice
-DEVICE_MAPS = ("", "auto")  # "auto": accelerate spreads a model larger than one GPU over the GPUs (and CPU)
+ATTN_IMPLEMENTATIONS = names.LM_ATTN_IMPLEMENTATIONS  # "auto": transformers' own choice
+DEVICE_MAPS = names.LM_DEVICE_MAPS  # "auto": accelerate spreads a model larger than one GPU over the GPUs (and CPU)
 
 
 def load_lm(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,

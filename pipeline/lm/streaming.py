@@ -19,7 +19,7 @@ import numpy as np
 
 from loca_pipe.pipeline import layout
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
-from loca_pipe.pipeline.store import TeacherView
+from loca_pipe.pipeline.store import CheckedArray, TeacherView, read_checked, require_tau
 
 # The row-aligned arrays the students and the analysis read, from the store's one table (pipeline/layout.py):
 # every token-store array whose first dimension is the row, except the image-only view arrays (the view index is
@@ -93,15 +93,11 @@ class TokenTeacher:
         return self.num_rows * self.row_bytes() + self.offsets.nbytes
 
     def tau_index(self, tau: float) -> int:
-        from loca_pipe.pipeline.store import require_tau
-
         return require_tau(self.temperatures, tau)  # the one τ rule (every reader)
 
     # -- reads --------------------------------------------------------------------------------------
     def read(self, lo: int, hi: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows [lo, hi) of the given arrays (CRC32C checked; a bad chunk raises a StoreError naming it)."""
-        from loca_pipe.pipeline.store import CheckedArray
-
         keys = keys or self.keys
         out = {k: CheckedArray(self.arrays[k])[lo:hi] for k in keys if k not in DECODED}
         if any(k in DECODED for k in keys):
@@ -125,8 +121,6 @@ class TokenTeacher:
         if not self.has_greedy:
             raise StoreError("this teacher was cached without greedy responses; re-cache with greedy_max_new_tokens > 0 "
                              "(SeqKD needs them)")
-        from loca_pipe.pipeline.store import read_checked
-
         return [row[row >= 0] for row in read_checked(self.view.group["greedy_ids"])]
 
     def check_labels(self, labels_of: Any) -> None:

@@ -33,7 +33,7 @@ from loca_pipe.pipeline.lm.tokenizer import Encoded
 from loca_pipe.pipeline.losses import sparse_kd_loss
 
 log = logging.getLogger(__name__)
-METHODS = ("sft", "seqkd", "kd", "loca", "kd_sampled")
+from loca_pipe.pipeline.names import LM_METHODS as METHODS  # defined in the torch-free leaf, for the CLI
 
 
 @dataclass(frozen=True)

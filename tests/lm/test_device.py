@@ -54,3 +54,13 @@ def test_dtypes_on_the_cpu():
     with pytest.raises(ConfigError, match="unknown dtype 'fp8'"):
         dev.resolve_dtype("fp8", cpu)
     assert dev.dtype_name(torch.bfloat16) == "bfloat16"
+
+
+def test_the_cli_choices_are_the_library_lists():
+    """cli/lm.py builds --dtype / --attn-implementation / --device-map from the torch-free pipeline/names.py."""
+    from loca_pipe.pipeline import names
+    from loca_pipe.pipeline.lm import models
+
+    assert tuple(dev.DTYPES) == names.LM_DTYPES
+    assert models.ATTN_IMPLEMENTATIONS == names.LM_ATTN_IMPLEMENTATIONS
+    assert models.DEVICE_MAPS == names.LM_DEVICE_MAPS

@@ -19,7 +19,8 @@ import torch
 from loca_pipe.pipeline.calibration import (LocaWarning, SparseDist, check_alpha, loca_sparse, mis_instruction_mask,
                                             sparse_from_topk)
 from loca_pipe.pipeline.errors import ConfigError, DataError, IncompleteStoreError, StoreError
-from loca_pipe.pipeline.store import LogitStore, TeacherView, summarize_logits
+from loca_pipe.pipeline.caching import summarize_logits
+from loca_pipe.pipeline.store import LogitStore, TeacherView
 
 log = logging.getLogger(__name__)
 

@@ -167,7 +167,7 @@ def test_tau_not_declared_uses_full_logits_and_fp16_entropy(tmp_path):
 
 
 def _np_loca(p, labels, alpha):
-    """Independent reference of LoCa (DESIGN.md §2) on float64 probabilities."""
+    """Independent reference of LoCa (docs/maths.md §1) on float64 probabilities."""
     R = len(labels)
     py = p[np.arange(R), labels]
     o = p.copy()
@@ -268,6 +268,29 @@ def test_targets_resume_and_refuse_half_written(tmp_path):
     rep = write_targets(st.path, out, [0.95], 4.0)  # … is resumed: only that chunk is recomputed
     assert rep.teachers["t1"]["chunks_written"] == 1
     assert np.array_equal(TargetsStore(out).teacher("t1").dense(0.95)[:], before)
+
+
+def _flip(chunk: Path) -> None:
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def test_a_damaged_targets_chunk_is_a_named_error(tmp_path):
+    st, *_ = make_store(tmp_path / "s.zarr")
+    out = str(tmp_path / "t.zarr")
+    write_targets(st.path, out, [0.95], 4.0)
+    good = TargetsStore(out).teacher("t1").dense(0.95)[:]
+    _flip(Path(out, "teachers", "t1", "loca_0.95", "c", "1", "0"))  # raw fp32: the fast checked read
+    _flip(Path(out, "label", "c", "2"))                               # zstd int64: the zarr path
+    ts = TargetsStore(out)
+    dense = ts.teacher("t1").dense(0.95)
+    np.testing.assert_array_equal(dense[0:64], good[0:64])  # other chunks are intact
+    for read in (lambda: dense[:], lambda: dense[64:70], lambda: ts["label"][:]):
+        with pytest.raises(StoreError, match=r"of the targets store: chunk \d .*CRC32C|of the targets store: chunk \d .*checksum"):
+            read()
+    with pytest.raises(StoreError, match=r"re-run the same `loca-pipe calibrate` command with --overwrite"):
+        ts["label"][128:130]
 
 
 def test_targets_with_violations_are_never_complete(tmp_path, monkeypatch):
@@ -584,7 +607,7 @@ def test_one_pass_equals_the_pre_rewrite_analysis(tmp_path, monkeypatch, case, t
         return
     new = analyze(st.path, None, opts, samples_dir=tmp_path / f"new-{case}")
     with monkeypatch.context() as m:
-        m.setattr(store_mod, "raw_chunks", lambda arr: None)  # the reference reads through zarr, as it did
+        m.setattr(store_mod.checked, "raw_chunks", lambda arr: None)  # the reference reads through zarr, as it did
         old = ref_mod.analyze(st.path, None, ref_mod.AnalysisOptions(tau=tau, alphas=(0.9, 0.95), top_confusions=100,
                                                                      entropy=entropy),
                               samples_dir=tmp_path / f"old-{case}")

@@ -258,7 +258,7 @@ def test_describe(tmp_path):
 
 @pytest.mark.parametrize("code, match", [
     (errno.ENOSPC, r"the disk is full \(ENOSPC"),
-    (errno.EROFS, r"the location is read-only \(EROFS"),
+    (errno.EROFS, r"the file system is read-only \(EROFS"),
     (errno.EACCES, r"permission denied \(EACCES"),
 ])
 def test_io_guard_messages(code, match):
@@ -352,12 +352,12 @@ def test_one_tau_rule_for_image_and_token_readers():
 
 
 def test_large_cpu_batches_are_summarised_in_blocks_with_the_same_bytes(monkeypatch):
-    from loca_pipe.pipeline import store as st
+    from loca_pipe.pipeline import caching
 
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(37, 50, generator=g) * 4, torch.randint(0, 50, (37,), generator=g)
     whole = summarize_logits(z, y, 5, TAUS)
-    monkeypatch.setattr(st, "CPU_BLOCK_ELEMENTS", 4 * 50)  # blocks of 4 rows (the last one partial)
+    monkeypatch.setattr(caching, "CPU_BLOCK_ELEMENTS", 4 * 50)  # blocks of 4 rows (the last one partial)
     blocked = summarize_logits(z, y, 5, TAUS)
     for k in whole:
         assert torch.equal(whole[k], blocked[k]), k

@@ -373,7 +373,7 @@ def test_other_teacher_checkpoint_refused_unless_overwrite(tmp_path):
 
 @pytest.mark.parametrize("code, fail_on, match", [
     (errno.ENOSPC, "teachers/teacher/logits/c/2/", r"while writing chunk 2: the disk is full \(ENOSPC"),
-    (errno.EROFS, "", r"while opening the store: the location is read-only \(EROFS"),
+    (errno.EROFS, "", r"while opening the store: the file system is read-only \(EROFS"),
     (errno.EACCES, "", r"permission denied \(EACCES"),
 ])
 def test_full_or_read_only_location(tmp_path, monkeypatch, code, fail_on, match):

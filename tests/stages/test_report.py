@@ -150,3 +150,19 @@ def test_swap_and_block_kd_rows_of_a_second_student_pair(runs, tmp_path):
     assert small["weak"]["loca-a0.95"]["top1"] == round(sum(LOCA) / 5, 2)  # the mlp_small pair keeps its key
     assert small["weak → cnn_small"]["blockkd"]["delta"] == pytest.approx(0.5)
     assert d.exists()
+
+
+def test_the_report_never_shows_the_best_test_epoch(runs, tmp_path):
+    """best_test_top1 is each run's best epoch on the test set (early stopping on test): no table may show it."""
+    assert "best_test_top1" not in rs.METRICS
+    with pytest.raises(ConfigError, match="best epoch on the test set"):
+        rs.table(rs.collect(runs), "best_test_top1")
+    p = tmp_path / "p.yaml"
+    p.write_text(f"report:\n  runs_dir: {runs}\n  out_dir: {tmp_path / 'rep'}\n  metric: best_test_top1\n")
+    proc = subprocess.run([LOCA_PIPE, "report", "--params", str(p)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: report metric 'best_test_top1' picks each run's best epoch on the test set" in proc.stderr
+    assert not (tmp_path / "rep").exists()
+    cli = subprocess.run([LOCA_PIPE, "report", "--runs-dir", str(runs), "--metric", "best_test_top1"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "best_test_top1" in cli.stderr  # not among the choices --metric offers

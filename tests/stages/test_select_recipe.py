@@ -127,3 +127,30 @@ def test_kd_star_on_a_teacher_without_mistakes_says_it_is_kd(tmp_path):
     assert star["train_loss"] == kd["train_loss"] and star["test_top1"] == kd["test_top1"]
     assert star["follow"]["perfect"]["mis_rows"] == 0 and "nothing to follow" in star["follow"]["perfect"]["note"]
     assert json.loads((tmp_path / "a" / "kd_star-s0" / "metrics.json").read_text())["notes"] == star["notes"]
+
+
+def test_calibrate_makes_targets_at_the_recipes_tau(tmp_path):
+    """The default pipeline's targets are at the τ its students use (the recipe's), not at analyze.tau."""
+    from loca_pipe.pipeline.targets import TargetsStore
+    from loca_pipe.stages.calibrate import CalibrateParams, run
+
+    store = _store(tmp_path)  # declares τ = 1 only
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"chosen": {"tau": 1.0, "beta": 0.5, "gamma": 0.5}}))
+    out = str(tmp_path / "t.zarr")
+    run(CalibrateParams(store=store, out=out, metrics="", tau=4.0, recipe=str(f), progress=False))
+    assert TargetsStore(out).tau == 1.0
+    assert run(CalibrateParams(store=store, out=str(tmp_path / "t4.zarr"), metrics="", tau=1.0,
+                               progress=False)).values["tau"] == 1.0  # no recipe: calibrate.tau, as before
+
+
+def test_calibrate_with_a_missing_recipe_through_the_console_script(tmp_path):
+    store = _store(tmp_path)
+    p = tmp_path / "p.yaml"
+    p.write_text(f"calibrate:\n  store: {store}\n  out: {tmp_path / 't.zarr'}\n  metrics: ''\n"
+                 f"  recipe: {tmp_path / 'none.json'}\n")
+    proc = subprocess.run([LOCA_PIPE, "calibrate", "--params", str(p)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: recipe file ")
+    assert "unset calibrate.recipe" in proc.stderr
+    assert not (tmp_path / "t.zarr").exists()  # refused before any work

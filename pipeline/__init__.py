@@ -31,9 +31,10 @@ _ERRORS = ["ConfigError", "DataError", "IncompleteStoreError", "LocaError", "Mod
 # name → the module that defines it (each module keeps its own __all__; this package re-exports them all)
 _CALIBRATION = ["LocaResult", "LocaWarning", "SparseDist", "check_alpha", "loca", "loca_calibrate",
                 "loca_calibrate_blocks", "loca_from_logits", "loca_label_logit", "loca_sparse", "mis_instruction_mask",
-                "sparse_from_topk"]
-_LOSSES = ["METHODS", "LossConfig", "Method", "ce_loss", "compute_loss", "dkd_loss", "dkd_warmup", "get_method",
-           "kd_loss", "kd_star_loss", "loca_kd_loss", "ls_kd_loss", "method_help", "sparse_kd_loss", "standardize_logits"]
+                "sparse_from_topk", "swap", "swap_sparse"]
+_LOSSES = ["METHODS", "CROSS_DISTANCES", "LossConfig", "Method", "blockkd_terms", "ce_loss", "compute_loss", "dkd_loss",
+           "get_method", "kd_star_loss", "method_help", "dkd_warmup", "kd_loss", "loca_kd_loss", "ls_kd_loss",
+           "sparse_kd_loss", "standardize_logits"]
 # tests/pipeline/test_imports.py checks these lists are the modules' __all__
 _LAZY = {**{n: "calibration" for n in _CALIBRATION}, **{n: "losses" for n in _LOSSES}}
 

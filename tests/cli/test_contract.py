@@ -32,7 +32,7 @@ STAGES = _stage_modules()
 
 def test_the_stage_list_covers_both_pipelines():
     lm = {n.rsplit(".", 1)[1] for n in STAGES if ".lm." in n}
-    assert lm == {"prepare", "tokenizer", "train_teacher", "cache", "plan", "analyze", "train_student", "report"}
+    assert lm == {"prepare", "tokenizer", "train_teacher", "cache", "plan", "analyze", "train_student", "report", "export"}
     assert "loca_pipe.stages.cache_logits" in STAGES and "loca_pipe.stages.train_student" in STAGES
     assert not list((ROOT / "stages").glob("lm_*.py")), "the LM stages live in stages/lm/"
 

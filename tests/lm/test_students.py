@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
-from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer
+from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer, trainer
 
 from .conftest import spread
 
@@ -108,9 +108,11 @@ def test_training_methods_and_checks(tmp_path, teacher, tok, enc):
     for method in students.METHODS:
         m = models.build_lm("llama", len(tok), 32, 1, 2, 64, tok, seed=1)
         data = seq if method == "seqkd" else enc
-        hist = models.train_lm(m, data, students.make_loss(method, c, students.KDSettings()), steps=3, batch_size=4,
-                               lr=1e-3, seed=0, pad_id=tok.pad_token_id, log_every=1)
-        assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+        s = trainer.TrainSettings(batch_size=4, steps=3, lr=1e-3, log_every=1)
+        hist = trainer.train(m, data, students.make_loss(method, c, students.KDSettings()), s,
+                             pad_id=tok.pad_token_id, out_dir=tmp_path / "ck", teacher=c)
+        losses = [h["loss"] for h in hist if "loss" in h]
+        assert len(losses) == 3 and all(np.isfinite(x) for x in losses), method
     ev = evaluation.evaluate(m, tok, enc, [s[:p] for s, p in zip(enc.ids[:4], enc.prompt_len[:4])],
                              ["a", "b", "c", "d"], 4)
     assert 0 <= ev["token_accuracy"] <= 1 and ev["perplexity"] > 1 and 0 <= ev["rouge_l"] <= 100

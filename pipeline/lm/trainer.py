@@ -200,6 +200,16 @@ def per_device_batch(s: TrainSettings) -> int:
     return s.batch_size // (s.grad_accum * w)
 
 
+def last_checkpoint(out: Path) -> Optional[str]:
+    """The newest *complete* ``checkpoint-N`` in ``out``: Trainer writes ``trainer_state.json`` last, so a folder
+    without it is one a crash interrupted (Trainer's own ``get_last_checkpoint`` would pick it and fail)."""
+    if not out.is_dir():
+        return None
+    done = [(int(d.name.split("-")[1]), d) for d in out.glob("checkpoint-*")
+            if d.name.split("-")[1].isdigit() and (d / "trainer_state.json").exists()]
+    return str(max(done)[1]) if done else None
+
+
 def _compare_run(out: Path, want: dict) -> None:
     f = out / RUN_FILE
     if not f.exists():
@@ -214,15 +224,14 @@ def _compare_run(out: Path, want: dict) -> None:
 
 def train(model, enc: Encoded, loss_fn: Optional[Callable], s: TrainSettings, *, pad_id: int, out_dir: str | Path,
           teacher=None, all_tokens: bool = False, eval_enc: Optional[Encoded] = None, resume: bool = True,
-          keep_checkpoints: bool = False) -> list[dict]:
+          keep_checkpoints: bool = False, callbacks: Sequence = ()) -> list[dict]:
     """Train ``model`` on ``enc`` through Trainer; returns the log history (loss, lr, grad norm, tokens/s).
 
     ``loss_fn``: ``students.make_loss`` (None = cross-entropy on the trained tokens); ``teacher``: the source
     the collator reads teacher rows from (``streaming.open_teacher``), also the sampler's order when streamed.
     Checkpoints go to ``out_dir``; with ``resume`` the last one there is continued (its settings must be
-    these); they are deleted when the run ends unless ``keep_checkpoints``."""
+    these); they are deleted when the run ends unless ``keep_checkpoints``. ``callbacks``: extra Trainer callbacks."""
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
     from transformers.utils import logging as hf_logging
 
     from loca_pipe.pipeline.lm.streaming import StreamedTeacher
@@ -236,7 +245,7 @@ def train(model, enc: Encoded, loss_fn: Optional[Callable], s: TrainSettings, *,
     hf_logging.set_verbosity_error()
     want = {"batch_size": s.batch_size, "grad_accum": s.grad_accum, "steps": s.steps, "epochs": s.epochs, "lr": s.lr,
             "warmup": s.warmup, "seed": s.seed, "dtype": s.dtype, "processes": world_size(), **s.extra}
-    last = get_last_checkpoint(str(out)) if (resume and out.is_dir()) else None
+    last = last_checkpoint(out) if resume else None
     if last is not None:
         _compare_run(out, want)
     elif out.is_dir():
@@ -263,7 +272,7 @@ def train(model, enc: Encoded, loss_fn: Optional[Callable], s: TrainSettings, *,
     collate = Collator(enc, pad_id, teacher, all_tokens)
     trainer = cls(model=model, args=args, train_dataset=SequenceData(enc), data_collator=collate,
                   eval_dataset=SequenceData(eval_enc) if eval_enc is not None and s.eval_steps else None,
-                  loss_fn=loss_fn, sampler=sampler)
+                  loss_fn=loss_fn, sampler=sampler, callbacks=list(callbacks) or None)
     _quiet(trainer, s.progress)
     if eval_enc is not None and s.eval_steps:
         trainer.get_eval_dataloader = _eval_loader(trainer, eval_enc, pad_id, micro)

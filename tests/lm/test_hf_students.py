@@ -57,7 +57,7 @@ def test_student_from_a_hf_folder_trains_with_the_fused_loss(tmp_path, store, to
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["kd", "loca", "kd_sampled"])
+@pytest.mark.parametrize("method", ["kd", "loca", "kd_sampled", "kd_star"])
 def test_fused_student_loss_and_gradients_equal_the_unfused(store, tok, enc, method):
     c = cache.open_lm_cache(store, "t")
     kd = students.KDSettings(tau=1.0 if method == "kd_sampled" else 2.0, alpha=0.9, beta=0.6, gamma=0.4)

@@ -62,6 +62,27 @@ def test_sparse_kd_with_full_vocab_equals_dense_kd(tmp_path, teacher, tok, enc, 
     torch.testing.assert_close(loss3, ref3, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kd_star_with_full_vocab_equals_the_dense_reference(tmp_path, trained_teacher, tok, enc, tau):
+    """KD* with k = V: the dense KL row by row, the mis-instructed rows (label not the strict argmax of the
+    teacher) counted as 0, divided by all rows; + γ·CE on every row."""
+    V = len(tok)
+    c = _store(tmp_path / "s", trained_teacher, tok, enc, top_k=V)
+    idx = np.arange(12)
+    zt, y = _live(trained_teacher, enc, idx)
+    student = spread(models.build_lm("llama", V, 32, 1, 2, 64, tok), seed=5, std=0.2)
+    zs, ys = models.response_logits(student, [enc.ids[i] for i in idx], enc.prompt_len[idx], tok.pad_token_id)
+    loss4 = students.make_loss("kd_star", c, students.KDSettings(tau=tau, beta=1.0, gamma=0.0))(zs, ys, idx)
+    rows = F.kl_div(F.log_softmax(zs / tau, 1), F.log_softmax(zt / tau, 1), log_target=True, reduction="none").sum(1)
+    p_t = torch.softmax(zt / tau, 1)
+    keep = torch.tensor([bool(p_t[r, y[r]] > p_t[r].scatter(0, y[r:r + 1], -1.0).max()) for r in range(len(y))])
+    assert 0 < int(keep.sum()) < len(y)  # the trained teacher is wrong on some tokens and right on others
+    ref4 = tau * tau * torch.where(keep, rows, 0.0).sum() / len(y)
+    torch.testing.assert_close(loss4, ref4, atol=2e-5, rtol=2e-5)
+    loss5 = students.make_loss("kd_star", c, students.KDSettings(tau=tau, beta=0.5, gamma=0.5))(zs, ys, idx)
+    torch.testing.assert_close(loss5, 0.5 * ref4 + 0.5 * F.cross_entropy(zs, ys), atol=2e-5, rtol=2e-5)
+
+
 def test_loca_sparse_equals_dense_on_kept_ids(tmp_path, trained_teacher, tok, enc):
     teacher = trained_teacher
     c = _store(tmp_path / "s", teacher, tok, enc, top_k=5)

@@ -36,7 +36,7 @@ NOT_RUN_KEYS = ("threads", "progress", "save_model", "overwrite", "resume", "kee
 
 @dataclass(frozen=True)
 class Params:
-    method: Literal["sft", "seqkd", "kd", "loca", "kd_sampled", "kd_star"] = "sft"
+    method: str = "sft"            # a name in pipeline/lm/students.py::METHODS
     seed: int = 0
     name: str = "teacher"          # teacher inside the store
     arch: Literal["llama", "gpt2"] = "llama"
@@ -57,7 +57,8 @@ class Params:
     keep_checkpoints: bool = False  # keep <run>/checkpoints after a finished run
     run_name: str = ""             # the run folder under students/; "" = <method>-s<seed>
     overwrite: bool = False        # replace a run folder that holds a run with other settings
-    progress: bool = True    tau: float = 1.0
+    progress: bool = True          # a progress bar (loss, steps/s, ETA) on stderr
+    tau: float = 1.0
     alpha: float = 0.9
     beta: float = 0.5
     gamma: float = 0.5
@@ -108,6 +109,7 @@ def run(p: Params) -> Report:
     method = students.check_method(p.method)
     device = resolve_device(base.device)
     dtype = resolve_dtype(p.dtype, device)
+    trainer.per_device_batch(trainer.TrainSettings(batch_size=p.batch_size, grad_accum=p.grad_accum))
     check_clash(p)
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
     examples, train = encode_split(base, "train", tok)
@@ -145,7 +147,7 @@ def run(p: Params) -> Report:
         return lm_report(SECTION, {"rank": os.environ.get("RANK")}, {})
     model = model.to("cpu").float()
     ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
-                             [ex.response for ex in test_ex], p.max_new_tokens, prompts=[ex.prompt for ex in test_ex])
+                             [ex.response for ex in test_ex], p.max_new_tokens, prompts=[ex.instruction + (f" [{ex.context}]" if ex.context else "") for ex in test_ex])
     mech = evaluation.mechanism(model, train_ref, str(base.store), p.name, tok.pad_token_id)
     tokens = hist[-1]["tokens_seen"]
     metrics = {"method": p.method, "seed": p.seed, "run": out.name, "train_seconds": train_s,

@@ -14,6 +14,7 @@ from loca_pipe.pipeline.lm.models import evaluate_tokens, greedy_generate, respo
 from loca_pipe.pipeline.lm.rouge import rouge_l_corpus
 from loca_pipe.pipeline.lm.tokenizer import Encoded
 
+MECHANISM_SEQUENCES = 512  # training sequences the mechanism metric reads (a forward each; 0 = all)
 SAMPLES = 5  # test prompts whose generations are kept (samples.json; the report shows them side by side)
 
 
@@ -33,13 +34,14 @@ def evaluate(model, tok, val: Encoded, test_prompts: list[np.ndarray], test_refs
 
 
 @torch.no_grad()
-def mechanism(model, enc: Encoded, store: str, name: Optional[str], pad_id: int, batch_size: int = 64
-              ) -> dict[str, Any]:
+def mechanism(model, enc: Encoded, store: str, name: Optional[str], pad_id: int, batch_size: int = 64,
+              max_sequences: int = MECHANISM_SEQUENCES) -> dict[str, Any]:
     """On the teacher's mis-instructed response tokens of ``enc`` (the store's rows: the *training* split), the
     share where the student's top prediction is the teacher's wrong top token (``follows_teacher``) and the
     share where it is the reference token (``recovers_label``). Mis-instruction is the project's one rule
     (:func:`~loca_pipe.pipeline.calibration.mis_instruction_mask`, τ = 1, on the stored sparse teacher); the
-    teacher's top token is its largest stored top-k logit. The store is read a batch of sequences at a time."""
+    teacher's top token is its largest stored top-k logit. The first ``max_sequences`` sequences are used (0: all;
+    the count is recorded); the store is read a batch of sequences at a time."""
     from loca_pipe.pipeline.calibration import mis_instruction_mask, sparse_from_topk
     from loca_pipe.pipeline.lm.streaming import TokenTeacher
 
@@ -49,8 +51,9 @@ def mechanism(model, enc: Encoded, store: str, name: Optional[str], pad_id: int,
     keys = ("topk_logits", "topk_ids", "lse", "label_logit", "label")
     model.eval()
     n_mis = follow = recover = 0
-    for s in range(0, len(enc), batch_size):
-        sl = slice(s, min(len(enc), s + batch_size))
+    n = len(enc) if max_sequences <= 0 else min(len(enc), max_sequences)
+    for s in range(0, n, batch_size):
+        sl = slice(s, min(n, s + batch_size))
         d = t.read(int(t.offsets[sl.start]), int(t.offsets[sl.stop]), keys)
         y = torch.as_tensor(d["label"].astype(np.int64))
         zl = torch.as_tensor(d["topk_logits"]).float()
@@ -70,6 +73,6 @@ def mechanism(model, enc: Encoded, store: str, name: Optional[str], pad_id: int,
         n_mis += int(mis.sum())
         follow += int(((top == wrong) & mis).sum())
         recover += int(((top == y) & mis).sum())
-    return {"mechanism": {"split": "train", "mis_tokens": n_mis, "tau": tau,
+    return {"mechanism": {"split": "train", "sequences": n, "mis_tokens": n_mis, "tau": tau,
                           "follows_teacher": follow / n_mis if n_mis else None,
                           "recovers_label": recover / n_mis if n_mis else None}}

@@ -160,3 +160,22 @@ def test_sampled_kd_against_dense_estimate(tmp_path, teacher, tok, enc):
     c2 = _store(tmp_path / "s2", teacher, tok, enc, top_k=4)
     with pytest.raises(ConfigError, match="sample_draws > 0"):
         students.make_loss("kd_sampled", c2, students.KDSettings())
+
+
+def test_mechanism_metric_against_the_live_teacher(tmp_path, trained_teacher, tok, enc):
+    """follows_teacher / recovers_label on the mis-instructed tokens, against a count on the live teacher's
+    and student's full logits; the teacher as its own student follows itself on every such token."""
+    _store(tmp_path / "s", trained_teacher, tok, enc, top_k=8)
+    student = spread(models.build_lm("llama", len(tok), 32, 1, 2, 64, tok), seed=4, std=0.2)
+    got = evaluation.mechanism(student, enc, str(tmp_path / "s"), "t", tok.pad_token_id, batch_size=5)["mechanism"]
+    zt, y = _live(trained_teacher, enc, np.arange(len(enc)))
+    with torch.no_grad():
+        zs, _ = models.response_logits(student, enc.ids, enc.prompt_len, tok.pad_token_id)
+    rival = zt.scatter(1, y[:, None], float("-inf")).max(1).values
+    mis = zt.gather(1, y[:, None]).view(-1) <= rival
+    wrong = zt.argmax(1)
+    assert got["mis_tokens"] == int(mis.sum()) > 0 and got["split"] == "train"
+    assert got["follows_teacher"] == pytest.approx(float(((zs.argmax(1) == wrong) & mis).sum()) / int(mis.sum()))
+    assert got["recovers_label"] == pytest.approx(float(((zs.argmax(1) == y) & mis).sum()) / int(mis.sum()))
+    self_ = evaluation.mechanism(trained_teacher, enc, str(tmp_path / "s"), "t", tok.pad_token_id)["mechanism"]
+    assert self_["follows_teacher"] == 1.0 and self_["recovers_label"] == 0.0

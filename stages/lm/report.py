@@ -21,6 +21,7 @@ from typing import Any
 from loca_pipe.pipeline.errors import DataError, LocaError
 from loca_pipe.pipeline.io import atomic_write_text, write_json
 from loca_pipe.stages import Report
+from loca_pipe.stages.report import _delta_cell
 from loca_pipe.stages.lm.common import LMBase, read_json
 
 SECTION = "lm_report"
@@ -85,16 +86,6 @@ def _paired_rows(groups: list[dict]) -> list[dict]:
     return rows
 
 
-def _delta(pr, d: int) -> str:
-    if pr.mean is None:
-        return "–"
-    if pr.low is None:
-        return f"{pr.mean:+.{d}f} ({pr.n} seed, no interval)"
-    star = " *" if pr.distinguishable else ""
-    perm = f", sign-flip p {pr.p_perm:.3g}" if pr.p_perm is not None else ""
-    return f"{pr.mean:+.{d}f} [{pr.low:+.{d}f}, {pr.high:+.{d}f}] t-test p {pr.p_t:.3g}{perm}{star}"
-
-
 def _teacher(base: LMBase) -> tuple[dict | None, str]:
     """The teacher's metrics and where they came from (teacher/ or the folder the store's teacher was cached from)."""
     f = base.teacher_dir / "metrics.json"
@@ -150,12 +141,12 @@ def run(p: Params) -> Report:
         lines += ["", f"The teacher ({teacher_from}) was not evaluated here; `loca-pipe lm-train-teacher --init-from "
                       f"{teacher_from} --steps 0` evaluates it and adds its row."]
     if paired:
-        lines += ["", "## Paired differences (same seeds): mean [95 % t-interval], paired t-test p, exact sign-flip p; "
-                      "* = the interval excludes 0", "",
+        lines += ["", "## Paired differences (same seeds): mean [95 % t-interval], paired t-test p, exact sign-flip "
+                      "(perm) p; * = the interval excludes 0", "",
                   "| method − base | seeds | Δ Rouge-L | Δ token acc |", "|---|---|---|---|"]
         for pr in paired:
-            lines.append(f"| {pr['row']} − {pr['base']} | {len(pr['seeds'])} | {_delta(pr['rouge_l_obj'], 2)} | "
-                         f"{_delta(pr['token_accuracy_obj'], 4)} |")
+            lines.append(f"| {pr['row']} − {pr['base']} | {len(pr['seeds'])} | {_delta_cell(pr['rouge_l_obj'], 2) or '–'} | "
+                         f"{_delta_cell(pr['token_accuracy_obj'], 4) or '–'} |")
         lines += [""] + [f"- {pr['rouge_l_sentence']}." for pr in paired]
     mech_rows = [r for r in rows if "mechanism" in r]
     if mech_rows:

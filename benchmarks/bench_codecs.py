@@ -81,8 +81,13 @@ def trained_logits() -> tuple[str, np.ndarray]:
     pairs = text.continuation_pairs(raw)
     enc = tokenizer.encode_examples(tok, pairs[: 400 if QUICK else 4000], "plain", 64)
     model = models.build_lm("llama", len(tok), 96, 2, 4, 64, tok, seed=0)
-    models.train_lm(model, enc, None, steps=20 if QUICK else 400, batch_size=32, lr=3e-3, seed=0,
-                    pad_id=tok.pad_token_id, all_tokens=True)
+    import tempfile
+
+    from loca_pipe.pipeline.lm import trainer
+
+    with tempfile.TemporaryDirectory() as ck:
+        trainer.train(model, enc, None, trainer.TrainSettings(batch_size=32, steps=20 if QUICK else 400, lr=3e-3),
+                      pad_id=tok.pad_token_id, out_dir=ck, all_tokens=True)
     held = tokenizer.encode_examples(tok, pairs[-(12 if QUICK else 64):], "plain", 64)
     zs = []
     with torch.inference_mode():

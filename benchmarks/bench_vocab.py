@@ -202,10 +202,14 @@ def student_child(store: str, limit_mb: str, steps: str) -> dict:
                                  keys=students.arrays_for("loca"))
     students.check_source_matches(src, enc)
     loss = students.make_loss("loca", src, students.KDSettings(tau=1.0, alpha=0.9), fused=True)
-    sampler = src if isinstance(src, streaming.StreamedTeacher) else None
+    from loca_pipe.pipeline.lm import trainer
+
+    streamed = isinstance(src, streaming.StreamedTeacher)
     t0 = time.perf_counter()
-    models.train_lm(model, enc, loss, steps=int(steps), batch_size=16, lr=1e-3, seed=0, pad_id=0, sampler=sampler)
-    return {"mode": "streamed" if sampler is not None else "in memory", "seconds": time.perf_counter() - t0,
+    with tempfile.TemporaryDirectory() as ck:
+        trainer.train(model, enc, loss, trainer.TrainSettings(batch_size=16, steps=int(steps), lr=1e-3), pad_id=0,
+                      out_dir=ck, teacher=src)
+    return {"mode": "streamed" if streamed else "in memory", "seconds": time.perf_counter() - t0,
             "peak_above_base": _hwm() - base, "buffer_peak": src.peak_buffer_bytes, "teacher_bytes": t.nbytes(),
             "store_rows": t.num_rows}
 

@@ -88,18 +88,43 @@ def lm_tokenizer(
     typer.echo(str(stage.run(p)))
 
 
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="auto | bfloat16 | float16 | float32: training precision (autocast; weights stay fp32; auto = bf16 on a GPU that has it, else fp32).")]
+MaxLengthOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (lm_base.max_length; must be the cache's).")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps (0: train for --epochs instead).")]
+EpochsOpt = Annotated[Optional[float], typer.Option(help="Epochs over the training split (used when --steps is 0).")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Sequences per optimizer step (all processes and accumulation micro-batches).")]
+GradAccumOpt = Annotated[Optional[int], typer.Option(help="Gradient-accumulation micro-batches per step (must divide the batch per process).")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW; warm-up then cosine to 10 %).")]
+InitOpt = Annotated[Optional[str], typer.Option(help="Start from this Hugging Face causal LM folder.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch CPU threads.")]
+
+
+def _train_opts(steps, epochs, batch_size, grad_accum, lr, init_from, dtype) -> dict[str, Any]:
+    return {"steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+            "init_from": init_from, "dtype": dtype}
+
+
 def lm_train_teacher(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (0 = only evaluate init_from).")] = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from this Hugging Face causal LM folder.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: GradAccumOpt = None,
+    lr: LrOpt = None,
+    init_from: InitOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_length: MaxLengthOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model)."""
+    """Train the small teacher LM from scratch (or fine-tune/evaluate a local HF model; --steps 0 only evaluates)."""
     from loca_pipe.stages.lm import common as lm_common, train_teacher as stage
 
-    p = lm_common.load(stage.Params, stage.SECTION, params, {"steps": steps, "init_from": init_from},
-                        _base(workdir, threads=threads))
+    p = lm_common.load(stage.Params, stage.SECTION, params,
+                       _train_opts(steps, epochs, batch_size, grad_accum, lr, init_from, dtype),
+                       _base(workdir, threads=threads, device=device, max_length=max_length))
     check_lm("lm-train-teacher", p)  # pipeline/guard.py: outputs never overlap inputs
     typer.echo(str(stage.run(p)))
 
@@ -154,19 +179,39 @@ def lm_analyze(
 def lm_train_student(
     params: ParamsOpt = Path("params.yaml"),
     workdir: WorkdirOpt = None,
-    method: Annotated[Optional[Method], typer.Option(help=f"{' | '.join(METHODS)} (kd_sampled: Sparse Logit Sampling targets).")] = None,
+    method: Annotated[Optional[Method], typer.Option(help=f"{' | '.join(METHODS)} (pipeline/lm/students.py::METHODS).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Student seed (init and batch order).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    tau: Annotated[Optional[float], typer.Option(help="KD temperature (must have been cached).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoCa α in (0, 1).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (lm_train_student.name).")] = None,
+    steps: StepsOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: GradAccumOpt = None,
+    lr: LrOpt = None,
+    tau: Annotated[Optional[float], typer.Option(help="KD temperature τ (must have been cached).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoCa α (0 < α < 1).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="KD loss weight β.")] = None,
+    gamma: Annotated[Optional[float], typer.Option(help="CE loss weight γ.")] = None,
+    init_from: InitOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_length: MaxLengthOpt = None,
+    save_model: Annotated[Optional[bool], typer.Option("--save-model/--no-save-model", help="Keep the trained student as <run>/model (a Hugging Face folder).")] = None,
+    save_steps: Annotated[Optional[int], typer.Option(help="A checkpoint every N steps (resumed after a crash; 0: none).")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the run's last checkpoint (same settings only).")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="Run folder under students/ (default <method>-s<seed>).")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Replace a run folder that already holds a run with other settings (otherwise refused).")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train one student from the token cache and evaluate it (Rouge-L, token accuracy, perplexity)."""
     from loca_pipe.stages.lm import common as lm_common, train_student as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {
-        "method": method.value if method else None, "seed": seed, "steps": steps, "tau": tau, "alpha": alpha},
-        _base(workdir, threads=threads))
+        "method": method.value if method else None, "seed": seed, "name": teacher, "tau": tau, "alpha": alpha,
+        "beta": beta, "gamma": gamma, "save_model": save_model, "save_steps": save_steps, "resume": resume,
+        "run_name": run_name, "overwrite": overwrite, "progress": progress,
+        **_train_opts(steps, epochs, batch_size, grad_accum, lr, init_from, dtype)},
+        _base(workdir, threads=threads, device=device, max_length=max_length))
     check_lm("lm-train-student", p)  # pipeline/guard.py: outputs never overlap inputs
     if p.method == "loca":  # the image path's α rule: refused outside (0, 2), warned at ≥ 1, before any folder
         from loca_pipe.stages.train_student import check_alpha_range

@@ -280,14 +280,16 @@ def _cell(r: dict[str, Any]) -> str:
     return f"{r['mean']:.2f} ± {r['std']:.2f} ({r['n']})"
 
 
-def _delta_cell(pr: Any) -> str:
+def _delta_cell(pr: Any, digits: int = 2) -> str:
+    """A paired difference as a table cell (the LM report's too): mean [interval] p, perm p, * if it excludes 0."""
     if pr is None or pr.mean is None:
         return ""
+    d = digits
     if pr.low is None:
-        return f"{pr.mean:+.2f} (1 seed, no interval)"
+        return f"{pr.mean:+.{d}f} (1 seed, no interval)"
     star = " *" if pr.distinguishable else ""
     perm = f", perm p {pr.p_perm:.3g}" if pr.p_perm is not None else ""
-    return f"{pr.mean:+.2f} [{pr.low:+.2f}, {pr.high:+.2f}] p {pr.p_t:.3g}{perm}{star}"
+    return f"{pr.mean:+.{d}f} [{pr.low:+.{d}f}, {pr.high:+.{d}f}] p {pr.p_t:.3g}{perm}{star}"
 
 
 def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: list[str] | None = None,

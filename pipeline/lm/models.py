@@ -1,5 +1,5 @@
 """Causal language models: build small ones from a config, load any Hugging Face causal LM folder, run them
-on response tokens, generate greedily, and train them on CPU.
+on response tokens, generate greedily, evaluate and save them (training: ``pipeline/lm/trainer.py``).
 
 Any folder written by ``save_pretrained`` and loadable by ``AutoModelForCausalLM.from_pretrained`` works as
 a teacher or a student; the default pipeline builds LLaMA-style models from ``LlamaConfig`` (or GPT-2 ones
@@ -250,81 +250,7 @@ def greedy_generate(model, prompts: Sequence[np.ndarray], eos_id: int, pad_id: i
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 10 % of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    frac = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
-
-
-def train_lm(model, enc: Encoded, loss_fn: LossFn | None, *, steps: int, batch_size: int, lr: float, seed: int,
-             pad_id: int, all_tokens: bool = False, warmup: int = 20, log_every: int = 50,
-             weight_decay: float = 0.01, progress: bool = False, sampler=None) -> list[dict]:
-    """AdamW on random batches of sequences; returns a loss log.
-
-    ``loss_fn(response_logits (R, V), labels (R,), seq_index (B,)) -> scalar`` sees only response positions
-    (default: cross-entropy); a loss with ``wants_hidden = True`` (``students.make_loss(..., fused=True)``) gets
-    ``(hidden (R, d), labels, seq_index, output_layer)`` instead and computes the logits chunk by chunk. ``sampler.next_batch(batch_size)`` picks the batch's sequences when given (a
-    :class:`~loca_pipe.pipeline.lm.streaming.StreamedTeacher`); else they are drawn uniformly. ``all_tokens`` trains on every next-token prediction instead (CE only; used
-    for the teacher, which should learn the language, not only the task). ``progress``: a bar with loss,
-    tokens/s and the ETA.
-    """
-    if steps < 1 or batch_size < 1:
-        raise ConfigError(f"steps and batch_size must be positive; got {steps}, {batch_size}")
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    model.train()
-    history, t0, tokens = [], time.perf_counter(), 0
-    from loca_pipe.pipeline.progress import progress_bar
-
-    bar = progress_bar(total=steps, desc="train", unit="step", enabled=progress)
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        if sampler is not None:  # a streamed teacher: the sequences whose rows are in its shuffle buffer
-            idx = sampler.next_batch(batch_size)
-        else:
-            idx = rng.choice(len(enc), size=min(batch_size, len(enc)), replace=False)
-        seqs = [enc.ids[i] for i in idx]
-        if all_tokens:
-            x, m = pad_batch(seqs, pad_id)
-            logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
-            tgt = x[:, 1:].masked_fill(m[:, 1:] == 0, -100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
-            tokens += int(m[:, 1:].sum())
-        elif getattr(loss_fn, "wants_hidden", False):  # fused loss: the (R, V) logits never exist whole
-            if step == 0:
-                output_projection(model, check_on=seqs[:2], pad_id=pad_id)
-            hidden, labels = response_hidden(model, seqs, enc.prompt_len[idx], pad_id)
-            loss = loss_fn(hidden, labels, idx, model.get_output_embeddings())
-            tokens += int(labels.numel())
-        else:
-            logits, labels = response_logits(model, seqs, enc.prompt_len[idx], pad_id)
-            loss = F.cross_entropy(logits, labels) if loss_fn is None else loss_fn(logits, labels, idx)
-            tokens += int(labels.numel())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}",
-                            refresh=False)
-        if step % log_every == 0 or step == steps - 1:
-            dt = time.perf_counter() - t0
-            history.append({"step": step, "loss": float(loss.detach()), "tokens_per_s": tokens / max(dt, 1e-9)})
-            log.info("step %d loss %.4f (%.0f tok/s)", step, float(loss.detach()), tokens / max(dt, 1e-9))
-    bar.close()
-    model.eval()
-    return history
+# Training goes through transformers.Trainer: pipeline/lm/trainer.py
 
 
 @torch.no_grad()

@@ -11,6 +11,13 @@
 - ``kd_sampled``: β · τ² · KL(p̂_T ‖ p_S) + γ · CE with p̂_T = counts / S from the Sparse Logit Sampling form
   (S ids drawn from p_T at the cached ``sample_tau`` with replacement; an unbiased estimate of p_T,
   Anshumann et al. 2025); τ must equal ``sample_tau``. The student is normalised over the full vocabulary.
+- ``kd_star``: ``kd`` with the teacher's mis-instructed tokens (label not the strict winner of the sparse
+  teacher, :func:`~loca_pipe.pipeline.calibration.mis_instruction_mask`) dropped from the KD term — each kept
+  token weighs what it weighs in KD, dropped ones 0 (the paper's KD*, as the image ``kd_star``); CE covers all.
+
+Every method is one entry of :data:`METHODS` (what it reads from the store, its loss, the method the report
+pairs it with); the losses take the batch's teacher rows (a dict, as the trainer's collator attaches them) or
+the batch's sequence ids (the rows are then read from the teacher).
 
 Evaluation: Rouge-L of greedy generations against the reference responses, token accuracy and perplexity
 of the reference responses under teacher forcing (held-out data).
@@ -18,22 +25,60 @@ of the reference responses under teacher forcing (held-out data).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loca_pipe.pipeline.calibration import loca_sparse, sparse_from_topk
+from loca_pipe.pipeline.calibration import loca_sparse, mis_instruction_mask, sparse_from_topk
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError
 from loca_pipe.pipeline.lm.cache import LMTeacherCache
 from loca_pipe.pipeline.lm.tokenizer import Encoded
 from loca_pipe.pipeline.losses import sparse_kd_loss
 
 log = logging.getLogger(__name__)
-from loca_pipe.pipeline.names import LM_METHODS as METHODS  # defined in the torch-free leaf, for the CLI
+SPARSE_ARRAYS = ("topk_logits", "topk_ids", "lse", "label_logit")
+
+
+@dataclass(frozen=True)
+class LMMethod:
+    """One student method: ``target`` None (cross-entropy only), "sparse" (top-k ∪ label ∪ tail at τ) or
+    "sampled" (Sparse Logit Sampling counts); ``loca``: the sparse teacher LoCa-calibrated at α first;
+    ``drop_mis``: mis-instructed tokens dropped from the KD term (KD*); ``data``: "reference" responses or the
+    teacher's cached "greedy" ones; ``base``: the method the report's paired difference is taken against."""
+
+    name: str
+    target: Optional[str]
+    description: str
+    base: Optional[str] = None
+    loca: bool = False
+    drop_mis: bool = False
+    data: str = "reference"
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The teacher arrays the method reads per batch (what a streamed teacher keeps in its buffer)."""
+        if self.target == "sampled":
+            return ("sampled_ids", "sampled_counts")
+        if self.target == "sparse":
+            return SPARSE_ARRAYS
+        return ("label",)
+
+
+METHODS: dict[str, LMMethod] = {m.name: m for m in (
+    LMMethod("sft", None, "cross-entropy on the reference responses"),
+    LMMethod("seqkd", None, "cross-entropy on the teacher's cached greedy responses (SeqKD)", base="sft",
+             data="greedy"),
+    LMMethod("kd", "sparse", "sparse token-level KD + CE", base="sft"),
+    LMMethod("loca", "sparse", "KD on the LoCa-calibrated sparse teacher + CE", base="kd", loca=True),
+    LMMethod("kd_sampled", "sampled", "KD on Sparse Logit Sampling targets + CE", base="kd"),
+    LMMethod("kd_star", "sparse", "KD with the teacher's mis-instructed tokens dropped from the KD term + CE "
+             "(KD*)", base="kd", drop_mis=True),
+)}
 
 
 @dataclass(frozen=True)
@@ -46,10 +91,11 @@ class KDSettings:
     gamma: float = 0.5
 
 
-def check_method(method: str) -> str:
+def check_method(method: str) -> LMMethod:
+    """The registry entry of ``method``; an unknown name's error lists the valid ones."""
     if method not in METHODS:
         raise ConfigError(f"unknown student method {method!r}; valid methods are {list(METHODS)}")
-    return method
+    return METHODS[method]
 
 
 def check_cache_matches(cache: LMTeacherCache, enc: Encoded) -> None:
@@ -78,10 +124,22 @@ def teacher_rows(src, seq_idx: np.ndarray) -> dict[str, np.ndarray]:
     return src.batch(seq_idx)
 
 
-def _sd_from(d: dict[str, np.ndarray], t: int, labels: torch.Tensor, tau: float, alpha: float | None):
-    sd = sparse_from_topk(torch.as_tensor(d["topk_logits"]), torch.as_tensor(d["topk_ids"].astype(np.int64)),
-                          torch.as_tensor(np.ascontiguousarray(d["lse"][:, t])), torch.as_tensor(d["label_logit"]),
-                          labels, tau)
+def _rows_of(src, batch) -> dict[str, Any]:
+    """The batch's teacher rows: given (a dict of arrays or tensors), or read for the sequence ids ``batch``."""
+    return batch if isinstance(batch, dict) else teacher_rows(src, batch)
+
+
+def _t(x, device) -> torch.Tensor:
+    """A teacher array as a tensor on ``device`` (unsigned ids widened to int64)."""
+    if isinstance(x, np.ndarray) and x.dtype.kind == "u":
+        x = x.astype(np.int64)
+    return torch.as_tensor(x).to(device)
+
+
+def _sd_from(d: dict[str, Any], t: int, labels: torch.Tensor, tau: float, alpha: float | None):
+    dev = labels.device
+    sd = sparse_from_topk(_t(d["topk_logits"], dev).float(), _t(d["topk_ids"], dev).long(),
+                          _t(d["lse"], dev)[:, t].float().contiguous(), _t(d["label_logit"], dev).float(), labels, tau)
     if alpha is not None:
         sd, _ = loca_sparse(sd, labels, alpha)
     return sd
@@ -114,12 +172,7 @@ def check_student_vocab(model, folder, teacher_tok, teacher_vocab: int) -> None:
 
 def arrays_for(method: str) -> tuple[str, ...]:
     """The teacher arrays a method reads per batch (what a streamed teacher keeps in its buffer)."""
-    check_method(method)
-    if method == "kd_sampled":
-        return ("sampled_ids", "sampled_counts")
-    if method in ("kd", "loca"):
-        return ("topk_logits", "topk_ids", "lse", "label_logit")
-    return ("label",)
+    return check_method(method).arrays
 
 
 def check_source_matches(src, enc: Encoded) -> None:
@@ -146,35 +199,52 @@ def sparse_targets(cache: LMTeacherCache, rows: np.ndarray, labels: torch.Tensor
 
 def make_loss(method: str, cache, kd: KDSettings, fused: bool = False,
               chunk_rows: int = 256) -> Callable | None:
-    """The per-batch loss for ``train_lm`` (None = plain cross-entropy).
+    """The per-batch loss (None = plain cross-entropy), ``loss(logits (R, V), labels (R,), batch)`` or, fused,
+    ``loss(hidden (R, d), labels, batch, output_layer)``; ``batch`` is the batch's teacher rows (a dict) or its
+    sequence ids. Every loss is a mean over the R response tokens.
 
     ``cache``: a whole :class:`LMTeacherCache` or a streaming teacher (``streaming.open_teacher``). ``fused``:
     the vocabulary-scale loss of :mod:`~loca_pipe.pipeline.lm.vocab_losses` on the student's hidden states
     and output projection, ``chunk_rows`` tokens at a time (the same loss and gradients within fp32 rounding,
     without the (tokens, V) logits and their autograd temporaries)."""
-    check_method(method)
-    if method in ("sft", "seqkd"):
+    m = check_method(method)
+    if m.target is None:
         return None
     if cache is None:
         raise ConfigError(f"method {method!r} needs a teacher cache (--store)")
-    if method == "kd_sampled":
+    if m.target == "sampled":
         base = _sampled_loss(cache, kd)
         if not fused:
             return base
-        return _fused(lambda labels, idx: _sampled_target(cache, labels, idx, kd), kd, chunk_rows)
-    alpha = kd.alpha if method == "loca" else None
+        return _fused(lambda labels, batch: _sampled_target(cache, labels, batch, kd), kd, chunk_rows)
+    alpha = kd.alpha if m.loca else None
 
     t = cache.tau_index(kd.tau)  # fail before training when τ was not cached
 
     if fused:
         from loca_pipe.pipeline.lm.vocab_losses import KDTarget
 
-        return _fused(lambda labels, idx: KDTarget.sparse(_sd_from(teacher_rows(cache, idx), t, labels, kd.tau, alpha),
-                                                         labels, kd.beta, kd.gamma), kd, chunk_rows)
+        def target(labels, batch):
+            sd = _sd_from(_rows_of(cache, batch), t, labels, kd.tau, alpha)
+            tg = KDTarget.sparse(sd, labels, kd.beta, kd.gamma)
+            if m.drop_mis:  # a row with no teacher mass has KD loss 0 and KD gradient 0 (vocab_losses)
+                keep = (~mis_instruction_mask(sd, labels)).to(tg.weights.dtype)
+                tg = dataclasses.replace(tg, weights=tg.weights * keep[:, None], tail=tg.tail * keep)
+            return tg
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
-        sd = _sd_from(teacher_rows(cache, seq_idx), t, labels, kd.tau, alpha)
-        return kd.beta * sparse_kd_loss(logits, sd, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
+        return _fused(target, kd, chunk_rows)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, batch) -> torch.Tensor:
+        sd = _sd_from(_rows_of(cache, batch), t, labels, kd.tau, alpha)
+        if m.drop_mis:
+            from loca_pipe.pipeline.losses import _kd_star_mean, _sparse_kd_rows
+
+            keep = ~mis_instruction_mask(sd, labels)
+            sd = type(sd)(sd.ids, sd.probs.to(logits.dtype), sd.tail.to(logits.dtype))
+            distill = _kd_star_mean(_sparse_kd_rows(logits, sd, kd.tau), keep) * kd.tau ** 2
+        else:
+            distill = sparse_kd_loss(logits, sd, kd.tau)
+        return kd.beta * distill + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss
 
@@ -182,19 +252,19 @@ def make_loss(method: str, cache, kd: KDSettings, fused: bool = False,
 def _fused(target_of: Callable, kd: KDSettings, chunk_rows: int) -> Callable:
     from loca_pipe.pipeline.lm.vocab_losses import fused_linear_kd_loss
 
-    def loss(hidden: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray, head) -> torch.Tensor:
-        return fused_linear_kd_loss(hidden, head.weight, head.bias, target_of(labels, seq_idx), kd.tau, chunk_rows,
+    def loss(hidden: torch.Tensor, labels: torch.Tensor, batch, head) -> torch.Tensor:
+        return fused_linear_kd_loss(hidden, head.weight, head.bias, target_of(labels, batch), kd.tau, chunk_rows,
                                     recompute=True)
 
     loss.wants_hidden = True
     return loss
 
 
-def _sampled_target(cache, labels: torch.Tensor, seq_idx: np.ndarray, kd: KDSettings):
+def _sampled_target(cache, labels: torch.Tensor, batch, kd: KDSettings):
     from loca_pipe.pipeline.lm.vocab_losses import KDTarget
 
-    d = teacher_rows(cache, seq_idx)
-    return KDTarget.sampled(torch.as_tensor(d["sampled_ids"]), torch.as_tensor(d["sampled_counts"].astype(np.int64)),
+    d = _rows_of(cache, batch)
+    return KDTarget.sampled(_t(d["sampled_ids"], labels.device), _t(d["sampled_counts"], labels.device).long(),
                             labels, kd.beta, kd.gamma)
 
 
@@ -223,10 +293,10 @@ def _sampled_loss(cache, kd: KDSettings) -> Callable:
         raise ConfigError(f"method 'kd_sampled' trains at the temperature the ids were drawn at (sample_tau={st}); "
                           f"got tau={kd.tau}")
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor, seq_idx: np.ndarray) -> torch.Tensor:
-        d = teacher_rows(cache, seq_idx)
-        ids = torch.as_tensor(d["sampled_ids"])
-        cnt = torch.as_tensor(d["sampled_counts"].astype(np.int64))
+    def loss(logits: torch.Tensor, labels: torch.Tensor, batch) -> torch.Tensor:
+        d = _rows_of(cache, batch)
+        ids = _t(d["sampled_ids"], logits.device)
+        cnt = _t(d["sampled_counts"], logits.device).long()
         return kd.beta * sampled_kd(logits, ids, cnt, kd.tau) + kd.gamma * F.cross_entropy(logits, labels)
 
     return loss

@@ -54,8 +54,8 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"no tokenizer folder at {str(path)!r}; train one with `loca-pipe lm-tokenizer` or point "
-                         f"to a Hugging Face model folder")
+        raise ModelError(f"no tokenizer folder at {str(path)!r}; make one with `loca-pipe lm-tokenizer --from-model "
+                         f"TEACHER_FOLDER` (your model's tokenizer) or `loca-pipe lm-tokenizer` (a new BPE on the data)")
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:

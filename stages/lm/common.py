@@ -75,8 +75,14 @@ class LMBase:
 def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
          overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> T:
     """This stage's params from one params file: its section, with ``base`` built from ``lm_base``;
-    ``overrides`` / ``base_overrides`` win (None values skipped)."""
-    data = params if isinstance(params, dict) else read_params(params)
+    ``overrides`` / ``base_overrides`` win (None values skipped). Without the default ``params.yaml`` in the current
+    folder every setting has its default (a named file that is missing is refused)."""
+    if isinstance(params, dict):
+        data = params
+    elif Path(params) == Path(DEFAULT_PARAMS) and not Path(params).exists():
+        data = {}
+    else:
+        data = read_params(params)
     if "base" in (data.get(section) or {}):
         raise ConfigError(f"{section}: unknown key 'base'; the shared settings go in the lm_base section")
     base = load_section(LMBase, "lm_base", data, base_overrides)

@@ -136,7 +136,7 @@ def test_lm_dvc_yaml_tracks_exactly_what_the_lm_stages_write():
             assert outs == want.pop(name.split("@")[0]), (name, outs)
         inside = lambda d: any(d == o or d.startswith(o + "/") for o in every_output)  # noqa: E731
         assert all(inside(d) for d in deps if d != "params.yaml"), f"{name} depends on {deps}, not on stage outputs"
-    assert not want and students == 15, (want, students)
+    assert not want and students == 30, (want, students)  # 6 methods × 5 seeds
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -168,7 +168,7 @@ def test_cli_choices_are_the_library_constants():
     assert _values(teacher.Augment) == _values(train.Augment) == augment.AUGMENTATIONS
     assert _values(analyze.Form) == targets.FORMS and _values(train.Form) == soft_labels.FORMS
     assert _values(cache.LogitsDtype) == (*store.LOGIT_DTYPES, "none")
-    assert _values(lm.IdDtype) == lm_cache.ID_DTYPES and _values(lm.Method) == students.METHODS
+    assert _values(lm.IdDtype) == lm_cache.ID_DTYPES and _values(lm.Method) == tuple(students.METHODS)
     from loca_pipe.stages import train_student
 
     assert train_student.AUGMENTS is augment.AUGMENTATIONS

@@ -47,9 +47,12 @@ def teacher(tok):
 
 
 @pytest.fixture(scope="session")
-def trained_teacher(tok, enc):
+def trained_teacher(tok, enc, tmp_path_factory):
     """A teacher trained briefly on the fixture data, so it is right on some tokens and wrong on others."""
+    from loca_pipe.pipeline.lm import trainer
+
     m = models.build_lm("llama", len(tok), 32, 2, 2, 64, tok, seed=0)
-    models.train_lm(m, enc, None, steps=40, batch_size=8, lr=1e-2, seed=0, pad_id=tok.pad_token_id, all_tokens=True)
+    trainer.train(m, enc, None, trainer.TrainSettings(batch_size=8, steps=40, lr=1e-2), pad_id=tok.pad_token_id,
+                  out_dir=tmp_path_factory.mktemp("teacher-ck"), all_tokens=True)
     return m.eval()
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from loca_pipe.pipeline.errors import ModelError
-from loca_pipe.pipeline.lm import cache, models, streaming, students, text, tokenizer
+from loca_pipe.pipeline.lm import cache, models, streaming, students, text, tokenizer, trainer
 from tests.helpers import small_token_store
 
 
@@ -50,13 +50,14 @@ def test_student_from_a_hf_folder_trains_with_the_fused_loss(tmp_path, store, to
     students.check_student_vocab(model, folder, tok, len(tok))
     src = streaming.open_teacher(store, "t", memory_limit_mb=0.02)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    hist = models.train_lm(model, enc, students.make_loss("loca", src, students.KDSettings(tau=2.0), fused=True),
-                           steps=3, batch_size=4, lr=1e-3, seed=0, pad_id=tok.pad_token_id, sampler=src)
-    assert np.isfinite(hist[-1]["loss"])
+    hist = trainer.train(model, enc, students.make_loss("loca", src, students.KDSettings(tau=2.0), fused=True),
+                         trainer.TrainSettings(batch_size=4, steps=3, lr=1e-3, log_every=1),
+                         pad_id=tok.pad_token_id, out_dir=tmp_path / "ck", teacher=src)
+    assert np.isfinite(trainer.final_loss(hist))
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["kd", "loca", "kd_sampled"])
+@pytest.mark.parametrize("method", ["kd", "loca", "kd_sampled", "kd_star"])
 def test_fused_student_loss_and_gradients_equal_the_unfused(store, tok, enc, method):
     c = cache.open_lm_cache(store, "t")
     kd = students.KDSettings(tau=1.0 if method == "kd_sampled" else 2.0, alpha=0.9, beta=0.6, gamma=0.4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loca_pipe.pipeline.errors import ConfigError, StoreError
-from loca_pipe.pipeline.lm import analysis, cache, models, streaming, students
+from loca_pipe.pipeline.lm import analysis, cache, models, streaming, students, trainer
 from tests.helpers import small_token_store
 
 
@@ -92,7 +92,7 @@ def test_streamed_batches_cover_every_sequence_once_per_epoch_with_bounded_memor
     assert isinstance(whole, streaming.InMemoryTeacher)  # fits: loaded whole, batches as before streaming
 
 
-def test_student_loss_streamed_equals_in_memory_and_trains(store, tok, enc):
+def test_student_loss_streamed_equals_in_memory_and_trains(store, tok, enc, tmp_path):
     mem = cache.open_lm_cache(store, "t")
     src = streaming.open_teacher(store, "t", memory_limit_mb=0.02, seed=0)
     kd = students.KDSettings(tau=2.0, alpha=0.9)
@@ -104,9 +104,9 @@ def test_student_loss_streamed_equals_in_memory_and_trains(store, tok, enc):
         a = students.make_loss(method, src, kd_m)(zs, ys, idx)
         b = students.make_loss(method, mem, kd_m)(zs, ys, idx)
         assert torch.equal(a, b), method
-    hist = models.train_lm(student, enc, students.make_loss("loca", src, kd), steps=4, batch_size=4, lr=1e-3,
-                           seed=0, pad_id=tok.pad_token_id, sampler=src)
-    assert len(hist) >= 1 and np.isfinite(hist[-1]["loss"])
+    hist = trainer.train(student, enc, students.make_loss("loca", src, kd), trainer.TrainSettings(
+        batch_size=4, steps=4, lr=1e-3, log_every=1), pad_id=tok.pad_token_id, out_dir=tmp_path / "ck", teacher=src)
+    assert np.isfinite(trainer.final_loss(hist))
 
 
 def test_memory_limit_below_one_block_is_refused(store):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError, StoreError
-from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer
+from loca_pipe.pipeline.lm import cache, evaluation, models, students, tokenizer, trainer
 
 from .conftest import spread
 
@@ -62,6 +62,27 @@ def test_sparse_kd_with_full_vocab_equals_dense_kd(tmp_path, teacher, tok, enc, 
     torch.testing.assert_close(loss3, ref3, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kd_star_with_full_vocab_equals_the_dense_reference(tmp_path, trained_teacher, tok, enc, tau):
+    """KD* with k = V: the dense KL row by row, the mis-instructed rows (label not the strict argmax of the
+    teacher) counted as 0, divided by all rows; + γ·CE on every row."""
+    V = len(tok)
+    c = _store(tmp_path / "s", trained_teacher, tok, enc, top_k=V)
+    idx = np.arange(12)
+    zt, y = _live(trained_teacher, enc, idx)
+    student = spread(models.build_lm("llama", V, 32, 1, 2, 64, tok), seed=5, std=0.2)
+    zs, ys = models.response_logits(student, [enc.ids[i] for i in idx], enc.prompt_len[idx], tok.pad_token_id)
+    loss4 = students.make_loss("kd_star", c, students.KDSettings(tau=tau, beta=1.0, gamma=0.0))(zs, ys, idx)
+    rows = F.kl_div(F.log_softmax(zs / tau, 1), F.log_softmax(zt / tau, 1), log_target=True, reduction="none").sum(1)
+    p_t = torch.softmax(zt / tau, 1)
+    keep = torch.tensor([bool(p_t[r, y[r]] > p_t[r].scatter(0, y[r:r + 1], -1.0).max()) for r in range(len(y))])
+    assert 0 < int(keep.sum()) < len(y)  # the trained teacher is wrong on some tokens and right on others
+    ref4 = tau * tau * torch.where(keep, rows, 0.0).sum() / len(y)
+    torch.testing.assert_close(loss4, ref4, atol=2e-5, rtol=2e-5)
+    loss5 = students.make_loss("kd_star", c, students.KDSettings(tau=tau, beta=0.5, gamma=0.5))(zs, ys, idx)
+    torch.testing.assert_close(loss5, 0.5 * ref4 + 0.5 * F.cross_entropy(zs, ys), atol=2e-5, rtol=2e-5)
+
+
 def test_loca_sparse_equals_dense_on_kept_ids(tmp_path, trained_teacher, tok, enc):
     teacher = trained_teacher
     c = _store(tmp_path / "s", teacher, tok, enc, top_k=5)
@@ -108,9 +129,11 @@ def test_training_methods_and_checks(tmp_path, teacher, tok, enc):
     for method in students.METHODS:
         m = models.build_lm("llama", len(tok), 32, 1, 2, 64, tok, seed=1)
         data = seq if method == "seqkd" else enc
-        hist = models.train_lm(m, data, students.make_loss(method, c, students.KDSettings()), steps=3, batch_size=4,
-                               lr=1e-3, seed=0, pad_id=tok.pad_token_id, log_every=1)
-        assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+        s = trainer.TrainSettings(batch_size=4, steps=3, lr=1e-3, log_every=1)
+        hist = trainer.train(m, data, students.make_loss(method, c, students.KDSettings()), s,
+                             pad_id=tok.pad_token_id, out_dir=tmp_path / "ck", teacher=c)
+        losses = [h["loss"] for h in hist if "loss" in h]
+        assert len(losses) == 3 and all(np.isfinite(x) for x in losses), method
     ev = evaluation.evaluate(m, tok, enc, [s[:p] for s, p in zip(enc.ids[:4], enc.prompt_len[:4])],
                              ["a", "b", "c", "d"], 4)
     assert 0 <= ev["token_accuracy"] <= 1 and ev["perplexity"] > 1 and 0 <= ev["rouge_l"] <= 100
@@ -137,3 +160,22 @@ def test_sampled_kd_against_dense_estimate(tmp_path, teacher, tok, enc):
     c2 = _store(tmp_path / "s2", teacher, tok, enc, top_k=4)
     with pytest.raises(ConfigError, match="sample_draws > 0"):
         students.make_loss("kd_sampled", c2, students.KDSettings())
+
+
+def test_mechanism_metric_against_the_live_teacher(tmp_path, trained_teacher, tok, enc):
+    """follows_teacher / recovers_label on the mis-instructed tokens, against a count on the live teacher's
+    and student's full logits; the teacher as its own student follows itself on every such token."""
+    _store(tmp_path / "s", trained_teacher, tok, enc, top_k=8)
+    student = spread(models.build_lm("llama", len(tok), 32, 1, 2, 64, tok), seed=4, std=0.2)
+    got = evaluation.mechanism(student, enc, str(tmp_path / "s"), "t", tok.pad_token_id, batch_size=5)["mechanism"]
+    zt, y = _live(trained_teacher, enc, np.arange(len(enc)))
+    with torch.no_grad():
+        zs, _ = models.response_logits(student, enc.ids, enc.prompt_len, tok.pad_token_id)
+    rival = zt.scatter(1, y[:, None], float("-inf")).max(1).values
+    mis = zt.gather(1, y[:, None]).view(-1) <= rival
+    wrong = zt.argmax(1)
+    assert got["mis_tokens"] == int(mis.sum()) > 0 and got["split"] == "train"
+    assert got["follows_teacher"] == pytest.approx(float(((zs.argmax(1) == wrong) & mis).sum()) / int(mis.sum()))
+    assert got["recovers_label"] == pytest.approx(float(((zs.argmax(1) == y) & mis).sum()) / int(mis.sum()))
+    self_ = evaluation.mechanism(trained_teacher, enc, str(tmp_path / "s"), "t", tok.pad_token_id)["mechanism"]
+    assert self_["follows_teacher"] == 1.0 and self_["recovers_label"] == 0.0

@@ -64,3 +64,10 @@ def test_the_cli_choices_are_the_library_lists():
     assert tuple(dev.DTYPES) == names.LM_DTYPES
     assert models.ATTN_IMPLEMENTATIONS == names.LM_ATTN_IMPLEMENTATIONS
     assert models.DEVICE_MAPS == names.LM_DEVICE_MAPS
+
+
+def test_the_cli_method_choices_are_the_lm_registry():
+    from loca_pipe.pipeline import names
+    from loca_pipe.pipeline.lm import students
+
+    assert tuple(students.METHODS) == names.LM_METHODS

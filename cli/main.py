@@ -169,6 +169,8 @@ def _remote_line(exc: BaseException, argv: Sequence[str]) -> str | None:
     local = [e for e in chain if isinstance(e, OSError) and e.filename and "://" not in str(e.filename)]
     if local:  # a local file failed (the write-errno line or a bug), even when a URL was given too
         return None
+    if "bucket does not exist" in text.lower():  # s3fs turns NoSuchBucket into a FileNotFoundError with this text
+        codes.add("NoSuchBucket")
     for kinds, what, fix in _REMOTE_ERRORS:
         if names & set(kinds) or codes & set(kinds):
             return f"cannot use the store {urls[0]!r}: {what}; {fix}"
@@ -242,7 +244,9 @@ def _main(argv: Sequence[str] | None, got_sigint: list[int]) -> None:
             _interrupted(argv)
         errors = sys.modules.get("loca_pipe.pipeline.errors")  # loaded by whatever raised a LocaError
         if errors is not None and isinstance(exc, errors.LocaError):
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            cause = exc.__cause__  # a store error over a remote client's failure: say what failed and the fix
+            remote = _remote_line(cause, list(argv) if argv is not None else sys.argv[1:]) if cause else None
+            typer.secho(f"error: {remote or exc}", err=True, fg=typer.colors.RED)
             sys.exit(1)
         remote = _remote_line(exc, list(argv) if argv is not None else sys.argv[1:])
         if remote is not None:  # a remote store's client failed: credentials, bucket, network, permission

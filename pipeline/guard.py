@@ -33,7 +33,7 @@ __all__ = ["LOGITS", "TARGETS", "CHECKPOINT", "FOLDER", "FILE", "check_outputs",
 
 LOGITS, TARGETS, CHECKPOINT = "logit store", "targets store", "teacher checkpoint"
 FOLDER, FILE = "folder", "file"  # any other output: results folders, run folders, JSON/CSV/HTML files
-_FORMATS = {"loca-pipe/logit-store": LOGITS, "loca-pipe/targets": TARGETS}
+_FORMATS = {"loca-pipe/logit-store": LOGITS, "loca-pipe/targets": TARGETS}  # store.FORMAT, targets.FORMAT (tested)
 _SCAN_LIMIT = 20000  # entries looked at below a folder output (a store is never descended into)
 
 

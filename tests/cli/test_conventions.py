@@ -210,8 +210,11 @@ def test_ctrl_c_in_train_student_says_resume_with_resume(monkeypatch, capsys, tm
     from loca_pipe.cli.main import main
     from loca_pipe.stages import train_student as stage
 
-    def interrupt(runs):
-        raise KeyboardInterrupt
+    def interrupt(runs):  # a real SIGINT, as Ctrl-C sends: main()'s handler turns it into the interrupt
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(stage, "run_many", interrupt)
     argv = ["train-student", "--store", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "runs"), "--overwrite"]

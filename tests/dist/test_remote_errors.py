@@ -42,7 +42,7 @@ def test_missing_credentials(s3_server):
 
 def test_missing_bucket(s3_server):
     line = _one_line([*TOY, "--store", "s3://no-such-bucket/s.zarr"])
-    assert "'s3://no-such-bucket/s.zarr'" in line and "bucket does not exist" in line
+    assert "'s3://no-such-bucket/s.zarr': the bucket does not exist; create the bucket or fix the URL" in line
 
 
 def test_no_network():

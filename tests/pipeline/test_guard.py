@@ -108,3 +108,10 @@ def test_overlap_is_exactly_prefix_relation(tmp_path_factory, inp, out):
 
 def test_a_sibling_with_a_common_prefix_is_not_inside(tmp_path):
     check_outputs({"STORE": tmp_path / "s.zarr"}, {"--out": (tmp_path / "s.zarr2", FOLDER)})
+
+
+def test_the_guard_knows_the_stores_formats():
+    """guard.py names the formats without importing the store modules (zarr, torch): the same strings."""
+    from loca_pipe.pipeline import guard, store, targets
+
+    assert guard._FORMATS == {store.FORMAT: LOGITS, targets.FORMAT: TARGETS}

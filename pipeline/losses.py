@@ -1,4 +1,5 @@
-"""Logit-distillation losses: CE, KD, LoCa-KD, DKD, logit standardisation, their LoCa variants, sparse KD.
+"""Logit-distillation losses: CE, KD, LoCa-KD, DKD, logit standardisation, their LoCa variants, sparse KD,
+the swap correction (KD / DKD on the swapped teacher) and Block-KD's terms over the stepping-stone hybrids.
 
 Each loss is a pure function of tensors. The teacher is a constant target (detached). Everything is
 computed in fp32 (fp64 stays fp64) whatever the input dtype. The registry :data:`METHODS` and

@@ -219,21 +219,26 @@ def test_streamed_store_visits_every_row_once_with_the_same_values(tmp_path, toy
             assert rows.tolist() != sorted(rows.tolist())  # shuffled
 
 
+class Interrupt(Exception):
+    pass
+
+
+def _boom(epoch, row):
+    if epoch == 0:
+        raise Interrupt
+
+
+STOP_AFTER_EPOCH_1 = Hooks(on_epoch_end=_boom)  # an exception after the first epoch's checkpoint
+
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, toy):
     ds, teacher = toy
     write_store(tmp_path / "s.zarr", ds, teacher)
     sl = load_soft_labels(str(tmp_path / "s.zarr"), spec_of(ds))
     m_full, r_full = run(ds, sl, epochs=3, out=tmp_path / "a")
 
-    class Interrupt(Exception):
-        pass
-
-    def boom(epoch, row):
-        if epoch == 0:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run(ds, sl, epochs=3, out=tmp_path / "b", hooks=Hooks(on_epoch_end=boom))
+        run(ds, sl, epochs=3, out=tmp_path / "b", hooks=STOP_AFTER_EPOCH_1)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     m_res, r_res = run(ds, sl, epochs=3, out=tmp_path / "b", resume=True)
     for (k, a), (_, b) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
@@ -354,15 +359,8 @@ def test_blockkd_training_resumes_bit_identically_and_leaves_the_teacher_alone(t
     assert not torch.equal(bk_full.connectors.state_dict()["0.0.weight"], before["0.0.weight"])  # trained
     assert all(torch.equal(a, b) for a, b in zip(t_full.state_dict().values(), teacher.state_dict().values()))
 
-    class Interrupt(Exception):
-        pass
-
-    def boom(epoch, row):
-        if epoch == 0:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run_bk(tmp_path / "b", hooks=Hooks(on_epoch_end=boom))
+        run_bk(tmp_path / "b", hooks=STOP_AFTER_EPOCH_1)
     m_res, bk_res, _, _ = run_bk(tmp_path / "b", resume=True)
     for (k, a), (_, b) in zip(bk_full.state_dict().items(), bk_res.state_dict().items()):
         assert torch.equal(a, b), k

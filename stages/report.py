@@ -402,7 +402,7 @@ def to_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     method (run-name style keys: kd, kd_star, loca-a0.95) the mean top-1 and, where it has a base method,
     the paired Δ and its t-test p. A teacher with students of several architectures (the default's strong
     teacher: mlp_small and cnn_small) keys the most common student's pair by the teacher's name and each
-    other pair by "teacher → student", so no pair's rows overwrite another's."""
+    other pair by "teacher-student" (ASCII, like its run folder), so no pair's rows overwrite another's."""
     from collections import Counter
 
     out: dict[str, Any] = {}
@@ -412,7 +412,7 @@ def to_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     def key(pair: str) -> str:
         alone = per_teacher[_short(pair)] == 1 or pair.split(" → ", 1)[-1] == common[0][0]
-        return _short(pair) if alone else pair
+        return _short(pair) if alone else pair.replace(" → ", "-")
 
     for r in rows:
         t = out.setdefault(key(r["pair"]), {})

@@ -219,21 +219,26 @@ def test_streamed_store_visits_every_row_once_with_the_same_values(tmp_path, toy
             assert rows.tolist() != sorted(rows.tolist())  # shuffled
 
 
+class Interrupt(Exception):
+    pass
+
+
+def _boom(epoch, row):
+    if epoch == 0:
+        raise Interrupt
+
+
+STOP_AFTER_EPOCH_1 = Hooks(on_epoch_end=_boom)  # an exception after the first epoch's checkpoint
+
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, toy):
     ds, teacher = toy
     write_store(tmp_path / "s.zarr", ds, teacher)
     sl = load_soft_labels(str(tmp_path / "s.zarr"), spec_of(ds))
     m_full, r_full = run(ds, sl, epochs=3, out=tmp_path / "a")
 
-    class Interrupt(Exception):
-        pass
-
-    def boom(epoch, row):
-        if epoch == 0:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        run(ds, sl, epochs=3, out=tmp_path / "b", hooks=Hooks(on_epoch_end=boom))
+        run(ds, sl, epochs=3, out=tmp_path / "b", hooks=STOP_AFTER_EPOCH_1)
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
     m_res, r_res = run(ds, sl, epochs=3, out=tmp_path / "b", resume=True)
     for (k, a), (_, b) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
@@ -327,3 +332,35 @@ def test_unknown_method_lists_the_valid_ones(toy):
     ds, _ = toy
     with pytest.raises(Exception, match=r"unknown loss method 'kdd'; valid methods: ce, kd, loca"):
         run(ds, PlainSource(N), method="kdd", epochs=1)
+
+
+def test_blockkd_training_resumes_bit_identically_and_leaves_the_teacher_alone(tmp_path, toy):
+    """Block-KD through the loop: the connectors are trained, checkpointed and restored; the teacher is not."""
+    import copy
+
+    from loca_pipe.pipeline.blockkd import build_blockkd
+
+    ds, teacher = toy
+    write_store(tmp_path / "s.zarr", ds, teacher)
+    sl = load_soft_labels(str(tmp_path / "s.zarr"), spec_of(ds))
+
+    def run_bk(out, hooks=None, resume=False):
+        model = make_model(3)
+        t = copy.deepcopy(teacher)
+        bk = build_blockkd(model, "mlp_small", t, "mlp_small", 1, H)
+        before = copy.deepcopy(bk.connectors.state_dict())
+        cfg = TrainConfig(epochs=2, batch_size=32, lr=0.1, milestones=(1,), seed=3)
+        train_student(model, images=ImageSet(ds, "cpu"), labels=ds.y, source=sl, method="blockkd_loca",
+                      loss_cfg=LossConfig(tau=2.0, alpha=0.9, cross=0.5), cfg=cfg, out_dir=out, resume=resume,
+                      hooks=hooks, blockkd=bk, identity={"method": "blockkd_loca"})
+        return model, bk, before, t
+
+    m_full, bk_full, before, t_full = run_bk(tmp_path / "a")
+    assert not torch.equal(bk_full.connectors.state_dict()["0.0.weight"], before["0.0.weight"])  # trained
+    assert all(torch.equal(a, b) for a, b in zip(t_full.state_dict().values(), teacher.state_dict().values()))
+
+    with pytest.raises(Interrupt):
+        run_bk(tmp_path / "b", hooks=STOP_AFTER_EPOCH_1)
+    m_res, bk_res, _, _ = run_bk(tmp_path / "b", resume=True)
+    for (k, a), (_, b) in zip(bk_full.state_dict().items(), bk_res.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -148,7 +148,7 @@ def test_swap_and_block_kd_rows_of_a_second_student_pair(runs, tmp_path):
     assert "| Block-KD − KD |" in md and "| Swap − KD |" in md
     small = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert small["weak"]["loca-a0.95"]["top1"] == round(sum(LOCA) / 5, 2)  # the mlp_small pair keeps its key
-    assert small["weak → cnn_small"]["blockkd"]["delta"] == pytest.approx(0.5)
+    assert small["weak-cnn_small"]["blockkd"]["delta"] == pytest.approx(0.5)
     assert d.exists()
 
 

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from loca_pipe.pipeline.errors import ConfigError, LocaError
+from loca_pipe.pipeline.lm.device import DTYPES
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import read_params
 from loca_pipe.stages.lm import common
 
 SECTION = "lm_plan"
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ def _run_dtype(spec: str, device: str) -> str:
     """The dtype a model will run in, decided without a GPU: ``auto`` is bf16 on a GPU (``device`` auto or
     cuda…, assuming one with bf16) and fp32 on the CPU."""
     spec = (spec or "auto").lower()
+    if spec not in DTYPES:
+        raise ConfigError(f"unknown dtype {spec!r}; expected one of {', '.join(DTYPES)}")
     if spec != "auto":
         return spec
     return "float32" if (device or "auto").lower() == "cpu" else "bfloat16"
@@ -93,7 +95,7 @@ def _folder(path: Path, role: str, problems: list[str], out: dict[str, Any], dev
         return None
     run_dtype = _run_dtype(dtype, device)
     entry.update(model_type=cfg.model_type, parameters=n, vocab=vocab, dtype=run_dtype,
-                 weights_gb=n * BYTES.get(run_dtype, 4) / 1e9,
+                 weights_gb=n * DTYPES[run_dtype].itemsize / 1e9,
                  weight_files=sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin")))
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
         return tokenizer.load_tokenizer(path)

@@ -110,7 +110,6 @@ def run(p: Params) -> Report:
     device = resolve_device(base.device)
     dtype = resolve_dtype(p.dtype, device)
     trainer.per_device_batch(trainer.TrainSettings(batch_size=p.batch_size, grad_accum=p.grad_accum))
-    check_clash(p)
     tok = tokenizer.load_tokenizer(base.tokenizer_dir)
     examples, train = encode_split(base, "train", tok)
     _, val = encode_split(base, "val", tok)
@@ -133,6 +132,7 @@ def run(p: Params) -> Report:
     else:
         model = models.build_lm(p.arch, c.num_classes, p.d_model, p.n_layers, p.n_heads, base.max_length, tok,
                                 seed=p.seed)
+    check_clash(p)  # after every input check: a bad input is named first
     out = out_dir(p)
     settings = trainer.TrainSettings(batch_size=p.batch_size, grad_accum=p.grad_accum, steps=p.steps, epochs=p.epochs,
                                      lr=p.lr, warmup=p.warmup, weight_decay=p.weight_decay, seed=p.seed,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ def run(p: Params) -> Report:
                              all_tokens=True, resume=False)
         model = model.to("cpu").float()
     train_s = time.perf_counter() - t0
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 evaluates and writes
+        return lm_report(SECTION, {"rank": os.environ.get("RANK")}, {})
     ev = evaluation.evaluate(model, tok, val, [s[:n] for s, n in zip(test.ids, test.prompt_len)],
                            [ex.response for ex in test_ex], p.max_new_tokens)
     metrics = {"params": sum(x.numel() for x in model.parameters()), "train_seconds": train_s,

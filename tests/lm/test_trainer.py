@@ -100,3 +100,33 @@ def test_checkpoints_of_other_settings_are_not_resumed_and_the_batch_must_divide
         _train(store, tmp_path / "ck", lr=2e-2)
     with pytest.raises(ConfigError, match="batch_size 8 is not divisible by grad_accum 3"):
         _train(store, tmp_path / "x", grad_accum=3)
+
+
+def test_bf16_autocast_trains_on_the_cpu_near_the_fp32_loss(store, tmp_path):
+    """--dtype bfloat16: Trainer's autocast (weights stay fp32) through the fused loss; the logged loss of the
+    same two steps is within bf16 rounding (2 %) of the fp32 run's."""
+    def loss_of(dtype):
+        src = streaming.open_teacher(store, "t", memory_limit_mb=64, keys=students.arrays_for("loca"))
+        model = trainer_run.student()
+        s = trainer.TrainSettings(batch_size=8, steps=2, lr=1e-2, warmup=1, dtype=dtype, log_every=1)
+        hist = trainer.train(model, trainer_run.data(), students.make_loss("loca", src, students.KDSettings(), fused=True),
+                             s, pad_id=0, out_dir=tmp_path / dtype, teacher=src)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        return [h["loss"] for h in hist if "loss" in h]
+
+    bf, fp = loss_of("bfloat16"), loss_of("float32")
+    assert len(bf) == len(fp) == 2
+    for a, b in zip(bf, fp):
+        assert abs(a - b) <= 0.02 * abs(b), (bf, fp)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    from loca_pipe.pipeline.errors import NumericsError
+
+    def nan_loss(h, y, rows, head):
+        return (h.sum() + head.weight.sum()) * float("nan")
+
+    nan_loss.wants_hidden = True
+    with pytest.raises(NumericsError, match="the training loss is nan at step 0; lower lr"):
+        trainer.train(trainer_run.student(), trainer_run.data(), nan_loss,
+                      trainer.TrainSettings(batch_size=8, steps=2), pad_id=0, out_dir=tmp_path / "ck")

@@ -42,7 +42,7 @@ Dtype = choices("Dtype", DTYPES)  # pipeline/names.py (pipeline/lm/device.py)
 Attn = choices("Attn", ATTN_IMPLEMENTATIONS)  # pipeline/names.py (pipeline/lm/models.py)
 DeviceMap = choices("DeviceMap", [m for m in DEVICE_MAPS if m])
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
-DtypeOpt = Annotated[Optional[Dtype], typer.Option(help="The model's weights and logits (auto = bfloat16 on a GPU that supports it, else float32).")]
+CacheDtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="The model's weights and logits (auto = bfloat16 on a GPU that supports it, else float32).")]
 
 
 def _base(workdir: Optional[str], **kw: Any) -> dict[str, Any]:
@@ -88,8 +88,7 @@ def lm_tokenizer(
     typer.echo(str(stage.run(p)))
 
 
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N (lm_base.device; auto = a GPU where one exists).")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="auto | bfloat16 | float16 | float32: training precision (autocast; weights stay fp32; auto = bf16 on a GPU that has it, else fp32).")]
+TrainDtypeOpt = Annotated[Optional[Dtype], typer.Option("--dtype", help="Training precision (autocast; weights stay fp32; auto = bf16 on a GPU that has it, else fp32).")]
 MaxLengthOpt = Annotated[Optional[int], typer.Option(help="Tokens per sequence (lm_base.max_length; must be the cache's).")]
 StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps (0: train for --epochs instead).")]
 EpochsOpt = Annotated[Optional[float], typer.Option(help="Epochs over the training split (used when --steps is 0).")]
@@ -102,7 +101,7 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(help="torch CPU threads.")]
 
 def _train_opts(steps, epochs, batch_size, grad_accum, lr, init_from, dtype) -> dict[str, Any]:
     return {"steps": steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-            "init_from": init_from, "dtype": dtype}
+            "init_from": init_from, "dtype": dtype.value if dtype else None}
 
 
 def lm_train_teacher(
@@ -115,7 +114,7 @@ def lm_train_teacher(
     lr: LrOpt = None,
     init_from: InitOpt = None,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: TrainDtypeOpt = None,
     max_length: MaxLengthOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -142,7 +141,7 @@ def lm_cache(
     max_chunks: Annotated[Optional[int], typer.Option(help="Write at most N chunks now (resume later).")] = None,
     codec: Annotated[Optional[Codec], typer.Option(help="How top-k values and ids are stored: lossless (default, fp32 logits) or a compact lossy codec; lse and the label logit stay exact (docs/store-format.md).")] = None,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: CacheDtypeOpt = None,
     attn_implementation: Annotated[Optional[Attn], typer.Option(help="Attention kernel passed to transformers (auto = its default).")] = None,
     device_map: Annotated[Optional[DeviceMap], typer.Option(help="auto: accelerate spreads a teacher larger than one GPU over the GPUs (ignores --device).")] = None,
     length_window: Annotated[Optional[int], typer.Option(help="Batch sequences by length within windows of N sequences (0 = data order); the store keeps the data's row order.")] = None,
@@ -193,7 +192,7 @@ def lm_train_student(
     gamma: Annotated[Optional[float], typer.Option(help="CE loss weight γ.")] = None,
     init_from: InitOpt = None,
     device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
+    dtype: TrainDtypeOpt = None,
     max_length: MaxLengthOpt = None,
     save_model: Annotated[Optional[bool], typer.Option("--save-model/--no-save-model", help="Keep the trained student as <run>/model (a Hugging Face folder).")] = None,
     save_steps: Annotated[Optional[int], typer.Option(help="A checkpoint every N steps (resumed after a crash; 0: none).")] = None,

@@ -168,7 +168,7 @@ def test_params_section_and_resume_of_a_finished_run(env, tmp_path):
 
 
 @pytest.mark.parametrize("case, error, pattern", [
-    ("method", ConfigError, r"unknown method 'lcoa'; did you mean 'loca'\? valid methods: \['ce', 'dkd', 'kd', 'kd_star', 'loca'"),
+    ("method", ConfigError, r"unknown method 'lcoa'; did you mean 'loca'\? valid methods: \[.*'ce', 'dkd', .*'kd', 'kd_star', 'loca'"),
     ("fingerprint", DataError, r"fingerprint 'not-this-data'.*re-cache the teacher on this data"),
     ("classes", StoreError, r"has 10 classes but the student outputs 3"),
     ("incomplete", IncompleteStoreError, r"cannot train from this store.*incomplete \(1 of 4 chunks"),

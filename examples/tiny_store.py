@@ -4,9 +4,10 @@ trained for a few steps, cached with `cache_teacher` (k = 8, τ ∈ {1, 2}). Wit
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from loca_pipe.pipeline.lm import cache, models, text, tokenizer
+from loca_pipe.pipeline.lm import cache, models, text, tokenizer, trainer
 
 
 def tiny_store(workdir: Path, codec: str = "lossless"):
@@ -15,8 +16,9 @@ def tiny_store(workdir: Path, codec: str = "lossless"):
     tok = tokenizer.train_tokenizer(text.sentences(raw), 300)
     enc = tokenizer.encode_examples(tok, text.continuation_pairs(raw)[:48], "plain", 48)
     teacher = models.build_lm("llama", len(tok), 32, 2, 2, 64, tok, seed=0)
-    models.train_lm(teacher, enc, None, steps=30, batch_size=8, lr=1e-2, seed=0, pad_id=tok.pad_token_id,
-                    all_tokens=True)
+    with tempfile.TemporaryDirectory() as checkpoints:  # the project's Trainer path (transformers.Trainer)
+        trainer.train(teacher, enc, None, trainer.TrainSettings(batch_size=8, steps=30, lr=1e-2, seed=0),
+                      pad_id=tok.pad_token_id, out_dir=checkpoints, all_tokens=True)
     path = Path(workdir) / "teacher.zarr"
     cache.cache_teacher(str(path), "t", teacher.eval(), enc, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                         top_k=8, temperatures=(1.0, 2.0), dataset={"name": "example", "split": "train",

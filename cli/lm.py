@@ -19,7 +19,7 @@ from loca_pipe.pipeline.names import LM_DTYPES as DTYPES
 from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES
 from loca_pipe.pipeline.names import LM_METHODS as METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
-from loca_pipe.pipeline.codecs import CHOICES
+from loca_pipe.pipeline.names import LM_CODECS as CHOICES
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
@@ -32,7 +32,7 @@ BadLine = choices("BadLine", BAD_LINE_POLICIES)  # pipeline/lm/text.py
 Method = choices("Method", METHODS)  # pipeline/names.py
 
 
-Codec = choices("Codec", CHOICES)  # from pipeline/codecs.py, never copied by hand
+Codec = choices("Codec", CHOICES)  # pipeline/names.py (pipeline/codecs.py CHOICES), never copied by hand
 
 
 IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/names.py

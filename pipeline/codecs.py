@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from loca_pipe.pipeline.errors import ConfigError, StoreError
+from loca_pipe.pipeline import names
 
 
 def id_dtype(num_classes: int) -> np.dtype:
@@ -418,7 +419,7 @@ CODECS: dict[str, Any] = {c.name: c for c in (
     Lossless(), HalfLogprob("fp16"), HalfLogprob("bf16", bf16=True), Q8(), Compact(), Compact("compact7", 7), Compact("compact6", 6),
     PolyTail())}
 # what `--codec` offers; polytail is the benchmark's anchor (DistillKit's scheme), readable but not offered
-CHOICES = ("lossless", "fp16", "bf16", "q8", "compact", "compact7")
+CHOICES = names.LM_CODECS  # the CLI offers these without importing numpy (pipeline/names.py)
 
 
 def reconstruction_error(z: Any, labels: Any, topk_logits: Any, topk_ids: Any, tau: float) -> dict[str, float]:

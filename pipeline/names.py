@@ -18,3 +18,4 @@ LM_METHODS = ("sft", "seqkd", "kd", "loca", "kd_sampled", "kd_star")  # pipeline
 LM_DTYPES = ("auto", "bfloat16", "float16", "float32")   # pipeline/lm/device.py DTYPES
 LM_ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # pipeline/lm/models.py ("auto": transformers' choice)
 LM_DEVICE_MAPS = ("", "auto")  # pipeline/lm/models.py ("auto": accelerate spreads a model larger than one GPU)
+LM_CODECS = ("lossless", "fp16", "bf16", "q8", "compact", "compact7")  # pipeline/codecs.py CHOICES (the --codec choices)

@@ -71,3 +71,10 @@ def test_the_cli_method_choices_are_the_lm_registry():
     from loca_pipe.pipeline.lm import students
 
     assert tuple(students.METHODS) == names.LM_METHODS
+
+
+def test_the_cli_codec_choices_are_the_codecs_the_library_builds():
+    from loca_pipe.pipeline import codecs, names
+
+    assert codecs.CHOICES == names.LM_CODECS
+    assert all(codecs.get_codec(n).name == n for n in names.LM_CODECS)

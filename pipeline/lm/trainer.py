@@ -293,12 +293,28 @@ def train(model, enc: Encoded, loss_fn: Optional[Callable], s: TrainSettings, *,
 
 def _quiet(trainer, progress: bool) -> None:
     """Nothing on stdout (the CLI prints its JSON there): the log dicts go to the history only; with
-    ``progress`` a bar on stderr."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    ``progress`` the project's bar on stderr (``progress.progress_bar``: one line per update off a terminal,
+    where Trainer's own tqdm bar writes a carriage-return line of tens of kB per run into a log)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
-    class Bar(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            pass
+    from loca_pipe.pipeline.progress import progress_bar
+
+    class Bar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = progress_bar(total=state.max_steps, desc="train", unit="step")
+                self.bar.update(state.global_step)  # a resumed run starts where its checkpoint was
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

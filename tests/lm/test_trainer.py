@@ -130,3 +130,14 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     with pytest.raises(NumericsError, match="the training loss is nan at step 0; lower lr"):
         trainer.train(trainer_run.student(), trainer_run.data(), nan_loss,
                       trainer.TrainSettings(batch_size=8, steps=2), pad_id=0, out_dir=tmp_path / "ck")
+
+
+def test_the_progress_bar_off_a_terminal_is_short_lines_on_stderr(store, tmp_path, capfd):
+    """progress=True draws the project's bar (pipeline/progress.py), not Trainer's tqdm: off a terminal each
+    update is its own short line (Trainer's bar wrote one carriage-return line of ~30 kB per run into logs)."""
+    _train(store, tmp_path / "p", steps=3, progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""  # stdout is the CLI's JSON
+    lines = [ln for ln in err.splitlines() if "train" in ln]
+    assert lines and "100%" in lines[-1] and "3.00/3.00" in lines[-1]
+    assert max(len(ln) for ln in err.splitlines()) <= 200 and "\r" not in err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "zarr", "torchvision", "transformers", "dask")
+HEAVY = ("torch", "zarr", "torchvision", "transformers", "dask", "numpy")  # numpy: since --codec comes from names.py
 
 
 def _imported(args: list[str]) -> tuple[int, set[str], str]:

@@ -49,7 +49,7 @@ ELSEWHERE = {
     # data in tests/lm/test_cli.py
     "make repro-lm": "tests/lm/test_cli.py (every lm-* stage, tiny data)",
     "make bench": "tests/test_benchmarks.py (quick mode, same entry point)",
-    "dvc exp show --drop '.*' --keep 'Experiment|Created|analyze\\.alpha|.*loca-a[0-9.]+\\.delta'":
+    "dvc exp show --drop '.*' --keep 'Experiment|Created|analyze\\.alpha|[a-z]+\\.loca-a[0-9.]+\\.delta'":
         "tests/test_pipeline_dvc.py::test_make_repro_runs_the_whole_pipeline (the README line itself)",
     ".venv/bin/python -m benchmarks cache losses": "tests/test_benchmarks.py",
     "LOCA_BENCH_QUICK=1 .venv/bin/python -m benchmarks": "tests/test_benchmarks.py",

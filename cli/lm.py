@@ -212,7 +212,9 @@ def lm_train_student(
         **_train_opts(steps, epochs, batch_size, grad_accum, lr, init_from, dtype)},
         _base(workdir, threads=threads, device=device, max_length=max_length))
     check_lm("lm-train-student", p)  # pipeline/guard.py: outputs never overlap inputs
-    if p.method == "loca":  # the image path's α rule: refused outside (0, 2), warned at ≥ 1, before any folder
+    from loca_pipe.pipeline.lm.students import METHODS as LM_REGISTRY
+
+    if getattr(LM_REGISTRY.get(p.method), "loca", False):  # the image path's α rule: refused outside (0, 2), warned at ≥ 1, before any folder
         from loca_pipe.stages.train_student import check_alpha_range
 
         check_alpha_range(p.alpha, "--alpha")

@@ -76,13 +76,19 @@ def _flag_for(group: zarr.Group, name: str, arr: zarr.Array, info: StoreInfo, fl
 
 
 def _scan_group(group: zarr.Group, names: Iterable[str], info: StoreInfo, flag: str, owners: tuple[str, ...],
-                done: dict[str, np.ndarray], bar: Any) -> list[BadChunk]:
+                done: dict[str, np.ndarray | None], bar: Any) -> list[BadChunk]:
     bad: list[BadChunk] = []
     for name in names:
         arr = group[name]
         fname, to_flag = _flag_for(group, name, arr, info, flag)
         for coords in np.ndindex(*arr.cdata_shape):
             coords = tuple(int(c) for c in coords)
+            if fname is not None and fname != name and done.get(fname) is not None \
+                    and not _is_done(done[fname], to_flag(coords)):
+                # a pending chunk (no done flag): nothing claims its files yet, whatever a killed write left there
+                # (a torn file, other numbers) is rewritten by the resume, so it is not damage to report
+                bar.update(1)
+                continue
             key = _chunk_key(arr, coords)
             reason = None
             try:
@@ -92,7 +98,8 @@ def _scan_group(group: zarr.Group, names: Iterable[str], info: StoreInfo, flag: 
             except Exception as exc:  # a decoder error on garbage bytes (zstd, truncated file)
                 reason = f"unreadable ({type(exc).__name__}: {exc})"
             if reason is None and np.issubdtype(arr.dtype, np.signedinteger) and arr.fill_value is not None \
-                    and int(arr.fill_value) < 0 and fname is not None and (fname in done or fname == INDEX_FLAG):
+                    and int(arr.fill_value) < 0 and fname is not None \
+                    and (done.get(fname) is not None or fname == INDEX_FLAG):
                 # an id/label array never holds only its negative fill value where the chunk is marked done (a
                 # token store's index is written whole when the store is opened)
                 idx = to_flag(coords)
@@ -107,14 +114,18 @@ def _scan_group(group: zarr.Group, names: Iterable[str], info: StoreInfo, flag: 
     return bad
 
 
-def _flags(group: zarr.Group) -> dict[str, np.ndarray]:
+def _is_done(flags: np.ndarray, idx: int) -> bool:
+    return bool(idx < len(flags) and flags[idx])
+
+
+def _flags(group: zarr.Group) -> dict[str, np.ndarray | None]:
     out = {}
     for name in group.array_keys():
         if name == "done" or name.endswith("_done"):
             try:
                 out[name] = group[name][:]
-            except ValueError:  # a corrupted flag chunk: verify names it; treat flags as unknown
-                out[name] = np.zeros(group[name].shape, np.uint8)
+            except ValueError:  # a corrupted flag chunk: verify names it; the flags are unknown, so every chunk of
+                out[name] = None  # the arrays it covers is checked and none is called missing
     return out
 
 

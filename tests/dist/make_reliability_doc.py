@@ -56,7 +56,8 @@ FOOTER = """
   *before* any work, so a read-only folder is one line (`cannot write … : the file system is read-only`),
   never a traceback after training.
 * **Verify and repair.** `loca-pipe verify STORE` reads every chunk of every array (shared row arrays and
-  each teacher's) and names each one failing its CRC32C — or, for id/label arrays, missing although its
+  each teacher's) that its done flag claims — a chunk still pending after a kill holds nothing claimed yet, and
+  the resume rewrites whatever a torn write left there — and names each one failing its CRC32C — or, for id/label arrays, missing although its
   chunk is marked done — as array, chunk, file; it exits 1 and records the finding in the teacher's
   attributes (`verify_failed`), so `info` calls the teacher CORRUPT instead of complete. `--repair` takes
   the teacher's writer lease, deletes those chunk files, clears their done flags (`rows_done` and every

@@ -204,3 +204,27 @@ class CompletedStoreProtocol(StoreProtocol):
 
 CompletedStoreProtocol.TestCase.settings = settings(max_examples=6, stateful_step_count=10, deadline=None)
 TestStoreProtocol = pytest.mark.slow(CompletedStoreProtocol.TestCase)  # ~10–40 s on the shared 2-core VM
+
+
+def test_a_torn_file_of_a_pending_chunk_is_not_damage(tmp_path):
+    """Found by the state machine (seed 44643767707768282765861047746812567317): a kill that leaves a torn
+    topk_logits file in chunk 0 and no done flag; verify must not name it (the resume rewrites it), and after
+    the resume it holds the written bytes."""
+    path = str(tmp_path / "s.zarr")
+    store = LogitStore.create_or_open(path, _info())
+    w = store.begin_teacher("t", PROV, K, TAUS)
+    _write(store, w, 2)
+    f = _chunk_file(path, "teachers/t/topk_logits", 0)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(b"\x01\x02\x03")
+    assert verify_store(path)["bad"] == []
+    store = LogitStore.create_or_open(path, _info())
+    w = store.begin_teacher("t", PROV, K, TAUS)
+    assert sorted(w.pending_chunks()) == [0, 1]
+    for c in (0, 1):
+        _write(store, w, c)
+    assert w.finalize() and verify_store(path)["bad"] == []
+    np.testing.assert_array_equal(LogitStore.open(path).teacher("t")["topk_logits"][:], CHUNK_ARRAYS["topk_logits"])
+    # a done chunk's torn file is still damage
+    f.write_bytes(b"\x01\x02\x03")
+    assert [(b.array, b.row_chunk) for b in verify_store(path)["bad"]] == [("teachers/t/topk_logits", 0)]

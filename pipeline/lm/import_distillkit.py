@@ -263,6 +263,21 @@ def _flat(col, what: str, path: str):
             inner.flatten().to_numpy(zero_copy_only=False))
 
 
+def _select(n: np.ndarray, L: np.ndarray, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The imported teacher rows of one batch: (sequence in the batch, row j) of every row j < n_i that scores a
+    next token — j + 1 < L_i and, when the file has ``labels``, labels[j + 1] ≠ −100 (a prompt position)."""
+    seq = np.repeat(np.arange(len(n)), n)
+    j = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    keep = j + 1 < L[seq]
+    if labels is not None:
+        lab_len = np.asarray(labels.value_lengths(), np.int64)
+        lab = labels.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        at = np.concatenate([[0], np.cumsum(lab_len)])[seq] + j + 1
+        keep &= j + 1 < lab_len[seq]
+        keep[keep] = lab[at[keep]] != -100
+    return seq[keep], j[keep]
+
+
 def scan(path: str, compression: Compression | None) -> Layout:
     """Pass 1: the form, k and the sequence sizes, reading only the list lengths."""
     import pyarrow.parquet as pq
@@ -270,8 +285,9 @@ def scan(path: str, compression: Compression | None) -> Layout:
     pf = _open(path)
     form = _form(pf.schema_arrow.names, path, compression)
     ids_col = "token_ids" if form == "raw" else "bytepacked_indices"
+    has_labels = "labels" in pf.schema_arrow.names
     lengths, rows, k, top = [], [], None, -1
-    for batch in pf.iter_batches(columns=["input_ids", ids_col], batch_size=1024):
+    for batch in pf.iter_batches(columns=["input_ids", ids_col] + (["labels"] if has_labels else []), batch_size=1024):
         inp = batch.column(0)
         if inp.null_count:
             raise DataError(f"{path!r}: column 'input_ids' has null rows")
@@ -294,7 +310,8 @@ def scan(path: str, compression: Compression | None) -> Layout:
             raise DataError(f"{path!r}: sequence {i} has {int(n[bad[0]])} teacher rows but only {int(L[bad[0]])} "
                             f"input_ids; row j must score input_ids[j + 1]")
         lengths.append(L)
-        rows.append(np.minimum(n, np.maximum(L - 1, 0)))
+        seq, _ = _select(n, L, batch.column(2) if has_labels else None)
+        rows.append(np.bincount(seq, minlength=len(L)).astype(np.int64))
     if k is None:
         raise DataError(f"{path!r} holds no teacher rows")
     if form == "compressed":
@@ -324,8 +341,9 @@ def read_rows(path: str, lay: Layout, compression: Compression | None, batch_siz
     top-k ``ids`` / ``logprobs`` (float64, as the file holds them: not yet sorted)."""
     pf = _open(path)
     cols = ["input_ids", *(RAW if lay.form == "raw" else COMPRESSED)]
+    has_labels = "labels" in pf.schema_arrow.names
     first = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=batch_size):
+    for batch in pf.iter_batches(columns=cols + (["labels"] if has_labels else []), batch_size=batch_size):
         S = batch.num_rows
         inp = batch.column(0)
         in_off = np.concatenate([[0], np.cumsum(np.asarray(inp.value_lengths(), np.int64))])
@@ -336,10 +354,11 @@ def read_rows(path: str, lay: Layout, compression: Compression | None, batch_siz
             i = first + int(np.flatnonzero(n_ids != n_val)[0])
             raise DataError(f"{path!r}: sequence {i} has {cols[1]} and {cols[2]} of different lengths")
         t_off = np.concatenate([[0], np.cumsum(n_ids)])
-        m = lay.rows[first:first + S]
-        seq = np.repeat(np.arange(S), m)
-        local = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-        trow = t_off[seq] + local
+        seq, j = _select(n_ids, np.diff(in_off), batch.column(3) if has_labels else None)
+        if not np.array_equal(np.bincount(seq, minlength=S), lay.rows[first:first + S]):
+            raise DataError(f"{path!r} changed while it was read; run the import again")
+        trow = t_off[seq] + j
+        local = np.arange(len(seq)) - np.searchsorted(seq, seq, side="left")  # index among the sequence's rows
         if lay.form == "raw":
             if len(w_val) and (w_val != lay.k).any():
                 raise DataError(f"{path!r}: top_values rows must hold k = {lay.k} values like token_ids")
@@ -357,7 +376,7 @@ def read_rows(path: str, lay: Layout, compression: Compression | None, batch_siz
             ids = unpack_bits(ids_flat.astype(np.uint8).reshape(-1, compression.id_bytes())[trow],
                               compression.id_bits, compression.k)
         yield {"sample_id": (first + seq).astype(np.int64), "position": local.astype(np.int32),
-               "label": in_vals[in_off[seq] + 1 + local], "ids": ids, "logprobs": lp}
+               "label": in_vals[in_off[seq] + 1 + j], "ids": ids, "logprobs": lp}
         first += S
 
 

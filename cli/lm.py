@@ -20,6 +20,7 @@ from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES
 from loca_pipe.pipeline.names import LM_METHODS as METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.names import LM_CODECS as CHOICES
+from loca_pipe.pipeline.names import LM_EXPORT_FORMATS as EXPORT_FORMATS
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
@@ -33,6 +34,7 @@ Method = choices("Method", METHODS)  # pipeline/names.py
 
 
 Codec = choices("Codec", CHOICES)  # pipeline/names.py (pipeline/codecs.py CHOICES), never copied by hand
+ExportFormat = choices("ExportFormat", EXPORT_FORMATS)  # pipeline/names.py (pipeline/lm/export.py FORMATS)
 
 
 IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/names.py
@@ -268,12 +270,14 @@ def lm_export(
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α: export calibrated log-probs (default: the teacher's own).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Parquet file to write (default <workdir>/export/<teacher>-tau<τ>.parquet).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the pipeline's); must be the store's.")] = None,
+    format: Annotated[Optional[ExportFormat], typer.Option("--format", help="axolotl (default: target_* columns + label log-prob, tail) or distillkit (its raw top-k columns, what lm-import reads).")] = None,
 ) -> None:
-    """Export the token store to Parquet (Axolotl's target_token_ids / target_logprobs / target_mask + labels, label log-prob, tail mass)."""
+    """Export the token store to Parquet (Axolotl's target_token_ids / target_logprobs / target_mask + labels, label log-prob, tail mass; or DistillKit's token_ids / top_values)."""
     from loca_pipe.stages.lm import common as lm_common, export as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha, "out": out,
-                                                             "tokenizer": tokenizer}, _base(workdir))
+                                                             "tokenizer": tokenizer,
+                                                             "format": format.value if format else None}, _base(workdir))
     typer.echo(str(stage.run(p)))
 
 

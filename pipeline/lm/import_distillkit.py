@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -279,9 +280,7 @@ def _select(n: np.ndarray, L: np.ndarray, labels: Any) -> tuple[np.ndarray, np.n
 
 
 def scan(path: str, compression: Compression | None) -> Layout:
-    """Pass 1: the form, k and the sequence sizes, reading only the list lengths."""
-    import pyarrow.parquet as pq
-
+    """Pass 1: the form, k and the sequence sizes, reading only the list lengths (and the labels, if any)."""
     pf = _open(path)
     form = _form(pf.schema_arrow.names, path, compression)
     ids_col = "token_ids" if form == "raw" else "bytepacked_indices"
@@ -487,8 +486,8 @@ def import_distillkit(parquet: str, out: str, *, name: str = "teacher", vocab_si
 
     ``vocab_size``: the teacher's vocabulary (required for the raw form; the compressed form's ``d`` otherwise,
     and they must agree). An existing ``out`` is refused unless ``overwrite``, which replaces the whole store. The
-    store is written beside ``out`` (``<out>.import-partial``) and moved into place only when complete, so a file
-    refused mid-way (a bad row) leaves ``out`` as it was.
+    store is written beside ``out`` (a fresh hidden folder ``.<out>.import-…``) and moved into place only when
+    complete, so a file refused mid-way (a bad row) leaves ``out`` as it was.
     """
     from loca_pipe.pipeline import caching
     from loca_pipe.pipeline.distributed import WriterLease
@@ -532,9 +531,8 @@ def import_distillkit(parquet: str, out: str, *, name: str = "teacher", vocab_si
             "compression": None if compression is None else _jsonable(compression),
             "values": "log-probs over the full vocabulary at τ = 1 (lse 0)"}
     # written beside --out and moved into place whole: a refusal met mid-file (a bad row) leaves --out as it was
-    tmp = outp.with_name(outp.name + ".import-partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{outp.name}.import-", dir=outp.parent))  # a fresh name: never a user's
     settings = caching.CacheSettings(store=str(tmp), name=name, top_k=lay.k, temperatures=(1.0,), logits_dtype=None,
                                      progress=False, unit="tok")
     counts = {"label_unknown": 0, "renormalised": 0}
@@ -548,11 +546,12 @@ def import_distillkit(parquet: str, out: str, *, name: str = "teacher", vocab_si
         finally:
             WriterLease(str(tmp), name).release()
         with io_guard(str(out), "moving the imported store into place"):
-            old = outp.with_name(outp.name + ".import-old")
-            if outp.exists():
+            old = None
+            if outp.exists():  # --overwrite: the old store steps aside, the new one takes its name, then it goes
+                old = Path(tempfile.mkdtemp(prefix=f".{outp.name}.replaced-", dir=outp.parent))
                 os.replace(outp, old)
             os.replace(tmp, outp)
-            if old.exists():
+            if old is not None:
                 shutil.rmtree(old)
     except BaseException:
         if tmp.exists():

@@ -296,3 +296,23 @@ def test_lm_import_through_the_cli(tmp_path, monkeypatch, capsys):
         assert r.returncode == 1 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, (args, r.stderr)
         assert says in r.stderr, r.stderr
         assert _tree(store) == before  # nothing already written is lost
+
+
+def test_the_output_guard_refuses_destructive_outs(tmp_path, monkeypatch, capsys):
+    """pipeline/guard.py for lm-import: --out on its own input, on a FIFO, on a folder of other things — one error
+    line naming --out, and nothing changes."""
+    from loca_pipe.cli.main import main
+
+    write_raw(tmp_path / "c.parquet", _rows(5, n_seq=2))
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    for out in ("c.parquet", "fifo", "keep"):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(["lm-import", "c.parquet", "--vocab-size", str(V), "--out", out, "--overwrite"])
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and err.startswith("error:") and err.count("\n") == 1 and "--out" in err, err
+        assert _tree(tmp_path) == before

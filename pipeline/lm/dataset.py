@@ -18,6 +18,9 @@ label_logprob      (L,) fp32     log p of token j + 1 (the exact label logit out
                                  top-k entry inside it, as the codec decoded it; LoCa'd)
 label_in_topk      (L,) bool     token j + 1 is among the top-k ids
 tail_mass          (L,) fp32     the mass outside top-k ∪ {label}: 1 − Σ kept, ≥ 0
+label_known        (L,) bool     only for a store written by ``lm-import``: False where token j + 1 is outside
+                                 the cache's top-k, so ``label_logprob`` is the upper bound log(tail) (and
+                                 ``tail_mass`` 0: the label took the whole tail)
 =================  ============  =================================================================
 
 Memory: the dataset holds the sequence index (offsets, 8 B per sequence), the caller's token ids and at
@@ -85,6 +88,9 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         self.prompt_len = np.asarray(prompt_len, np.int64)
         self.t = TokenTeacher(store_path, teacher, expect_fingerprint)
         self.ti = self.t.tau_index(tau)
+        # an imported cache (lm-import) flags labels outside its top-k: items then carry label_known
+        self.flagged = "import_flags" in self.t.keys
+        self.row_keys = ROW_KEYS + (("import_flags",) if self.flagged else ())
         self.tau = float(tau)
         if alpha is not None:
             from loca_pipe.pipeline.calibration import check_alpha
@@ -141,7 +147,7 @@ class TokenStoreDataset(torch.utils.data.Dataset):
             return self._cache[b]
         seqs = self.block_seqs[b]
         lo, hi = int(self.t.offsets[seqs[0]]), int(self.t.offsets[seqs[-1] + 1])
-        d = self.t.read(lo, hi, ROW_KEYS)
+        d = self.t.read(lo, hi, self.row_keys)
         self._cache[b] = (lo, self._targets(d))
         self.blocks_read += 1
         while len(self._cache) > self.cache_blocks:
@@ -163,9 +169,14 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         p = sd.probs.double()
         p_label = torch.where(in_top, (p[:, :K] * (sd.ids[:, :K] == y[:, None])).sum(1), p[:, K])
         with np.errstate(divide="ignore"):
-            return {"teacher_ids": sd.ids[:, :K].numpy(), "teacher_logprobs": np.log(p[:, :K].numpy()).astype(np.float32),
-                    "label_logprob": np.log(p_label.numpy()).astype(np.float32), "label_in_topk": in_top.numpy(),
-                    "tail_mass": sd.tail.float().numpy()}
+            out = {"teacher_ids": sd.ids[:, :K].numpy(), "teacher_logprobs": np.log(p[:, :K].numpy()).astype(np.float32),
+                   "label_logprob": np.log(p_label.numpy()).astype(np.float32), "label_in_topk": in_top.numpy(),
+                   "tail_mass": sd.tail.float().numpy()}
+        if self.flagged:  # lm-import's bit 1: the label is outside the stored top-k, its log-prob only a bound
+            from loca_pipe.pipeline.lm.import_distillkit import LABEL_UNKNOWN
+
+            out["label_known"] = (np.asarray(d["import_flags"]) & LABEL_UNKNOWN) == 0
+        return out
 
     # -- the decoded sidecar ------------------------------------------------------------------------
     def sidecar_key(self) -> str:
@@ -188,10 +199,10 @@ class TokenStoreDataset(torch.utils.data.Dataset):
             try:
                 R, K = self.t.num_rows, self.top_k
                 out = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=dt, shape=(R, K)[:nd])
-                       for k, (dt, nd) in SIDECAR_ARRAYS.items()}
+                       for k, (dt, nd) in self._sidecar_arrays().items()}
                 for b, seqs in enumerate(self.block_seqs):
                     lo, hi = int(self.t.offsets[seqs[0]]), int(self.t.offsets[seqs[-1] + 1])
-                    tg = self._targets(self.t.read(lo, hi, ROW_KEYS))
+                    tg = self._targets(self.t.read(lo, hi, self.row_keys))
                     for k, v in out.items():
                         v[lo:hi] = tg[k]
                 for v in out.values():
@@ -208,7 +219,10 @@ class TokenStoreDataset(torch.utils.data.Dataset):
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
         self.sidecar_path = final
-        return {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in SIDECAR_ARRAYS}
+        return {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in self._sidecar_arrays()}
+
+    def _sidecar_arrays(self) -> dict[str, tuple[Any, int]]:
+        return {**SIDECAR_ARRAYS, **({"label_known": (np.bool_, 1)} if self.flagged else {})}
 
     def rows(self, i: int) -> dict[str, np.ndarray]:
         """The teacher's decoded rows of sequence ``i`` (one per response token)."""
@@ -236,10 +250,15 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         lab_lp[at], tail[at], in_top[at] = r["label_logprob"], r["tail_mass"], r["label_in_topk"]
         labels = ids.copy()
         labels[:P] = -100
-        return {"input_ids": torch.as_tensor(ids), "labels": torch.as_tensor(labels),
+        item = {"input_ids": torch.as_tensor(ids), "labels": torch.as_tensor(labels),
                 "teacher_mask": torch.as_tensor(mask), "teacher_ids": torch.as_tensor(t_ids),
                 "teacher_logprobs": torch.as_tensor(t_lp), "label_logprob": torch.as_tensor(lab_lp),
                 "label_in_topk": torch.as_tensor(in_top), "tail_mass": torch.as_tensor(tail)}
+        if self.flagged:
+            known = np.ones(L, bool)
+            known[at] = r["label_known"]
+            item["label_known"] = torch.as_tensor(known)
+        return item
 
 
 class BlockShuffleSampler(torch.utils.data.Sampler):

@@ -173,6 +173,29 @@ def test_compressed_form_decodes_to_what_the_file_encodes(tmp_path, cfg):
             np.testing.assert_array_equal(d["topk_logits"][r][:cfg["exact_k"]], top.astype(np.float32))
 
 
+def test_the_dataset_reads_an_import_with_its_unknown_labels_marked(tmp_path):
+    """TokenStoreDataset over an imported store (the file's input_ids, prompt_len 1: every next token is a row):
+    the file's top-k at τ = 1, and label_known False exactly where the label is outside it — the same through the
+    decoded sidecar."""
+    from loca_pipe.pipeline.lm.dataset import TokenStoreDataset
+
+    seqs = _rows(6, n_seq=5)
+    write_raw(tmp_path / "c.parquet", seqs)
+    imp.import_distillkit(str(tmp_path / "c.parquet"), str(tmp_path / "s.zarr"), vocab_size=V, chunk_rows=9)
+    ids = [s[0] for s in seqs]
+    plain = TokenStoreDataset(str(tmp_path / "s.zarr"), ids, [1] * len(ids))
+    side = TokenStoreDataset(str(tmp_path / "s.zarr"), ids, [1] * len(ids), sidecar=True)
+    for i, (inp, tid, tlp) in enumerate(seqs):
+        a, b = plain[i], side[i]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        for j in range(len(inp) - 1):
+            o = np.lexsort((tid[j], -tlp[j].astype(np.float32)))
+            np.testing.assert_array_equal(a["teacher_ids"][j].numpy(), tid[j][o])
+            np.testing.assert_allclose(a["teacher_logprobs"][j].numpy(), tlp[j][o], rtol=0, atol=1e-6)
+            assert bool(a["label_known"][j]) == (inp[j + 1] in tid[j])
+        assert bool(a["label_known"][-1])  # the last position scores nothing
+
+
 # -- analysis -------------------------------------------------------------------------------------------------
 def test_lm_analyze_on_the_import_matches_the_parquet_rows(tmp_path):
     from loca_pipe.pipeline.lm.analysis import analyze_streamed

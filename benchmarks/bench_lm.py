@@ -15,8 +15,9 @@ All in one process, against baselines measured in the same run:
 5. a shuffled epoch through the public dataset (``TokenStoreDataset`` + ``BlockShuffleSampler``: every item
    decoded through the codec, normalised at τ, built into tensors) ÷ the same sequences' raw teacher rows
    (top-k logits and ids, lse, label logit) read in the same order from a memory-mapped Arrow IPC file
-   (goal ≤ 1.5); also a uniformly shuffled epoch (each item may decode a whole block) and the peak bytes of
-   decoded blocks the dataset held.
+   (goal ≤ 1.5); also a uniformly shuffled epoch (each item may decode a whole block), the peak bytes of
+   decoded blocks the dataset held, and the same epoch through the decoded memory-mapped sidecar
+   (``sidecar=True``) with its one-time build timed apart.
 6. length-bucketed caching: on sequences of mixed lengths (log-normal, 8–240 tokens, as instruction data
    are), the padding share of the forward batches and the caching time with ``length_window`` 1024 vs
    batches in data order (0), in the same run.
@@ -245,33 +246,55 @@ def dataset_epoch(tmp: Path, model, enc) -> None:
         with ipc.new_file(str(f), table.schema) as w:
             w.write_table(table)
         TokenStoreDataset(str(p), enc, tau=2.0)[0]  # warm-up (imports, first torch calls), not timed
-        ds = TokenStoreDataset(str(p), enc, tau=2.0, cache_blocks=2)
-        order = list(BlockShuffleSampler(ds, window_blocks=2, seed=0))
-        t0 = time.perf_counter()
-        for i in order:
-            ds[i]
-        t_ds = time.perf_counter() - t0
-        peak = max(sum(v.nbytes for v in blk.values()) for _, blk in ds._cache.values())
-        t0 = time.perf_counter()
-        with pa.memory_map(str(f)) as src:
-            t = ipc.open_file(src).read_all()
-            cols = [t.column(k) for k in ("topk_logits", "topk_ids", "lse", "label_logit")]
+        order = list(BlockShuffleSampler(TokenStoreDataset(str(p), enc, tau=2.0), window_blocks=2, seed=0))
+
+        def epoch(ds) -> float:
+            t0 = time.perf_counter()
             for i in order:
-                for col in cols:
-                    v = col[int(i)].values
-                    (v.flatten() if pa.types.is_fixed_size_list(v.type) else v).to_numpy()
-        t_ar = time.perf_counter() - t0
+                ds[i]
+            return time.perf_counter() - t0
+
+        def arrow() -> float:
+            t0 = time.perf_counter()
+            with pa.memory_map(str(f)) as src:
+                t = ipc.open_file(src).read_all()
+                cols = [t.column(k) for k in ("topk_logits", "topk_ids", "lse", "label_logit")]
+                for i in order:
+                    for col in cols:
+                        v = col[int(i)].values
+                        (v.flatten() if pa.types.is_fixed_size_list(v.type) else v).to_numpy()
+            return time.perf_counter() - t0
+
+        # the decoded sidecar (sidecar=True): built once (timed apart), then epochs of memory-map slices
+        t0 = time.perf_counter()
+        side = TokenStoreDataset(str(p), enc, tau=2.0, sidecar=True)
+        t_build = time.perf_counter() - t0
+        # best of 3 of each, interleaved (epochs of tens of ms on a shared machine); a fresh dataset per
+        # block-shuffled epoch, so each one reads and decodes its blocks
+        runs: dict[str, list[float]] = {"ds": [], "ar": [], "side": []}
+        for _ in range(3):
+            ds = TokenStoreDataset(str(p), enc, tau=2.0, cache_blocks=2)
+            runs["ds"].append(epoch(ds))
+            runs["ar"].append(arrow())
+            runs["side"].append(epoch(side))
+        t_ds, t_ar, t_side = (min(runs[k]) for k in ("ds", "ar", "side"))
+        peak = max(sum(v.nbytes for v in blk.values()) for _, blk in ds._cache.values())
         uni = TokenStoreDataset(str(p), enc, tau=2.0, cache_blocks=2)
         perm = np.random.default_rng(0).permutation(len(uni))
         t0 = time.perf_counter()
         for i in perm:
             uni[int(i)]
         t_uni = time.perf_counter() - t0
+        side_bytes = sum(f.stat().st_size for f in side.sidecar_path.iterdir())
         print(f"  {codec:8s}: {len(order)} sequences, k={K}: dataset (block-shuffled) {t_ds * 1e3:.1f} ms, Arrow "
-              f"memory-mapped {t_ar * 1e3:.1f} ms → ratio {t_ds / t_ar:.2f} (goal ≤ 1.5); uniformly shuffled "
+              f"memory-mapped {t_ar * 1e3:.1f} ms (best of 3 each) → ratio {t_ds / t_ar:.2f} (goal ≤ 1.5); uniformly shuffled "
               f"{t_uni * 1e3:.1f} ms ({uni.blocks_read} block decodes for {len(ds.block_seqs)} blocks); decoded "
               f"blocks held ≤ 2 × {peak / 1024:.0f} KiB")
+        print(f"  {codec:8s} with sidecar=True: an epoch {t_side * 1e3:.1f} ms → RATIO {t_side / t_ar:.2f} "
+              f"(goal ≤ 1.5), plus a one-time build of {t_build * 1e3:.1f} ms (dataset opening included; "
+              f"{side_bytes / ds.t.num_rows:.0f} B/token on disk, memory-mapped)")
         shutil.rmtree(p)
+        shutil.rmtree(side.sidecar_path.parent)
 
 
 def bucketing(tmp: Path) -> None:

@@ -20,6 +20,7 @@ from loca_pipe.pipeline.names import LM_ID_DTYPES as ID_DTYPES
 from loca_pipe.pipeline.names import LM_METHODS as METHODS
 from loca_pipe.pipeline.lm.text import BAD_LINE_POLICIES, TEMPLATES
 from loca_pipe.pipeline.names import LM_CODECS as CHOICES
+from loca_pipe.pipeline.names import LM_EXPORT_FORMATS as EXPORT_FORMATS
 
 ParamsOpt = Annotated[Path, typer.Option(help="Params file (sections lm_base and the command's own, e.g. lm_cache).")]
 WorkdirOpt = Annotated[Optional[str], typer.Option(help="Folder every LM output goes under (lm_base.workdir).")]
@@ -33,6 +34,7 @@ Method = choices("Method", METHODS)  # pipeline/names.py
 
 
 Codec = choices("Codec", CHOICES)  # pipeline/names.py (pipeline/codecs.py CHOICES), never copied by hand
+ExportFormat = choices("ExportFormat", EXPORT_FORMATS)  # pipeline/names.py (pipeline/lm/export.py FORMATS)
 
 
 IdDtype = choices("IdDtype", ID_DTYPES)  # pipeline/names.py
@@ -253,7 +255,7 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     for name, fn in (("lm-prepare", lm_prepare), ("lm-tokenizer", lm_tokenizer), ("lm-train-teacher", lm_train_teacher),
                      ("lm-cache", lm_cache), ("lm-plan", lm_plan), ("lm-analyze", lm_analyze), ("lm-train-student", lm_train_student),
-                     ("lm-report", lm_report), ("lm-export", lm_export)):
+                     ("lm-report", lm_report), ("lm-export", lm_export), ("lm-import", lm_import)):
         app.command(name)(fn)
 
 
@@ -268,10 +270,43 @@ def lm_export(
     alpha: Annotated[Optional[float], typer.Option(help="LoCa α: export calibrated log-probs (default: the teacher's own).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Parquet file to write (default <workdir>/export/<teacher>-tau<τ>.parquet).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the pipeline's); must be the store's.")] = None,
+    format: Annotated[Optional[ExportFormat], typer.Option("--format", help="axolotl (default: target_* columns + label log-prob, tail) or distillkit (its raw top-k columns, what lm-import reads).")] = None,
 ) -> None:
-    """Export the token store to Parquet (Axolotl's target_token_ids / target_logprobs / target_mask + labels, label log-prob, tail mass)."""
+    """Export the token store to Parquet (Axolotl's target_token_ids / target_logprobs / target_mask + labels, label log-prob, tail mass; or DistillKit's token_ids / top_values)."""
     from loca_pipe.stages.lm import common as lm_common, export as stage
 
     p = lm_common.load(stage.Params, stage.SECTION, params, {"tau": tau, "alpha": alpha, "out": out,
-                                                             "tokenizer": tokenizer}, _base(workdir))
+                                                             "tokenizer": tokenizer,
+                                                             "format": format.value if format else None}, _base(workdir))
     typer.echo(str(stage.run(p)))
+
+
+def lm_import(
+    parquet: Annotated[Path, typer.Argument(help="The DistillKit Parquet cache (raw top-k, or compressed with --compression-config).")],
+    params: ParamsOpt = Path("params.yaml"),
+    workdir: WorkdirOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="Token store to write (default <workdir>/store.zarr, what lm-analyze reads).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default 'teacher').")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="The teacher's vocabulary size (required for raw top-k; the compression config's d otherwise).")] = None,
+    compression_config: Annotated[Optional[str], typer.Option(help="DistillKit YAML holding the logprob_compressor the cache was captured with.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="The cache's tokenizer folder: checked against the ids and recorded in the store.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out store (the whole store; it is swapped only once the import is complete).")] = False,
+) -> None:
+    """Import a DistillKit Parquet logit cache into a token store (lm-analyze and LoCa then run on it; docs/language-models.md)."""
+    import json
+
+    from loca_pipe.pipeline.guard import LOGITS, check_outputs
+    from loca_pipe.pipeline.lm import import_distillkit as imp
+    from loca_pipe.stages.lm import common as lm_common
+
+    p = lm_common.load(imp.Params, imp.SECTION, params, {
+        "name": name, "vocab_size": vocab_size, "compression_config": compression_config, "tokenizer": tokenizer,
+        "out": out, "overwrite": overwrite or None}, _base(workdir))
+    dest = imp.output_path(p)
+    check_outputs({"PARQUET": parquet, "--compression-config": p.compression_config or None,
+                   "--tokenizer": p.tokenizer or None}, {"--out": (dest, LOGITS)})  # pipeline/guard.py
+    comp = imp.load_compression(p.compression_config) if p.compression_config else None
+    rep = imp.import_distillkit(str(parquet), str(dest), name=p.name, vocab_size=p.vocab_size or None,
+                                compression=comp, tokenizer_dir=p.tokenizer or None, chunk_rows=p.chunk_rows,
+                                overwrite=p.overwrite)
+    typer.echo(json.dumps(rep, indent=2))

@@ -10,7 +10,8 @@ array is one entry here plus its computation.
 Sizes of the dimensions (``Sizes.dims``):
   row = R rows, class = C, k = K (top-k), temperature = T, chunk = n_chunks, aug_param = P,
   draw = S sampled ids per row, sequence = N sequences, sequence_edge = N + 1, new_token = G greedy tokens,
-  greedy_chunk = number of greedy chunks.
+  greedy_chunk = number of greedy chunks; imported = 1 in a store written by ``lm-import`` (no array has it as a
+  dimension: it only switches ``import_flags`` on).
 The first dimension decides the chunking (``CHUNKS``): rows by ``chunk_rows``, flags one per chunk file
 (concurrent writers never share a flag file), sequences by the greedy chunk, the offsets in 2¹⁶ pieces;
 every other dimension is one chunk. An array whose dimensions are not all known and non-zero (no views →
@@ -149,6 +150,11 @@ ARRAYS: tuple[ArraySpec, ...] = (
               "Sparse Logit Sampling: S draws from p at sample_tau, distinct ids (most drawn first), unused -1", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
     ArraySpec("sampled_counts", TEACHER, ("row", "draw"), _fixed(np.uint16), 0, _always(True), JOB,
               "their counts (counts/S estimates p), unused 0", tasks=("causal-lm",), note="token stores, sample_draws > 0"),
+    ArraySpec("import_flags", TEACHER, ("row",), lambda s: np.dtype(np.uint8) if s.dims.get("imported") else None, 0,
+              _always(False), JOB, "what an imported cache cannot give exactly: bit 1 = the label is outside the stored "
+              "top-k (p_label unknown, at most the tail mass; label_logit holds that bound), bit 2 = the decoded top-k "
+              "mass exceeded 1 and was renormalised (tail 0)", dtype_doc="uint8", tasks=("causal-lm",),
+              note="token stores written by lm-import"),
     ArraySpec("greedy_ids", TEACHER, ("sequence", "new_token"), _fixed(np.int32), -1, _always(True), FINISH,
               "the teacher's greedy response to each prompt (SeqKD), -1 padded, eos not stored", flag="greedy_done", tasks=("causal-lm",),
               note="token stores, greedy_max_new_tokens > 0"),
@@ -226,10 +232,13 @@ def create(group: Any, a: ArraySpec, s: Sizes, **kw: Any) -> Any:
                               **array_codecs(dt, a.compress(s)), dimension_names=a.dims, **kw)
 
 
+_DOC_DIMS = {"imported": 1}  # the docs describe every array, also those present only in imported stores
+
+
 def _codec_doc(a: ArraySpec) -> str:
     if a.codec:
         return "the top-k codec (lossless: as `logits`)"
-    probe = Sizes({}, {}, 10, "float32")
+    probe = Sizes(dict(_DOC_DIMS), {}, 10, "float32")
     if np.dtype(a.dtype(probe)).kind in "iub":
         return "zstd, crc32c"
     off = a.compress(probe)

@@ -19,3 +19,4 @@ LM_DTYPES = ("auto", "bfloat16", "float16", "float32")   # pipeline/lm/device.py
 LM_ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # pipeline/lm/models.py ("auto": transformers' choice)
 LM_DEVICE_MAPS = ("", "auto")  # pipeline/lm/models.py ("auto": accelerate spreads a model larger than one GPU)
 LM_CODECS = ("lossless", "fp16", "bf16", "q8", "compact", "compact7")  # pipeline/codecs.py CHOICES (the --codec choices)
+LM_EXPORT_FORMATS = ("axolotl", "distillkit")  # pipeline/lm/export.py FORMATS (lm-export --format)

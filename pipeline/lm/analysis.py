@@ -136,6 +136,9 @@ def analyze_streamed(teacher, tau: float, alpha: float, out_dir: str | Path, tit
     tmp_tokens = out / "tokens.parquet.tmp"
     writer = None
     keys = ("sample_id", "position", "label", "topk_logits", "topk_ids", "lse", "label_logit")
+    flagged = "import_flags" in getattr(teacher, "keys", ())  # an imported cache (lm-import): some p_label unknown
+    keys += ("import_flags",) if flagged else ()
+    acc.update(unknown=0, undetermined=0, loca_inexact=0, known=0)
     try:
         with progress_bar(total=teacher.num_rows, desc="lm-analyze", unit="tok", enabled=progress) as bar:
             for sl, d in teacher.blocks(keys, block_rows):  # pass 2: everything else
@@ -158,6 +161,19 @@ def analyze_streamed(teacher, tau: float, alpha: float, out_dir: str | Path, tit
                        "label": d["label"].astype(np.int64), "prediction": pred.numpy().astype(np.int64),
                        "mis_instructed": mis, "p_label": p_label, "p_max": p_max, "label_rank": ranks.astype(np.int32),
                        "freq_bucket": bucket, "loca_scale": scale, "loca_calibrated": res.calibrated.numpy()}
+                known = np.ones(len(mis), bool)
+                if flagged:  # label outside the stored top-k: p_label unknown (≤ the tail, which label_logit holds)
+                    from loca_pipe.pipeline.lm.import_distillkit import LABEL_UNKNOWN
+
+                    known = (d["import_flags"] & LABEL_UNKNOWN) == 0
+                    p_label = np.where(known, p_label, np.float32(np.nan))
+                    # with p_label at its bound the row is mis-instructed iff tail ≤ p_top1: then it is certain;
+                    # a row not mis-instructed at the bound may be either way
+                    tab.update(p_label=p_label, label_known=known, mis_determined=known | mis)
+                    acc["unknown"] += int((~known).sum())
+                    acc["undetermined"] += int((~known & ~mis).sum())
+                    acc["loca_inexact"] += int((~known & tab["loca_calibrated"]).sum())
+                acc["known"] += int(known.sum())
                 table = pa.table(tab)
                 if writer is None:
                     writer = pq.ParquetWriter(str(tmp_tokens), table.schema)
@@ -165,9 +181,10 @@ def analyze_streamed(teacher, tau: float, alpha: float, out_dir: str | Path, tit
                 acc["tokens"] += len(mis)
                 acc["mis"] += int(mis.sum())
                 acc["calibrated"] += int(tab["loca_calibrated"].sum())
-                acc["p_label"] += float(p_label.astype(np.float64).sum())
+                acc["p_label"] += float(p_label[known].astype(np.float64).sum())
                 acc["p_max"] += float(p_max.astype(np.float64).sum())
-                acc["p_label_mis"] += float(p_label[mis].astype(np.float64).sum())
+                acc["p_label_mis"] += float(p_label[mis & known].astype(np.float64).sum())
+                acc["mis_known"] = acc.get("mis_known", 0) + int((mis & known).sum())
                 acc["scale_mis"] += float(scale[mis].astype(np.float64).sum())
                 pos = np.minimum(tab["position"], POSITION_CAP)
                 pos_tok += np.bincount(pos, minlength=n_pos)
@@ -188,13 +205,21 @@ def analyze_streamed(teacher, tau: float, alpha: float, out_dir: str | Path, tit
     pos_names = [str(i) for i in range(POSITION_CAP)] + [f"{POSITION_CAP}+"]
     summary = {
         "tokens": n, "sequences": int(seen.sum()), "mis_instructed": m, "mis_ratio": m / n if n else float("nan"),
-        "mean_p_label": acc["p_label"] / n, "mean_p_max": acc["p_max"] / n,
-        "mean_p_label_mis": acc["p_label_mis"] / m if m else None,
+        "mean_p_label": acc["p_label"] / acc["known"] if acc["known"] else None, "mean_p_max": acc["p_max"] / n,
+        "mean_p_label_mis": acc["p_label_mis"] / acc["mis_known"] if acc.get("mis_known") else None,
         "loca_calibrated_share": acc["calibrated"] / n,
         "mean_loca_scale_mis": acc["scale_mis"] / m if m else None,
         "by_position": [r for r in group(pos_tok, pos_mis, pos_names) if r["tokens"]],
         "by_frequency": group(fb_tok, fb_mis, freq_bucket_names()),
     }
+    if flagged:  # docs/language-models.md "Importing a DistillKit cache": what is a bound, not a value
+        summary.update(label_unknown=acc["unknown"], mis_undetermined=acc["undetermined"],
+                       mis_ratio_max=(m + acc["undetermined"]) / n if n else float("nan"),
+                       loca_inexact=acc["loca_inexact"],
+                       exactness="imported cache: p_label is unknown on label_unknown tokens (NaN in tokens.parquet, "
+                                 "left out of mean_p_label); mis_ratio counts only certain mis-instructions and "
+                                 "mis_ratio_max adds the undetermined ones; LoCa on loca_inexact rows used the upper "
+                                 "bound of p_label")
     summary.update(extra or {})
     write_outputs(None, summary, out, title(summary) if callable(title) else title, tokens_written=tmp_tokens)
     return summary

@@ -18,6 +18,9 @@ label_logprob      (L,) fp32     log p of token j + 1 (the exact label logit out
                                  top-k entry inside it, as the codec decoded it; LoCa'd)
 label_in_topk      (L,) bool     token j + 1 is among the top-k ids
 tail_mass          (L,) fp32     the mass outside top-k ∪ {label}: 1 − Σ kept, ≥ 0
+label_known        (L,) bool     only for a store written by ``lm-import``: False where token j + 1 is outside
+                                 the cache's top-k, so ``label_logprob`` is the upper bound log(tail) (and
+                                 ``tail_mass`` 0: the label took the whole tail)
 =================  ============  =================================================================
 
 Memory: the dataset holds the sequence index (offsets, 8 B per sequence), the caller's token ids and at
@@ -27,11 +30,24 @@ so a store larger than RAM is read a block at a time. Random access reads and de
 one sequence; :class:`BlockShuffleSampler` orders an epoch block by block (blocks in random order,
 sequences shuffled within a window of ``window_blocks`` blocks), so each block is decoded once per epoch
 — the chunk-granular shuffle the students' streamed teacher uses.
+
+``sidecar=True`` (or a folder) instead decodes every row once into a memory-mapped sidecar beside the store
+(``<store>.dataset-sidecar/<teacher>-<key>/``, one ``.npy`` per decoded array, 8·K + 9 bytes per token), keyed by
+the teacher's identity and write times, its codec, the data fingerprint, τ and α — a re-cached store or another
+τ/α gets a new sidecar, never a stale one. It is built block by block in a temporary folder and renamed into
+place. Items are then slices of the memory maps: no block reads or decodes, and memory stays what the page cache
+gives (the OS evicts pages of a sidecar larger than RAM). Measured in ``python -m benchmarks lm`` [5].
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -41,6 +57,11 @@ from loca_pipe.pipeline.errors import ConfigError, StoreConflictError
 from loca_pipe.pipeline.lm.streaming import TokenTeacher
 
 ROW_KEYS = ("topk_logits", "topk_ids", "lse", "label_logit", "label")
+# The decoded sidecar (``sidecar=True``): what ``_targets`` returns, one .npy file per array, (dtype, ndim)
+SIDECAR_ARRAYS = {"teacher_ids": (np.int32, 2), "teacher_logprobs": (np.float32, 2), "label_logprob": (np.float32, 1),
+                  "label_in_topk": (np.bool_, 1), "tail_mass": (np.float32, 1)}
+SIDECAR_SUFFIX = ".dataset-sidecar"
+SIDECAR_VERSION = 1
 
 
 class TokenStoreDataset(torch.utils.data.Dataset):
@@ -51,11 +72,13 @@ class TokenStoreDataset(torch.utils.data.Dataset):
     tokens before each response. Their response tokens must equal the store's labels (checked, block by
     block: another tokenizer or other data is refused). ``tau`` must be a declared temperature;
     ``alpha`` (0 < α, < 1 advised) applies LoCa to every row. ``block_rows``: rows per block, rounded down to
-    whole store chunks (at least one); ``cache_blocks``: decoded blocks held."""
+    whole store chunks (at least one); ``cache_blocks``: decoded blocks held. ``sidecar``: True (beside the
+    store) or a folder: read through the decoded, memory-mapped sidecar (module doc), built on first use."""
 
     def __init__(self, store_path: str, input_ids: Any, prompt_len: Sequence[int] | None = None, *,
                  teacher: str | None = None, tau: float = 1.0, alpha: float | None = None,
-                 expect_fingerprint: str | None = None, cache_blocks: int = 2, block_rows: int = 16384):
+                 expect_fingerprint: str | None = None, cache_blocks: int = 2, block_rows: int = 16384,
+                 sidecar: bool | str = False):
         if prompt_len is None:
             if not hasattr(input_ids, "prompt_len"):
                 raise ConfigError("TokenStoreDataset needs prompt_len (tokens before each response) with plain "
@@ -65,6 +88,9 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         self.prompt_len = np.asarray(prompt_len, np.int64)
         self.t = TokenTeacher(store_path, teacher, expect_fingerprint)
         self.ti = self.t.tau_index(tau)
+        # an imported cache (lm-import) flags labels outside its top-k: items then carry label_known
+        self.flagged = "import_flags" in self.t.keys
+        self.row_keys = ROW_KEYS + (("import_flags",) if self.flagged else ())
         self.tau = float(tau)
         if alpha is not None:
             from loca_pipe.pipeline.calibration import check_alpha
@@ -82,6 +108,12 @@ class TokenStoreDataset(torch.utils.data.Dataset):
             if len(chunk_of) else []
         self._cache: OrderedDict[int, tuple[int, dict[str, np.ndarray]]] = OrderedDict()
         self.blocks_read = 0
+        self.sidecar_path: Path | None = None
+        self._side: dict[str, np.ndarray] | None = None
+        if sidecar:
+            root = Path(sidecar) if isinstance(sidecar, (str, Path)) and not isinstance(sidecar, bool) \
+                else Path(f"{store_path}{SIDECAR_SUFFIX}")
+            self._side = self._open_sidecar(root)
 
     def _check_data(self) -> None:
         t = self.t
@@ -115,7 +147,7 @@ class TokenStoreDataset(torch.utils.data.Dataset):
             return self._cache[b]
         seqs = self.block_seqs[b]
         lo, hi = int(self.t.offsets[seqs[0]]), int(self.t.offsets[seqs[-1] + 1])
-        d = self.t.read(lo, hi, ROW_KEYS)
+        d = self.t.read(lo, hi, self.row_keys)
         self._cache[b] = (lo, self._targets(d))
         self.blocks_read += 1
         while len(self._cache) > self.cache_blocks:
@@ -137,12 +169,66 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         p = sd.probs.double()
         p_label = torch.where(in_top, (p[:, :K] * (sd.ids[:, :K] == y[:, None])).sum(1), p[:, K])
         with np.errstate(divide="ignore"):
-            return {"teacher_ids": sd.ids[:, :K].numpy(), "teacher_logprobs": np.log(p[:, :K].numpy()).astype(np.float32),
-                    "label_logprob": np.log(p_label.numpy()).astype(np.float32), "label_in_topk": in_top.numpy(),
-                    "tail_mass": sd.tail.float().numpy()}
+            out = {"teacher_ids": sd.ids[:, :K].numpy(), "teacher_logprobs": np.log(p[:, :K].numpy()).astype(np.float32),
+                   "label_logprob": np.log(p_label.numpy()).astype(np.float32), "label_in_topk": in_top.numpy(),
+                   "tail_mass": sd.tail.float().numpy()}
+        if self.flagged:  # lm-import's bit 1: the label is outside the stored top-k, its log-prob only a bound
+            from loca_pipe.pipeline.lm.import_distillkit import LABEL_UNKNOWN
+
+            out["label_known"] = (np.asarray(d["import_flags"]) & LABEL_UNKNOWN) == 0
+        return out
+
+    # -- the decoded sidecar ------------------------------------------------------------------------
+    def sidecar_key(self) -> str:
+        """What the decoded rows depend on: the teacher's identity and write times (a re-cached store gets new
+        ones), its codec, the data fingerprint, τ and α."""
+        a = self.t.attrs
+        ident = {"v": SIDECAR_VERSION, "teacher": self.t.view.name, "created": a.get("created"),
+                 "finished": a.get("finished"), "weights": a.get("weights_sha256"), "codec": a.get("codec"),
+                 "fingerprint": self.t.dataset.get("fingerprint"), "rows": self.t.num_rows, "k": self.top_k,
+                 "tau": self.tau, "alpha": self.alpha}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _open_sidecar(self, root: Path) -> dict[str, np.ndarray]:
+        """The decoded rows memory-mapped from ``root/<teacher>-<key>/`` (built once, block by block, in a
+        temporary folder renamed into place: a killed build leaves no half sidecar)."""
+        final = root / f"{self.t.view.name}-{self.sidecar_key()}"
+        if not (final / "done.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+            try:
+                R, K = self.t.num_rows, self.top_k
+                out = {k: np.lib.format.open_memmap(tmp / f"{k}.npy", mode="w+", dtype=dt, shape=(R, K)[:nd])
+                       for k, (dt, nd) in self._sidecar_arrays().items()}
+                for b, seqs in enumerate(self.block_seqs):
+                    lo, hi = int(self.t.offsets[seqs[0]]), int(self.t.offsets[seqs[-1] + 1])
+                    tg = self._targets(self.t.read(lo, hi, self.row_keys))
+                    for k, v in out.items():
+                        v[lo:hi] = tg[k]
+                for v in out.values():
+                    v.flush()
+                del out
+                (tmp / "done.json").write_text(json.dumps({"store": str(self.t.path), "tau": self.tau,
+                                                           "alpha": self.alpha, "rows": self.t.num_rows}))
+                try:
+                    os.replace(tmp, final)
+                except OSError:  # another process finished the same sidecar first: use theirs
+                    if not (final / "done.json").is_file():
+                        raise
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        self.sidecar_path = final
+        return {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in self._sidecar_arrays()}
+
+    def _sidecar_arrays(self) -> dict[str, tuple[Any, int]]:
+        return {**SIDECAR_ARRAYS, **({"label_known": (np.bool_, 1)} if self.flagged else {})}
 
     def rows(self, i: int) -> dict[str, np.ndarray]:
         """The teacher's decoded rows of sequence ``i`` (one per response token)."""
+        if self._side is not None:
+            a, b = int(self.t.offsets[i]), int(self.t.offsets[i + 1])
+            return {k: v[a:b] for k, v in self._side.items()}
         lo, blk = self._block(int(self.block_of[i]))
         a, b = int(self.t.offsets[i]) - lo, int(self.t.offsets[i + 1]) - lo
         return {k: v[a:b] for k, v in blk.items()}
@@ -164,10 +250,15 @@ class TokenStoreDataset(torch.utils.data.Dataset):
         lab_lp[at], tail[at], in_top[at] = r["label_logprob"], r["tail_mass"], r["label_in_topk"]
         labels = ids.copy()
         labels[:P] = -100
-        return {"input_ids": torch.as_tensor(ids), "labels": torch.as_tensor(labels),
+        item = {"input_ids": torch.as_tensor(ids), "labels": torch.as_tensor(labels),
                 "teacher_mask": torch.as_tensor(mask), "teacher_ids": torch.as_tensor(t_ids),
                 "teacher_logprobs": torch.as_tensor(t_lp), "label_logprob": torch.as_tensor(lab_lp),
                 "label_in_topk": torch.as_tensor(in_top), "tail_mass": torch.as_tensor(tail)}
+        if self.flagged:
+            known = np.ones(L, bool)
+            known[at] = r["label_known"]
+            item["label_known"] = torch.as_tensor(known)
+        return item
 
 
 class BlockShuffleSampler(torch.utils.data.Sampler):

@@ -21,6 +21,13 @@ tail_mass          list<float32>             loca-pipe: mass outside top-k ∪ {
 sample_id          int64                     loca-pipe: the sequence's index in the store
 =================  ========================  ==========================================================
 
+``format="distillkit"`` writes DistillKit's raw top-k form instead (the schema ``lm-import`` reads,
+pipeline/lm/import_distillkit.py): ``input_ids`` list<uint64>, ``labels`` list<int64> (prompt −100),
+``token_ids`` list<list<uint64>> and ``top_values`` list<list<float32>> with L − 1 rows per sequence, row j the
+teacher's top-k for input_ids[j + 1] as log-probs at τ (LoCa'd with α); rows of prompt positions hold ids
+0…K−1 at −1e9 (masked by ``labels``). DistillKit has no column for the label's log-prob outside the top-k or
+the lse at other τ, so those are not exported in this form (an import flags such labels as unknown).
+
 The file's schema metadata ``loca_pipe`` (JSON) records τ, α, the teacher, top-k, the codec, the store's
 dataset fingerprint and this table's conventions. The export is written to ``<out>.tmp`` row group by row
 group (memory: one row group of sequences + the dataset's decoded blocks) and renamed at the end, so a
@@ -80,19 +87,64 @@ def _batch(items: list[tuple[int, dict]], schema, K: int):
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
-def export_parquet(ds: TokenStoreDataset, out: str | Path, rows_per_group: int = 256) -> dict[str, Any]:
-    """Write every sequence of ``ds`` (store order) to ``out``; returns what was written."""
+def _distillkit_schema(meta: dict[str, Any]):
+    import pyarrow as pa
+
+    lst = pa.list_
+    return pa.schema([("input_ids", lst(pa.uint64())), ("labels", lst(pa.int64())),
+                      ("token_ids", lst(lst(pa.uint64()))), ("top_values", lst(lst(pa.float32())))],
+                     metadata={"loca_pipe": json.dumps(meta)})
+
+
+def _distillkit_batch(items: list[tuple[int, dict]], schema, K: int):
+    """DistillKit's raw top-k form: L − 1 teacher rows per sequence, row j scoring input_ids[j + 1]; rows that
+    predict no response token (the prompt) hold ids 0…K−1 at PAD_LOGPROB and are masked by ``labels`` (−100)."""
+    import pyarrow as pa
+
+    lens = np.array([len(it["input_ids"]) for _, it in items], np.int64)
+    rows = np.maximum(lens - 1, 0)
+    off = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    roff = pa.array(np.concatenate([[0], np.cumsum(rows)]).astype(np.int32))
+    inner = pa.array(np.arange(0, int(rows.sum()) * K + 1, K, dtype=np.int32))
+    cut = [(it, int(n)) for (_, it), n in zip(items, rows)]
+    mask = np.concatenate([it["teacher_mask"].numpy()[:n] for it, n in cut]).astype(bool)
+    ids = np.concatenate([it["teacher_ids"].numpy()[:n] for it, n in cut]).astype(np.uint64)
+    lp = np.concatenate([it["teacher_logprobs"].numpy()[:n] for it, n in cut]).astype(np.float32)
+    ids[~mask] = np.arange(K, dtype=np.uint64)
+    lp[~mask] = PAD_LOGPROB
+    cols = [pa.ListArray.from_arrays(off, pa.array(np.concatenate([it["input_ids"].numpy() for _, it in items])
+                                                   .astype(np.uint64))),
+            pa.ListArray.from_arrays(off, pa.array(np.concatenate([it["labels"].numpy() for _, it in items])
+                                                   .astype(np.int64))),
+            pa.ListArray.from_arrays(roff, pa.ListArray.from_arrays(inner, pa.array(ids.reshape(-1)))),
+            pa.ListArray.from_arrays(roff, pa.ListArray.from_arrays(inner, pa.array(lp.reshape(-1))))]
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+FORMATS = {"axolotl": (_schema, _batch), "distillkit": (_distillkit_schema, _distillkit_batch)}
+
+
+def export_parquet(ds: TokenStoreDataset, out: str | Path, rows_per_group: int = 256,
+                   format: str = "axolotl") -> dict[str, Any]:
+    """Write every sequence of ``ds`` (store order) to ``out`` in ``format`` (axolotl | distillkit); returns what
+    was written."""
     import pyarrow.parquet as pq
+
+    if format not in FORMATS:
+        from loca_pipe.pipeline.errors import ConfigError
+
+        raise ConfigError(f"export format must be one of {list(FORMATS)}; got {format!r}")
+    make_schema, make_batch = FORMATS[format]
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t = ds.t
-    meta = {"tau": ds.tau, "alpha": ds.alpha, "teacher": t.view.name if hasattr(t.view, "name") else None,
+    meta = {"format": format, "tau": ds.tau, "alpha": ds.alpha, "teacher": t.view.name if hasattr(t.view, "name") else None,
             "top_k": t.top_k, "vocab_size": t.num_classes, "codec": t.attrs.get("codec") or {"name": "lossless"},
             "dataset": t.dataset, "store": t.path,
-            "convention": "position j describes input_ids[j+1] (Axolotl); log-probs over the full vocabulary at tau, "
-                          f"masked positions {PAD_LOGPROB}"}
-    schema = _schema(meta)
+            "convention": "position j describes input_ids[j+1] (Axolotl; DistillKit: teacher row j); log-probs over "
+                          f"the full vocabulary at tau, masked positions {PAD_LOGPROB}"}
+    schema = make_schema(meta)
     tmp = out.with_name(out.name + ".tmp")
     n = 0
     try:
@@ -101,10 +153,10 @@ def export_parquet(ds: TokenStoreDataset, out: str | Path, rows_per_group: int =
             for i in range(len(ds)):
                 items.append((i, ds[i]))
                 if len(items) >= rows_per_group:
-                    w.write_batch(_batch(items, schema, t.top_k))
+                    w.write_batch(make_batch(items, schema, t.top_k))
                     n, items = n + len(items), []
             if items:
-                w.write_batch(_batch(items, schema, t.top_k))
+                w.write_batch(make_batch(items, schema, t.top_k))
                 n += len(items)
         os.replace(tmp, out)
     finally:
@@ -113,4 +165,4 @@ def export_parquet(ds: TokenStoreDataset, out: str | Path, rows_per_group: int =
     return {"path": str(out), "sequences": n, "tokens": t.num_rows, "bytes": out.stat().st_size, **meta}
 
 
-__all__ = ["export_parquet", "PAD_LOGPROB"]
+__all__ = ["export_parquet", "FORMATS", "PAD_LOGPROB"]

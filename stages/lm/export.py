@@ -23,13 +23,15 @@ class Params:
     out: str = ""                       # the Parquet file ('' = <workdir>/export/<name>-tau<τ>[-loca<α>].parquet)
     tokenizer: str = ""                 # tokenizer folder ('' = the pipeline's); must be the store's
     rows_per_group: int = 256           # sequences per Parquet row group (memory while writing)
+    format: str = "axolotl"             # axolotl | distillkit (its raw top-k columns; pipeline/lm/export.py)
     base: LMBase = LMBase()
 
 
 def output_path(p: Params) -> Path:
     if p.out:
         return Path(p.out)
-    tag = f"{p.name}-tau{p.tau:g}" + (f"-loca{p.alpha:g}" if p.alpha is not None else "")
+    tag = f"{p.name}-tau{p.tau:g}" + (f"-loca{p.alpha:g}" if p.alpha is not None else "") + \
+        ("" if p.format == "axolotl" else f"-{p.format}")
     return p.base.root / "export" / f"{tag}.parquet"
 
 
@@ -53,6 +55,6 @@ def run(p: Params) -> Report:
     examples, enc = encode_split(base, "train", tok)
     ds = TokenStoreDataset(str(base.store), enc, teacher=p.name, tau=p.tau, alpha=p.alpha,
                            expect_fingerprint=data_fingerprint(base, "train", examples, tok))
-    info = export_parquet(ds, output_path(p), p.rows_per_group)
+    info = export_parquet(ds, output_path(p), p.rows_per_group, format=p.format)
     return lm_report(SECTION, info, {"parquet": info["path"]},
-                     shown={k: info[k] for k in ("path", "sequences", "tokens", "bytes", "tau", "alpha", "top_k")})
+                     shown={k: info[k] for k in ("path", "format", "sequences", "tokens", "bytes", "tau", "alpha", "top_k")})

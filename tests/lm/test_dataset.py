@@ -116,3 +116,24 @@ def test_another_tokenizer_or_other_data_is_refused(store, enc):
         TokenStoreDataset(store, ids, enc.prompt_len)
     with pytest.raises(StoreConflictError, match=r"holds 24 sequences"):
         TokenStoreDataset(store, enc.ids[:-1], enc.prompt_len[:-1])
+
+
+def test_sidecar_items_equal_the_store_and_follow_a_recache(tmp_path, trained_teacher, tok, enc):
+    """The memory-mapped sidecar serves the same items; another τ/α or a re-cached store gets a new one."""
+    path = tmp_path / "s.zarr"
+    kw = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, top_k=4, temperatures=(1.0, 2.0),
+              dataset={"name": "x", "split": "train", "fingerprint": "f"}, provenance={}, chunk_rows=32, batch_size=8)
+    cache.cache_teacher(str(path), "t", trained_teacher, enc, **kw)
+    plain = TokenStoreDataset(str(path), enc, tau=2.0, alpha=0.9)
+    side = TokenStoreDataset(str(path), enc, tau=2.0, alpha=0.9, sidecar=True)
+    assert side.sidecar_path.parent == tmp_path / "s.zarr.dataset-sidecar" and side.blocks_read == 0
+    for i in range(len(enc)):
+        a, b = plain[i], side[i]
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    assert side.blocks_read == 0 and [p.name for p in side.sidecar_path.parent.iterdir() if p.name.startswith(".")] == []
+    again = TokenStoreDataset(str(path), enc, tau=2.0, alpha=0.9, sidecar=True)
+    assert again.sidecar_path == side.sidecar_path  # reused, not rebuilt
+    assert TokenStoreDataset(str(path), enc, tau=1.0, sidecar=True).sidecar_path != side.sidecar_path
+    cache.cache_teacher(str(path), "t", trained_teacher, enc, overwrite=True, recache=True, **kw)
+    fresh = TokenStoreDataset(str(path), enc, tau=2.0, alpha=0.9, sidecar=True)
+    assert fresh.sidecar_path != side.sidecar_path

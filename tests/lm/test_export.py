@@ -29,6 +29,38 @@ def store(tmp_path_factory, trained_teacher, tok, enc):
     return str(path)
 
 
+def test_distillkit_export_round_trips_through_lm_import(store, enc, tmp_path):
+    """lm-export --format distillkit → lm-import gives the store back to the precision the format allows: the same
+    rows, positions and labels, ids exactly, log-probs z − lse_1 to fp32 rounding, the label's log-prob where it is
+    in the top-k and a flag (unknown, bounded by the tail) exactly where it is not. The names list is the CLI's."""
+    from loca_pipe.pipeline import names
+    from loca_pipe.pipeline.lm import export, import_distillkit as imp
+    from loca_pipe.pipeline.lm.streaming import TokenTeacher
+
+    assert tuple(export.FORMATS) == names.LM_EXPORT_FORMATS
+    info = export_parquet(TokenStoreDataset(store, enc, tau=1.0), tmp_path / "dk.parquet", rows_per_group=7,
+                          format="distillkit")
+    d = _load(tmp_path / "dk.parquet")
+    assert set(d.column_names) == {"input_ids", "labels", "token_ids", "top_values"} and info["format"] == "distillkit"
+    assert all(len(d[i]["token_ids"]) == len(enc.ids[i]) - 1 for i in range(len(enc)))
+    c = cache.open_lm_cache(store)
+    imp.import_distillkit(str(tmp_path / "dk.parquet"), str(tmp_path / "back.zarr"), vocab_size=c.num_classes,
+                          chunk_rows=13)
+    t = TokenTeacher(str(tmp_path / "back.zarr"))
+    b = t.read(0, t.num_rows)
+    np.testing.assert_array_equal(t.offsets, c.offsets)
+    for k in ("sample_id", "position", "label"):
+        np.testing.assert_array_equal(b[k], getattr(c, k))
+    np.testing.assert_array_equal(b["topk_ids"], c.topk_ids)
+    ref = c.topk_logits.astype(np.float64) - c.lse[:, :1].astype(np.float64)
+    np.testing.assert_allclose(b["topk_logits"], ref, rtol=2e-7, atol=2e-6)
+    hit = c.topk_ids == c.label[:, None]
+    inside = hit.any(1)
+    assert 0 < inside.sum() < len(inside)
+    np.testing.assert_array_equal(b["import_flags"] & imp.LABEL_UNKNOWN, np.where(inside, 0, imp.LABEL_UNKNOWN))
+    np.testing.assert_allclose(b["label_logit"][inside], ref[hit], rtol=2e-7, atol=2e-6)
+
+
 def _load(path):
     import datasets
 

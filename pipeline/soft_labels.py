@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +54,13 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of epoch ``epoch``: a permutation of range(n), a pure function of (seed, epoch)."""
     return torch.randperm(n, generator=epoch_generator(seed, epoch))
+
+
+def numpy_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The teachers' training order (``train-teacher``): numpy's permutation of range(n) drawn from
+    ``default_rng([seed, epoch])``. A second order function only because teacher checkpoints stay
+    bit-identical to the ones written before the teachers trained through :func:`training.train_student`."""
+    return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(int(n)))
 
 
 def random_view(sample_id: torch.Tensor, seed: int, epoch: int, num_views: int) -> torch.Tensor:
@@ -81,15 +88,16 @@ class Batch:
 class PlainSource:
     """Batches of data-set indices with no teacher signal (CE, or online KD with a live teacher)."""
 
-    def __init__(self, num_samples: int):
+    def __init__(self, num_samples: int, order: Callable[[int, int, int], torch.Tensor] = epoch_permutation):
         self.num_samples = int(num_samples)
         self.sample_index = torch.arange(self.num_samples)
+        self.order = order  # (n, seed, epoch) → the epoch's data-set indices in training order
 
     def __len__(self) -> int:
         return self.num_samples
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        perm = epoch_permutation(self.num_samples, seed, epoch)
+        perm = self.order(self.num_samples, seed, epoch)
         for i in range(0, self.num_samples, batch_size):
             yield Batch(sample_index=perm[i:i + batch_size])
 

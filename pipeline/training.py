@@ -191,16 +191,17 @@ class ImageSet:
         return x.to(self.device, non_blocking=True)
 
 
-def preload(dataset: Any, batch_size: int = 8192, n: int | None = None) -> torch.Tensor:
+def preload(dataset: Any, batch_size: int = 8192, n: int | None = None, num_workers: int = 0) -> torch.Tensor:
     """The first ``n`` (default: all) images of ``dataset`` as one (n, C, H, W) float32 tensor, read once in
-    data-set order (through the data set's batched ``get_batch`` when it has one: no per-item Python)."""
+    data-set order (through the data set's batched ``get_batch`` when it has one: no per-item Python; else a
+    DataLoader with ``num_workers`` workers)."""
     n = len(dataset) if n is None else min(int(n), len(dataset))
     fast = getattr(dataset, "get_batch", None)
     if callable(fast):
         return torch.cat([fast(np.arange(i, min(n, i + batch_size)))[0].float() for i in range(0, n, batch_size)])
     if n < len(dataset):
         dataset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return torch.cat([x.float() for x, _ in loader])
 
 
@@ -568,7 +569,7 @@ class TeacherFit:
 def fit_teacher(arch: str, train: Any, test: Any, cfg: TrainConfig, *, optimizer: str = "adam",
                 schedule: str = "cosine", augment: str = "none", device: str | torch.device = "cpu",
                 max_samples: int | None = None, progress: bool = False, progress_desc: str | None = None,
-                out_dir: str | Path | None = None, resume: bool = False, identity: dict[str, Any] | None = None
+                num_workers: int = 0, out_dir: str | Path | None = None, resume: bool = False, identity: dict[str, Any] | None = None
                 ) -> TeacherFit:
     """Train teacher ``arch`` with cross-entropy on the first ``max_samples`` (default all) samples of
     ``train`` (a ``DatasetSpec``) through :func:`train_student` (method ``ce``), then evaluate it on the
@@ -586,9 +587,9 @@ def fit_teacher(arch: str, train: Any, test: Any, cfg: TrainConfig, *, optimizer
     n_test = min(len(test.dataset), max_samples or len(test.dataset))
     torch.manual_seed(cfg.seed)
     model = build_model(arch, train.num_classes, train.in_channels, train.image_size).to(device)
-    images = ImageSet(None, device, tensor=preload(train.dataset, n=n_train))
+    images = ImageSet(None, device, tensor=preload(train.dataset, n=n_train, num_workers=num_workers))
     labels = torch.as_tensor(np.asarray(train.labels[:n_train]), dtype=torch.int64)
-    eval_images = ImageSet(None, device, tensor=preload(test.dataset, n=n_test))
+    eval_images = ImageSet(None, device, tensor=preload(test.dataset, n=n_test, num_workers=num_workers))
     eval_labels = torch.as_tensor(np.asarray(test.labels[:n_test]), dtype=torch.int64)
     from loca_pipe.pipeline.losses import LossConfig  # deferred like the loop's own loss import (_loss_fn)
 

@@ -135,6 +135,7 @@ def _run(p: TrainTeacherParams) -> Report:
                       amp=False, eval_batch_size=p.eval_batch_size)
     fit = fit_teacher(p.arch, train, test, cfg, optimizer=p.optimizer, schedule=p.schedule, augment=p.augment,
                       device=resolve_device(p.device), max_samples=p.max_samples, progress=p.progress,
+                      num_workers=p.num_workers,
                       progress_desc=f"train {p.name or p.arch}")
     model, m = fit.model, fit.metrics
     test_top1, train_top1, n_train, n_test = m["test_top1"], m["train_top1"], m["num_train"], m["num_test"]

@@ -307,16 +307,15 @@ class SoftLabels:
             chunk_of = torch.div(want, self.chunk_rows, rounding_mode="floor")
             chunks = torch.unique(chunk_of).tolist()
             cache = {c: cache[c] if c in cache else self._read_chunk(c) for c in chunks}
-            local = torch.empty_like(want)
-            start = 0
-            for c in chunks:  # rows of chunk c land at [start, start + chunk length) of the buffer
-                sel = chunk_of == c
-                local[sel] = want[sel] - c * self.chunk_rows + start
-                start += next(iter(cache[c].values())).shape[0]
+            # buffer position of a row: chunk c's rows sit at [start_c, start_c + its length) of the buffer
+            starts = torch.zeros(chunks[-1] + 1, dtype=torch.int64)
+            lengths = torch.tensor([next(iter(cache[c].values())).shape[0] for c in chunks])
+            starts[torch.tensor(chunks)] = torch.cumsum(lengths, 0) - lengths
+            local = want - chunk_of * self.chunk_rows + starts[chunk_of]
             buf = {k: torch.cat([cache[c][k] for c in chunks]) for k in cache[chunks[0]]}
+            aug = buf.pop("__aug", None)
             for i in range(0, want.numel(), batch_size):
-                yield self._batch(want[i:i + batch_size], {k: v for k, v in buf.items() if k != "__aug"},
-                                  buf.get("__aug"), offset=local[i:i + batch_size])
+                yield self._batch(want[i:i + batch_size], buf, aug, offset=local[i:i + batch_size])
 
     def _read_chunk(self, c: int) -> dict[str, torch.Tensor]:
         lo, hi = c * self.chunk_rows, min(self.num_rows, (c + 1) * self.chunk_rows)

@@ -39,6 +39,7 @@ from loca_pipe.pipeline.distributed import WriterLease
 from loca_pipe.pipeline.errors import ConfigError, DataError, ModelError, NumericsError, StoreConflictError, StoreError
 from loca_pipe.pipeline.progress import progress_bar
 from loca_pipe.pipeline.store import LogitStore, StoreInfo, TeacherWriter, io_guard
+from loca_pipe.pipeline.threads import pin_threads
 from loca_pipe.pipeline.threads import one_thread
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ class Summarizer(_Worker):
         self.gen: torch.Generator | None = None
 
     def run(self) -> None:
-        torch.set_num_threads(self.threads)
+        pin_threads(self.threads)  # this thread's intra-op count (pipeline/threads.py)
         super().run()
 
     def handle(self, item: tuple[int, Batch]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 from loca_pipe.pipeline.names import SOFT_LABEL_FORMS as FORMS
 from loca_pipe.pipeline.names import VIEW_POLICIES
+from loca_pipe.pipeline.store.format import default_chunk_rows
 DEFAULT_MEMORY_LIMIT = 4 << 30
 
 
@@ -54,6 +55,51 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of epoch ``epoch``: a permutation of range(n), a pure function of (seed, epoch)."""
     return torch.randperm(n, generator=epoch_generator(seed, epoch))
+
+
+class BlockOrder:
+    """The streamed order of an epoch over ``n`` sample positions (data-set order): blocks of ``block_rows``
+    consecutive positions visited in a seeded random order, ``buffer_blocks`` blocks at a time, the positions
+    of each such buffer shuffled — the usual chunk-granular shuffle, defined on the data set instead of on a
+    store, so a method with no store (CE) follows it exactly as a streamed store does (:func:`run_order`).
+    A pure function of (seed, epoch): any resume replays it."""
+
+    def __init__(self, block_rows: int, buffer_blocks: int = 8):
+        self.block_rows, self.buffer_blocks = max(1, int(block_rows)), max(1, int(buffer_blocks))
+
+    def __call__(self, n: int, seed: int, epoch: int) -> torch.Tensor:
+        n_blocks = max(1, math.ceil(n / self.block_rows))
+        blocks = torch.randperm(n_blocks, generator=epoch_generator(seed, epoch, 2)).tolist()
+        gen = epoch_generator(seed, epoch, 3)
+        out = []
+        for g in range(0, n_blocks, self.buffer_blocks):
+            pos = torch.cat([torch.arange(b * self.block_rows, min(n, (b + 1) * self.block_rows))
+                             for b in sorted(blocks[g:g + self.buffer_blocks])])
+            out.append(pos[torch.randperm(pos.numel(), generator=gen)])
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"BlockOrder(block_rows={self.block_rows}, buffer_blocks={self.buffer_blocks})"
+
+
+def run_order(num_samples: int, num_classes: int, memory_limit_bytes: int,
+              buffer_blocks: int = 8) -> Callable[[int, int, int], torch.Tensor]:
+    """The data order every method of a run uses, from what every method knows (never from one method's
+    store): :func:`epoch_permutation` (the in-memory order) when the data set's full fp32 logits
+    (``num_samples × num_classes × 4`` bytes) fit ``memory_limit_bytes``, else a :class:`BlockOrder` whose
+    blocks are the rows of a default store chunk for ``num_classes`` (``store.format.default_chunk_rows``),
+    so a streamed store reads each chunk once per epoch. CE, KD and LoCa of one seed and one memory limit
+    therefore see the same samples in the same order in both modes (``data_order`` in metrics.json)."""
+    if int(num_samples) * int(num_classes) * 4 <= int(memory_limit_bytes):
+        return epoch_permutation
+    return BlockOrder(default_chunk_rows(int(num_classes)), buffer_blocks)
+
+
+def numpy_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The teachers' training order (``train-teacher``): numpy's permutation of range(n) drawn from
+    ``default_rng([seed, epoch])``. A second order function only because teacher checkpoints stay
+    bit-identical to the ones written before the teachers trained through :func:`training.train_student`."""
+    return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(int(n)))
 
 
 def random_view(sample_id: torch.Tensor, seed: int, epoch: int, num_views: int) -> torch.Tensor:
@@ -81,15 +127,16 @@ class Batch:
 class PlainSource:
     """Batches of data-set indices with no teacher signal (CE, or online KD with a live teacher)."""
 
-    def __init__(self, num_samples: int):
+    def __init__(self, num_samples: int, order: Callable[[int, int, int], torch.Tensor] = epoch_permutation):
         self.num_samples = int(num_samples)
         self.sample_index = torch.arange(self.num_samples)
+        self.order = order  # (n, seed, epoch) → the epoch's data-set indices in training order
 
     def __len__(self) -> int:
         return self.num_samples
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        perm = epoch_permutation(self.num_samples, seed, epoch)
+        perm = self.order(self.num_samples, seed, epoch)
         for i in range(0, self.num_samples, batch_size):
             yield Batch(sample_index=perm[i:i + batch_size])
 
@@ -98,15 +145,16 @@ class TensorSource:
     """Teacher logits held in memory as one (N, C) tensor indexed by data-set index — the floor any offline
     reader is measured against (benchmarks), and a way to train from logits computed elsewhere."""
 
-    def __init__(self, logits: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, order: Callable[[int, int, int], torch.Tensor] = epoch_permutation):
         self.logits = logits
         self.num_samples = int(logits.shape[0])
+        self.order = order
 
     def __len__(self) -> int:
         return self.num_samples
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        perm = epoch_permutation(self.num_samples, seed, epoch)
+        perm = self.order(self.num_samples, seed, epoch)
         for i in range(0, self.num_samples, batch_size):
             idx = perm[i:i + batch_size]
             yield Batch(sample_index=idx, teacher={"teacher_logits": self.logits[idx].float()})
@@ -132,7 +180,8 @@ class SoftLabels:
                  sample_id: np.ndarray, label: np.ndarray, view: np.ndarray, aug_params: Any,
                  arrays: dict[str, Any], chunk_rows: int, tau: float, tau_index: int = 0,
                  memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT, buffer_chunks: int = 8,
-                 view_policy: str = "cycle", meta: dict[str, Any] | None = None):
+                 view_policy: str = "cycle", meta: dict[str, Any] | None = None,
+                 order: Callable[[int, int, int], torch.Tensor] | None = None):
         if view_policy not in VIEW_POLICIES:
             raise ConfigError(f"view policy must be one of {list(VIEW_POLICIES)}; got {view_policy!r}")
         self.source, self.teacher, self.kind = source, teacher, kind
@@ -180,6 +229,19 @@ class SoftLabels:
             self.row_table = table
         else:
             self.row_table = self.rows_of_view[0].view(-1, 1) if self.num_views else torch.empty(0, 1)
+        # the same table by sample position in data-set order (sample ids ascending): an order's position p
+        # is the p-th smallest sample id, whichever order the store's rows are in (identity for a store
+        # written in data-set order, so the in-memory order is unchanged there)
+        by_id = torch.argsort(self.sample_id[self.row_table[:, 0]], stable=True) if self.num_views else \
+            torch.empty(0, dtype=torch.int64)
+        self.pos_rows = self.row_table[by_id]
+        self.pos_sid = self.sample_id[self.pos_rows[:, 0]] if self.num_views else torch.empty(0, dtype=torch.int64)
+        # the epoch order: given (the run's, :func:`run_order`), else the in-memory permutation or, streamed,
+        # the block order over this store's chunks
+        self.order = order or (epoch_permutation if self.in_memory else BlockOrder(self.chunk_rows, self.buffer_chunks))
+        if not self.in_memory and self.order is epoch_permutation:
+            log.warning("%s: streamed in a global permutation order (the run's order): every buffer reads most "
+                        "chunks; raise memory_limit_gb to hold this teacher signal", source)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -194,22 +256,21 @@ class SoftLabels:
 
     # -- epoch order ----------------------------------------------------------------------------------
     def epoch_rows(self, epoch: int, seed: int) -> torch.Tensor:
-        """Store rows of epoch ``epoch`` in training order (in-memory mode): one row per sample."""
-        perm = epoch_permutation(self.num_samples, seed, epoch)
+        """Store rows of epoch ``epoch`` in training order: one row per sample, the samples in ``self.order``."""
+        pos = self.order(self.num_samples, seed, epoch)
         if self.view_policy == "random" and self.num_views > 1:
-            sid = self.sample_id[self.rows_of_view[0]]
-            v = random_view(sid, seed, epoch, self.num_views)
-            return self.row_table[perm, v[perm]]
-        return self.rows_of_view[self.view_for_epoch(epoch)][perm]
+            v = random_view(self.pos_sid[pos], seed, epoch, self.num_views)
+            return self.pos_rows[pos, v]
+        return self.pos_rows[pos, self.view_for_epoch(epoch)]
 
     def batches(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
         """Batches of epoch ``epoch`` (every sample once, in one of its views)."""
+        rows = self.epoch_rows(epoch, seed)
         if self.in_memory:
-            rows = self.epoch_rows(epoch, seed)
             for i in range(0, rows.numel(), batch_size):
                 yield self._batch(rows[i:i + batch_size], self.tensors, self.aug, offset=None)
         else:
-            yield from self._stream(epoch, batch_size, seed)
+            yield from self._stream(rows, batch_size)
 
     def _batch(self, rows: torch.Tensor, tensors: dict[str, torch.Tensor], aug: torch.Tensor | None,
                offset: torch.Tensor | None) -> Batch:
@@ -235,53 +296,33 @@ class SoftLabels:
             return {"teacher_sparse": SparseDist(t["ids"].long(), t["probs"].float(), t["tail"].float())}
         raise StoreError(f"unknown soft-label kind {self.kind!r}")  # pragma: no cover - set internally
 
-    def _stream(self, epoch: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Chunk-granular shuffle for stores larger than memory (see the module docstring)."""
-        n_chunks = max(1, math.ceil(self.num_rows / self.chunk_rows))
-        order = torch.randperm(n_chunks, generator=epoch_generator(seed, epoch, 2)).tolist()
-        gen = epoch_generator(seed, epoch, 3)
-        pick_random = self.view_policy == "random" and self.num_views > 1
-        view_e = self.view_for_epoch(epoch)
-        pending: dict[str, torch.Tensor] | None = None
-        for g in range(0, n_chunks, self.buffer_chunks):
-            chunks = sorted(order[g:g + self.buffer_chunks])
-            parts: list[dict[str, torch.Tensor]] = []
-            for c in chunks:
-                lo, hi = c * self.chunk_rows, min(self.num_rows, (c + 1) * self.chunk_rows)
-                rows = torch.arange(lo, hi)
-                if pick_random:
-                    keep = self.view[rows] == random_view(self.sample_id[rows], seed, epoch, self.num_views)
-                else:
-                    keep = self.view[rows] == view_e
-                sel = torch.nonzero(keep).flatten()
-                if sel.numel() == 0:
-                    continue
-                part = {k: torch.from_numpy(np.ascontiguousarray(a[lo:hi]))[sel] for k, a in self._src.items()}
-                if self._aug_src is not None:
-                    part["__aug"] = torch.from_numpy(np.asarray(self._aug_src[lo:hi], np.float32))[sel]
-                part["__rows"] = rows[sel]
-                parts.append(part)
-            if not parts:
-                continue
-            buf = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            perm = torch.randperm(buf["__rows"].numel(), generator=gen)
-            buf = {k: v[perm] for k, v in buf.items()}
-            if pending is not None:
-                buf = {k: torch.cat([pending[k], buf[k]]) for k in buf}
-            n = buf["__rows"].numel()
-            full = (n // batch_size) * batch_size
-            for i in range(0, full, batch_size):
-                yield self._from_buffer(buf, slice(i, i + batch_size))
-            pending = {k: v[full:] for k, v in buf.items()} if full < n else None
-        if pending is not None:
-            yield self._from_buffer(pending, slice(0, pending["__rows"].numel()))
+    def _stream(self, rows: torch.Tensor, batch_size: int) -> Iterator[Batch]:
+        """The epoch's ``rows`` for a store larger than memory: segment by segment (about ``buffer_chunks``
+        chunks of rows, a whole number of batches), reading the chunks a segment's rows lie in; a chunk the
+        previous segment read is reused (a block order's buffer may straddle two segments)."""
+        seg = max(batch_size, (self.buffer_chunks * self.chunk_rows) // batch_size * batch_size)
+        cache: dict[int, dict[str, torch.Tensor]] = {}
+        for s0 in range(0, rows.numel(), seg):
+            want = rows[s0:s0 + seg]
+            chunk_of = torch.div(want, self.chunk_rows, rounding_mode="floor")
+            chunks = torch.unique(chunk_of).tolist()
+            cache = {c: cache[c] if c in cache else self._read_chunk(c) for c in chunks}
+            # buffer position of a row: chunk c's rows sit at [start_c, start_c + its length) of the buffer
+            starts = torch.zeros(chunks[-1] + 1, dtype=torch.int64)
+            lengths = torch.tensor([next(iter(cache[c].values())).shape[0] for c in chunks])
+            starts[torch.tensor(chunks)] = torch.cumsum(lengths, 0) - lengths
+            local = want - chunk_of * self.chunk_rows + starts[chunk_of]
+            buf = {k: torch.cat([cache[c][k] for c in chunks]) for k in cache[chunks[0]]}
+            aug = buf.pop("__aug", None)
+            for i in range(0, want.numel(), batch_size):
+                yield self._batch(want[i:i + batch_size], buf, aug, offset=local[i:i + batch_size])
 
-    def _from_buffer(self, buf: dict[str, torch.Tensor], sl: slice) -> Batch:
-        rows = buf["__rows"][sl]
-        t = {k: v[sl] for k, v in buf.items() if not k.startswith("__")}
-        return Batch(sample_index=self.sample_id[rows], rows=rows,
-                     aug_params=buf["__aug"][sl] if "__aug" in buf else None,
-                     teacher=self._loss_inputs(t, self.label[rows]))
+    def _read_chunk(self, c: int) -> dict[str, torch.Tensor]:
+        lo, hi = c * self.chunk_rows, min(self.num_rows, (c + 1) * self.chunk_rows)
+        part = {k: torch.from_numpy(np.ascontiguousarray(a[lo:hi])) for k, a in self._src.items()}
+        if self._aug_src is not None:
+            part["__aug"] = torch.from_numpy(np.asarray(self._aug_src[lo:hi], np.float32))
+        return part
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,7 +356,8 @@ def check_join(source: str, what: str, store_fp: str | None, spec: Any, store_cl
 
 def load_soft_labels(store_path: str, spec: Any, *, teacher: str | None = None, student_classes: int | None = None,
                      tau: float = 4.0, form: str = "auto", memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT,
-                     buffer_chunks: int = 8, view_policy: str = "cycle") -> SoftLabels:
+                     buffer_chunks: int = 8, view_policy: str = "cycle",
+                     order: Callable[[int, int, int], torch.Tensor] | None = None) -> SoftLabels:
     """Open a complete teacher in a logit store and join it to data set ``spec`` (a ``DatasetSpec``).
 
     ``form``: ``logits`` (full logits; error if not stored), ``topk`` (sparse from top-k + lse at τ; τ must
@@ -361,7 +403,7 @@ def load_soft_labels(store_path: str, spec: Any, *, teacher: str | None = None, 
                     num_views=info.num_views, sample_id=sample_id, label=label, view=view, aug_params=aug,
                     arrays=arrays, chunk_rows=info.chunk_rows, tau=tau, tau_index=tau_index,
                     memory_limit_bytes=memory_limit_bytes, buffer_chunks=buffer_chunks, view_policy=view_policy,
-                    meta={"store": store_path, "teacher": tv.name, "dataset": info.dataset,
+                    order=order, meta={"store": store_path, "teacher": tv.name, "dataset": info.dataset,
                           "aug_param_names": list(info.aug_param_names), "provenance": tv.attrs})
     if use == "topk" and sl.in_memory:
         # the lse column at τ is all the batch needs: slice once instead of per batch
@@ -382,7 +424,8 @@ TARGET_METHODS = _target_methods()
 
 def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float, student_classes: int | None = None,
                  teacher: str | None = None, memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT, buffer_chunks: int = 8,
-                 view_policy: str = "cycle") -> SoftLabels:
+                 view_policy: str = "cycle", order: Callable[[int, int, int], torch.Tensor] | None = None
+                 ) -> SoftLabels:
     """Precomputed targets (``loca-pipe calibrate``) for ``method`` at (α, τ), joined to data set ``spec``.
 
     ``kd``/``dkd`` read the plain KD targets, ``loca``/``loca_dkd`` the LoCa targets at α; the returned
@@ -429,7 +472,7 @@ def load_targets(path: str, spec: Any, *, method: str, alpha: float, tau: float,
                     aug_params=ts["aug_params"] if has_aug else None, arrays=arrays,
                     chunk_rows=int(ts.attrs.get("chunk_rows") or max(1, len(sample_id))), tau=tau,
                     memory_limit_bytes=memory_limit_bytes, buffer_chunks=buffer_chunks, view_policy=view_policy,
-                    meta={"store": path, "teacher": tv.name, "dataset": src.get("dataset") or {},
+                    order=order, meta={"store": path, "teacher": tv.name, "dataset": src.get("dataset") or {},
                           "provenance": (src.get("teachers") or {}).get(tv.name, {}), "alpha": a, "tau": ts.tau})
     sl.method = TARGET_METHODS[method]
     return sl

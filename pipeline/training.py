@@ -17,6 +17,7 @@ with a GradScaler (``TrainConfig.amp``). The loss is always computed in fp32.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -31,8 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from loca_pipe.pipeline.augment import make_augmenter
 from loca_pipe.pipeline.errors import ConfigError, NumericsError, StoreError
 from loca_pipe.pipeline.io import atomic_save, atomic_write_text
+from loca_pipe.pipeline.models import build_model
+from loca_pipe.pipeline.soft_labels import PlainSource, numpy_permutation
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,36 @@ class TrainConfig:
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"milestones must be increasing epochs; got {list(self.milestones)}")
         return self
+
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("step", "cosine", "constant")
+
+
+def make_optimizer(params: Iterable[Any], cfg: TrainConfig, optimizer: str = "sgd") -> torch.optim.Optimizer:
+    """``sgd`` (momentum, Nesterov when ``cfg.nesterov``) or ``adam`` (Adam's own β; ``cfg.momentum`` unused)
+    at ``cfg.lr`` with L2 weight decay ``cfg.weight_decay``."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}; got {optimizer!r}")
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, schedule: str, steps_per_epoch: int
+                  ) -> tuple[Any, bool]:
+    """The learning-rate schedule and whether it steps after every optimizer step (else after every epoch):
+    ``step`` ×``cfg.lr_decay`` at each milestone epoch (the students'); ``cosine`` per-step cosine decay from
+    ``cfg.lr`` to 0 over the run; ``constant`` (the teachers' two)."""
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_decay), False
+    if schedule == "cosine":
+        steps = cfg.epochs * max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))), True
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), True
+    raise ConfigError(f"schedule must be one of {list(SCHEDULES)}; got {schedule!r}")
 
 
 # The paper's CIFAR recipe (after CRD/DKD): SGD 0.9, wd 5e-4, batch 64, 240 epochs, ×0.1 at 150/180/210,
@@ -157,14 +191,17 @@ class ImageSet:
         return x.to(self.device, non_blocking=True)
 
 
-def preload(dataset: Any, batch_size: int = 8192) -> torch.Tensor:
-    """All images of ``dataset`` as one (N, C, H, W) float32 tensor, read once in data-set order
-    (through the data set's batched ``get_batch`` when it has one: no per-item Python)."""
+def preload(dataset: Any, batch_size: int = 8192, n: int | None = None, num_workers: int = 0) -> torch.Tensor:
+    """The first ``n`` (default: all) images of ``dataset`` as one (n, C, H, W) float32 tensor, read once in
+    data-set order (through the data set's batched ``get_batch`` when it has one: no per-item Python; else a
+    DataLoader with ``num_workers`` workers)."""
+    n = len(dataset) if n is None else min(int(n), len(dataset))
     fast = getattr(dataset, "get_batch", None)
     if callable(fast):
-        n = len(dataset)
         return torch.cat([fast(np.arange(i, min(n, i + batch_size)))[0].float() for i in range(0, n, batch_size)])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    if n < len(dataset):
+        dataset = torch.utils.data.Subset(dataset, range(n))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     return torch.cat([x.float() for x, _ in loader])
 
 
@@ -267,8 +304,8 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                   teacher_model: nn.Module | None = None, replay: Any = None, augmenter: Any = None,
                   resume: bool = False, identity: dict[str, Any] | None = None, hooks: Hooks | None = None,
                   progress: bool = False, loss_fn: Callable[..., torch.Tensor] | None = None,
-                  do_eval: bool = True, progress_desc: str | None = None, blockkd: nn.Module | None = None
-                  ) -> TrainResult:
+                  do_eval: bool = True, progress_desc: str | None = None, blockkd: nn.Module | None = None,
+                  optimizer: str = "sgd", schedule: str = "step") -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs and return the final metrics.
 
     ``source`` yields :class:`~loca_pipe.pipeline.soft_labels.Batch` es: a ``SoftLabels`` (teacher signal
@@ -282,6 +319,13 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
     forward, which returns the student's logits and the stepping-stone hybrids' (passed to the loss as
     ``hybrids``); the optimizer then holds the student's and the connectors' parameters (never the
     teacher's), and the checkpoint the connectors too.
+
+    ``optimizer`` / ``schedule``: :func:`make_optimizer` / :func:`make_schedule` (the students' SGD with step
+    decay by default; teachers pass theirs, see :func:`fit_teacher`).
+
+    ``metrics["data_order"]`` (and ``data_order`` of every history row) fingerprints the sample ids the
+    loop was handed, in order, epoch by epoch (:func:`order_fingerprint`): two runs with the same value saw
+    the same samples in the same order, so a paired comparison of them is paired in data order too.
     """
     cfg = cfg.validate()
     compute_loss = loss_fn or _loss_fn()
@@ -304,9 +348,9 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             raise ConfigError("train_student: blockkd must wrap the model being trained (BlockKD(student=model, ...))")
         blockkd.to(device)
     trained = blockkd if blockkd is not None else model
-    opt = torch.optim.SGD(trained.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
+    opt = make_optimizer(trained.parameters(), cfg, optimizer)
+    sched, per_step = make_schedule(opt, cfg, schedule, math.ceil(len(source) / cfg.batch_size))
+    optim = {"optimizer": optimizer, "schedule": schedule}
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[dict[str, Any]] = []
@@ -320,6 +364,9 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                      if old.get(k) != new.get(k)]
             raise ConfigError(f"cannot resume from {str(ckpt_path)!r}: it belongs to another run ({'; '.join(diffs)}); "
                               f"use another output folder or run without --resume to start over")
+        if ck.get("optim", {"optimizer": "sgd", "schedule": "step"}) != optim:
+            raise ConfigError(f"cannot resume from {str(ckpt_path)!r}: it was trained with {ck.get('optim')}, this run "
+                              f"asks {optim}; use another output folder or run without --resume to start over")
         model.load_state_dict(ck["model"])
         if blockkd is not None:
             blockkd.connectors.load_state_dict(ck["connectors"])
@@ -353,8 +400,10 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        order = hashlib.blake2b(digest_size=8)  # the epoch's sample-id sequence (the global batch under DDP)
         for step, batch in enumerate(source.batches(epoch, cfg.batch_size, cfg.seed)):
             global_b = int(batch.sample_index.numel())
+            order.update(np.ascontiguousarray(batch.sample_index.cpu().numpy(), dtype="<i8").tobytes())
             if ddp:
                 batch = shard_batch(batch, rank, world)
             idx = batch.sample_index
@@ -402,6 +451,8 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             scaler.scale(scaled).backward()
             scaler.step(opt)
             scaler.update()
+            if per_step:
+                sched.step()
             if hooks and hooks.on_step:
                 hooks.on_step(epoch, step, batch, loss.detach())
             b = idx.numel()
@@ -419,9 +470,10 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
             torch.distributed.all_reduce(tot)
             loss_sum, correct, seen = tot[0], tot[1], int(tot[2].item())
         lr = opt.param_groups[0]["lr"]
-        sched.step()
+        if not per_step:
+            sched.step()
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": float(loss_sum) / max(1, seen),
-                               "train_top1": 100.0 * float(correct) / max(1, seen)}
+                               "train_top1": 100.0 * float(correct) / max(1, seen), "data_order": order.hexdigest()}
         train_s = time.perf_counter() - t0
         if do_eval and main and eval_images is not None and eval_labels is not None:
             ev = evaluate(model, eval_images, eval_labels, cfg.eval_batch_size, amp=use_amp)
@@ -432,7 +484,7 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
         if out is not None and main:
             atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                         "history": history, "identity": identity, "config": asdict(cfg),
+                         "history": history, "identity": identity, "config": asdict(cfg), "optim": optim,
                          **({"connectors": blockkd.connectors.state_dict()} if blockkd is not None else {})},
                         ckpt_path)
             write_log(out / LOG_CSV, history)
@@ -450,12 +502,21 @@ def train_student(model: nn.Module, *, images: ImageSet, labels: torch.Tensor, s
                "train_top1": last.get("train_top1"), "test_top1": last.get("test_top1"),
                "test_top5": last.get("test_top5"),
                "best_test_top1": max((r["test_top1"] for r in history if "test_top1" in r), default=None),
-               "train_seconds": t_total}
+               "train_seconds": t_total, "data_order": order_fingerprint(history)}
     if ddp:
         metrics["world_size"] = world
     if out is not None and main:
         atomic_write_text(out / METRICS_JSON, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return TrainResult(metrics=metrics, history=history)
+
+
+def order_fingerprint(history: list[dict[str, Any]]) -> str | None:
+    """16 hex digits over the per-epoch digests of the sample-id sequence (``data_order`` of each history
+    row); None when a row lacks one (a run resumed from a checkpoint written before the key existed)."""
+    digests = [r.get("data_order") for r in history]
+    if not digests or any(not d for d in digests):
+        return None
+    return hashlib.blake2b(",".join(digests).encode(), digest_size=8).hexdigest()
 
 
 def shard_batch(batch: Any, rank: int, world: int) -> Any:
@@ -490,3 +551,70 @@ def _to(v: Any, device: torch.device) -> Any:
 
 def config_with(cfg: TrainConfig, **kw: Any) -> TrainConfig:
     return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+
+
+# ----------------------------------------------------------------------------------------------------
+# teachers: the same loop with a CE source
+
+
+@dataclass
+class TeacherFit:
+    """A trained image teacher and what ``train-teacher`` reports about it."""
+
+    model: nn.Module
+    metrics: dict[str, Any]  # test/train top-1 (%), final_train_loss, seconds, samples/s, num_train/test, epochs
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_teacher(arch: str, train: Any, test: Any, cfg: TrainConfig, *, optimizer: str = "adam",
+                schedule: str = "cosine", augment: str = "none", device: str | torch.device = "cpu",
+                max_samples: int | None = None, progress: bool = False, progress_desc: str | None = None,
+                num_workers: int = 0, out_dir: str | Path | None = None, resume: bool = False, identity: dict[str, Any] | None = None
+                ) -> TeacherFit:
+    """Train teacher ``arch`` with cross-entropy on the first ``max_samples`` (default all) samples of
+    ``train`` (a ``DatasetSpec``) through :func:`train_student` (method ``ce``), then evaluate it on the
+    first ``max_samples`` of ``test`` and of ``train`` with :func:`evaluate`.
+
+    The weights are initialised after ``torch.manual_seed(cfg.seed)``, epoch ``e`` visits the samples in
+    :func:`~loca_pipe.pipeline.soft_labels.numpy_permutation` order of ``(cfg.seed, e)``, view ``e`` of a
+    sample's ``augment`` is drawn from ``(cfg.seed, id, e)``, and the schedule steps after every optimizer
+    step: the operations, in the order, of the stage loop this replaced (tests/pipeline/test_training_teacher.py
+    checks the weights bit for bit against an independent loop). ``out_dir`` (optional) receives the
+    loop's per-epoch ``checkpoint.pt`` / ``log.csv`` / ``metrics.json``, which is what ``resume`` continues.
+    """
+    device = torch.device(device)
+    n_train = min(len(train.dataset), max_samples or len(train.dataset))
+    n_test = min(len(test.dataset), max_samples or len(test.dataset))
+    torch.manual_seed(cfg.seed)
+    model = build_model(arch, train.num_classes, train.in_channels, train.image_size).to(device)
+    images = ImageSet(None, device, tensor=preload(train.dataset, n=n_train, num_workers=num_workers))
+    labels = torch.as_tensor(np.asarray(train.labels[:n_train]), dtype=torch.int64)
+    eval_images = ImageSet(None, device, tensor=preload(test.dataset, n=n_test, num_workers=num_workers))
+    eval_labels = torch.as_tensor(np.asarray(test.labels[:n_test]), dtype=torch.int64)
+    from loca_pipe.pipeline.losses import LossConfig  # deferred like the loop's own loss import (_loss_fn)
+
+    # the last epoch's mean loss in float64, summed as the stage loop did (loss.item() × batch size)
+    sums: dict[int, list[float]] = {}
+
+    def on_step(epoch: int, step: int, batch: Any, loss: torch.Tensor) -> None:
+        s = sums.setdefault(epoch, [0.0, 0])
+        s[0] += loss.item() * int(batch.sample_index.numel())
+        s[1] += int(batch.sample_index.numel())
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = train_student(model, images=images, labels=labels, source=PlainSource(n_train, order=numpy_permutation),
+                        method="ce", loss_cfg=LossConfig(), cfg=cfg, out_dir=out_dir, resume=resume,
+                        identity=identity, augmenter=make_augmenter(augment, cfg.seed, train.image_size),
+                        hooks=Hooks(on_step=on_step), progress=progress, do_eval=False, progress_desc=progress_desc,
+                        optimizer=optimizer, schedule=schedule)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    test_top1 = evaluate(model, eval_images, eval_labels, cfg.eval_batch_size)["top1"]
+    train_top1 = evaluate(model, images, labels, cfg.eval_batch_size)["top1"]
+    last = sums.get(cfg.epochs - 1, [0.0, 0])
+    final_loss = last[0] / max(last[1], 1) if last[1] else res.metrics.get("train_loss")
+    epochs_run = len(sums)  # epochs trained by this call (fewer when it resumed)
+    return TeacherFit(model, {
+        "test_top1": test_top1, "train_top1": train_top1, "final_train_loss": final_loss,
+        "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
+        "samples_per_second": epochs_run * n_train / max(seconds, 1e-9), "num_train": n_train, "num_test": n_test,
+        "epochs": cfg.epochs}, res.history)

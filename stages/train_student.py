@@ -396,7 +396,7 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     from loca_pipe.pipeline.augment import make_augmenter
     from loca_pipe.pipeline.losses import METHODS
     from loca_pipe.pipeline.models import build_model, load_checkpoint, read_sidecar, resolve_device
-    from loca_pipe.pipeline.soft_labels import PlainSource, load_soft_labels, load_targets
+    from loca_pipe.pipeline.soft_labels import PlainSource, load_soft_labels, load_targets, run_order
     from loca_pipe.pipeline.training import (ImageSet, METRICS_JSON, atomic_write_text, preset_config,
                                              seed_everything, train_student)
 
@@ -414,7 +414,9 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     init_from_env(device.type)  # under torchrun: DDP over the ranks (pipeline.training), else one process
     threads = p.threads if p.threads is not None else (1 if p.preset == "short-cpu" and device.type == "cpu" else None)
     if threads:
-        torch.set_num_threads(int(threads))
+        from loca_pipe.pipeline.threads import pin_threads
+
+        pin_threads(int(threads))
     cfg = preset_config(p.preset, p.student, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                         momentum=p.momentum, weight_decay=p.weight_decay, milestones=p.milestones, seed=p.seed,
                         amp=p.amp)
@@ -426,6 +428,7 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
     teacher_model = None
     meta: dict[str, Any] = {}
     mem = int(p.memory_limit_gb * (1 << 30))
+    order = run_order(len(spec), C, mem)  # one data order for every method of this seed and memory limit
     if p.online:
         side = read_sidecar(p.teacher_checkpoint)
         teacher_model = build_model(side["arch"], int(side.get("num_classes", C)), spec.in_channels, spec.image_size)
@@ -433,13 +436,13 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
         if int(side.get("num_classes", C)) != C:
             raise ConfigError(f"teacher checkpoint {p.teacher_checkpoint!r} has {side.get('num_classes')} classes but "
                               f"data set {p.dataset!r} has {C}; use a teacher trained on this data set")
-        source: Any = PlainSource(len(spec))
+        source: Any = PlainSource(len(spec), order=order)
         meta = {"teacher": side["arch"], "provenance": {**side, "sha256": sha}}
     elif method == "ce":
-        source = PlainSource(len(spec))
+        source = PlainSource(len(spec), order=order)
     elif p.targets:
         source = load_targets(p.targets, spec, method=method, alpha=p.alpha, tau=p.tau, student_classes=C,
-                              teacher=p.teacher, memory_limit_bytes=mem, view_policy=p.view_policy)
+                              teacher=p.teacher, memory_limit_bytes=mem, view_policy=p.view_policy, order=order)
         method = source.method  # targets already hold (calibrated) probabilities: plain KD on them
         meta = source.meta
     else:
@@ -448,7 +451,8 @@ def run(p: TrainStudentParams, shared: _Shared | None = None) -> Report:
                               f"train_student.targets, or online: true with a teacher_checkpoint")
         source = shared.get(("soft", p.store, p.teacher, C, p.tau, p.form, mem, p.view_policy),
                             lambda: load_soft_labels(p.store, spec, teacher=p.teacher, student_classes=C, tau=p.tau,
-                                                     form=p.form, memory_limit_bytes=mem, view_policy=p.view_policy))
+                                                     form=p.form, memory_limit_bytes=mem, view_policy=p.view_policy,
+                                                     order=order))
         meta = source.meta
     if p.max_samples is not None and p.max_samples < len(source):
         source = _first_samples(p, source, spec, meta, method)

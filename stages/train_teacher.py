@@ -8,6 +8,8 @@ Outputs, all written atomically (temporary file, then ``os.replace``), for check
 * ``OUT`` with suffix ``.metrics.json`` — metrics for DVC (test/train top-1, mis-instruction rate on the
   training set, seconds, samples/s).
 
+Training is :func:`loca_pipe.pipeline.training.fit_teacher`: cross-entropy through the students' loop
+(``train_student``, with the NaN guard), with this stage's optimizer (adam / sgd) and per-step schedule.
 Deterministic for a seed on a given machine: the weights are initialised after ``torch.manual_seed(seed)``
 and the order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``.
 """
@@ -17,24 +19,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from loca_pipe.pipeline.augment import make_augmenter
-from loca_pipe.pipeline.data import DatasetSpec, get_batch, open_dataset
+from loca_pipe.pipeline.data import open_dataset
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.guard import CHECKPOINT, FILE, check_outputs
 from loca_pipe.pipeline.io import atomic_save, versions, write_json
-from loca_pipe.pipeline.models import build_model, check_model_name, file_sha256, resolve_device, sidecar_path
-from loca_pipe.pipeline.progress import progress_bar
+from loca_pipe.pipeline.models import check_model_name, file_sha256, resolve_device, sidecar_path
 from loca_pipe.pipeline.threads import torch_threads
+from loca_pipe.pipeline.training import TrainConfig, fit_teacher
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
 
@@ -110,34 +107,6 @@ def load_params(params: dict[str, Any] | str | Path = "params.yaml", name: str |
 
 # ----------------------------------------------------------------------------------------------------
 
-def _batches(spec: DatasetSpec, indices: np.ndarray, batch_size: int, num_workers: int
-             ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """(sample ids, images, labels) in the order of ``indices``."""
-    if callable(getattr(spec.dataset, "get_batch", None)) or num_workers == 0:
-        for start in range(0, len(indices), batch_size):
-            ids = indices[start:start + batch_size]
-            x, y = get_batch(spec.dataset, ids)
-            yield ids, x, y
-        return
-    from torch.utils.data import DataLoader, Subset
-
-    loader = DataLoader(Subset(spec.dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, persistent_workers=False)
-    for start, (x, y) in zip(range(0, len(indices), batch_size), loader):
-        yield indices[start:start + batch_size], x, torch.as_tensor(y, dtype=torch.int64)
-
-
-@torch.inference_mode()
-def evaluate(model: torch.nn.Module, spec: DatasetSpec, n: int, batch_size: int, device: torch.device,
-             num_workers: int = 0) -> float:
-    """Top-1 accuracy of ``model`` on the first ``n`` samples of ``spec``, in percent."""
-    model.eval()
-    correct = 0
-    for _, x, y in _batches(spec, np.arange(n), batch_size, num_workers):
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-    return 100.0 * correct / max(n, 1)
-
-
 def run(p: TrainTeacherParams) -> Report:
     """Train, evaluate and write checkpoint + sidecar + metrics; the metrics are the report."""
     if p.threads is None:
@@ -159,60 +128,27 @@ def _run(p: TrainTeacherParams) -> Report:
                                        f"{opt_name} (metrics)": (metrics_path(p.checkpoint), FILE)})
     for path in (p.checkpoint, sidecar_path(p.checkpoint), metrics_path(p.checkpoint)):
         check_writable(path, "the teacher checkpoint", opt_name, kind="file")
-    device = resolve_device(p.device)
     train = open_dataset(p.dataset, "train", p.root)
     test = open_dataset(p.dataset, "test", p.root)
-    n_train = min(len(train), p.max_samples or len(train))
-    n_test = min(len(test), p.max_samples or len(test))
-
-    torch.manual_seed(p.seed)
-    model = build_model(p.arch, train.num_classes, train.in_channels, train.image_size).to(device)
-    if p.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0,
-                              weight_decay=p.weight_decay)
-    steps = p.epochs * math.ceil(n_train / p.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if p.schedule == "cosine" else (lambda s: 1.0))
-    augmenter = make_augmenter(p.augment, p.seed, train.image_size)
-
-    bar = progress_bar(total=p.epochs * n_train, desc=f"train {p.name or p.arch}", unit="img", enabled=p.progress)
-    t0, c0 = time.perf_counter(), time.process_time()
-    loss_sum, loss_n = 0.0, 0
-    for epoch in range(p.epochs):
-        model.train()
-        g = np.random.default_rng([p.seed, epoch])
-        order = g.permutation(n_train)
-        loss_sum, loss_n = 0.0, 0
-        for ids, x, y in _batches(train, order, p.batch_size, p.num_workers):
-            if augmenter is not None:
-                x = augmenter.apply(x, augmenter.sample_params(ids, view=epoch))
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            loss_n += len(y)
-            bar.update(len(y))
-            bar.set_postfix(epoch=f"{epoch + 1}/{p.epochs}", loss=f"{loss_sum / loss_n:.3f}", refresh=False)
-        log.info("epoch %d/%d: train loss %.4f", epoch + 1, p.epochs, loss_sum / max(loss_n, 1))
-    bar.close()
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-
-    test_top1 = evaluate(model, test, n_test, p.eval_batch_size, device, p.num_workers)
-    train_top1 = evaluate(model, train, n_train, p.eval_batch_size, device, p.num_workers)
+    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, momentum=p.momentum,
+                      weight_decay=p.weight_decay, milestones=(), nesterov=p.momentum > 0, seed=p.seed,
+                      amp=False, eval_batch_size=p.eval_batch_size)
+    fit = fit_teacher(p.arch, train, test, cfg, optimizer=p.optimizer, schedule=p.schedule, augment=p.augment,
+                      device=resolve_device(p.device), max_samples=p.max_samples, progress=p.progress,
+                      num_workers=p.num_workers,
+                      progress_desc=f"train {p.name or p.arch}")
+    model, m = fit.model, fit.metrics
+    test_top1, train_top1, n_train, n_test = m["test_top1"], m["train_top1"], m["num_train"], m["num_test"]
+    seconds = m["train_seconds"]
 
     ckpt = p.checkpoint
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save(state, ckpt)
     metrics = {
         "test_top1": test_top1, "train_top1": train_top1, "train_mis_instruction": 1.0 - train_top1 / 100.0,
-        "final_train_loss": loss_sum / max(loss_n, 1), "train_seconds": round(seconds, 3),
-        "train_cpu_seconds": round(cpu_seconds, 3),  # all threads; a fairer measure on a busy machine
-        "samples_per_second": round(p.epochs * n_train / max(seconds, 1e-9), 1), "num_train": n_train,
+        "final_train_loss": m["final_train_loss"], "train_seconds": round(seconds, 3),
+        "train_cpu_seconds": round(m["train_cpu_seconds"], 3),  # all threads; a fairer measure on a busy machine
+        "samples_per_second": round(m["samples_per_second"], 1), "num_train": n_train,
         "num_test": n_test, "epochs": p.epochs, "threads": torch.get_num_threads(),
     }
     sidecar = {

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from loca_pipe.pipeline import io as _io
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.threads import pin_threads
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import load_section, read_params
 
@@ -96,7 +95,7 @@ def report(section: str, values: dict[str, Any], outputs: dict[str, Any], shown:
 
 
 def set_threads(base: LMBase) -> None:
-    torch.set_num_threads(max(1, base.threads))
+    pin_threads(max(1, base.threads))
 
 
 def read_json(path: str | Path) -> Any:

@@ -70,6 +70,10 @@ FOOTER = """
 * **Interrupts.** Ctrl-C (SIGINT) in any command exits 130 naming the command that resumes (`interrupted;
   resume with: loca-pipe …`; `train-student` gains `--resume`); chunks whose done flag is set are whole and kept, and calibrate's local workers stop after the
   chunk they are writing.
+* **Training numerics.** Students and teachers train through one loop (`training.train_student`;
+  `train-teacher` via `fit_teacher`): a NaN/inf loss stops it with a `NumericsError` naming the epoch, step
+  and first sample ids, keeping the last finished epoch's checkpoint where the run writes one (students;
+  `train-teacher` writes its outputs only after training, so a failed teacher run leaves none behind).
 """
 
 

@@ -69,6 +69,7 @@ def test_ddp_two_ranks_match_one_process(student_store, tmp_path):
     run_dir = tmp_path / "ddp" / "loca-a0.9-s0"
     ddp = json.loads((run_dir / "metrics.json").read_text())
     assert ddp["world_size"] == 2
+    assert ddp["data_order"] == one["data_order"]  # hashed from the global batches, before sharding
     for k in ("train_loss", "train_top1"):  # over every rank's rows: the whole epoch
         assert ddp[k] == pytest.approx(one[k], rel=1e-4, abs=1e-4), k
     assert abs(ddp["test_top1"] - one["test_top1"]) <= 100 / 120 + 1e-9  # at most one of 120 test images

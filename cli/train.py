@@ -9,9 +9,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from loca_pipe.cli.options import DEVICES, MethodHelp, choices, comma_list
-from loca_pipe.pipeline.names import AUGMENTATIONS, VIEW_POLICIES
+from loca_pipe.pipeline.names import AUGMENTATIONS, REPORT_METRICS, VIEW_POLICIES
 from loca_pipe.pipeline.names import SOFT_LABEL_FORMS as FORMS
-from loca_pipe.stages.report import METRICS as REPORT_METRICS
 
 
 class Preset(str, enum.Enum):
@@ -29,7 +28,7 @@ Augment = choices("Augment", AUGMENTATIONS)  # pipeline/names.py
 Device = choices("Device", DEVICES)
 
 
-Metric = choices("Metric", REPORT_METRICS)  # stages/report.py
+Metric = choices("Metric", REPORT_METRICS)  # pipeline/names.py (the report's metrics)
 
 
 def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:

@@ -7,7 +7,9 @@ and writes into ``out_dir``::
                        teachers ordered by accuracy), each compared row's paired difference against its
                        base method with a 95 % interval and p-values, a sentence per difference saying
                        whether it is above run-to-run noise, the mis-instruction table, the follow-rate
-                       table, excluded runs with the reason, and where the figures are
+                       table (one row per teacher), excluded runs with the reason, the seeds not paired
+                       because their runs' data orders differ, notes (runs that record no data order), and
+                       where the figures are
     report.csv         long form: pair, row, method, alpha, mean, std, n, base, delta, low, high, p_t, p_perm
     full.json          everything above as JSON
     alpha.png          accuracy vs α per pair (LoCa mean ± std; KD and CE as lines)
@@ -35,11 +37,11 @@ from loca_pipe.pipeline.report.figures import plot_alpha, plot_delta_vs_mis, plo
 from loca_pipe.pipeline.report.runs import (COMMON_KEYS, DISTILL_KEYS, check_comparable, collect, data_order_note,
                                             pair_of, row_key)
 from loca_pipe.pipeline.report.table import METRICS, table
-from loca_pipe.pipeline.report.text import delta_cell, plural, to_csv, to_json, to_markdown, to_metrics
+from loca_pipe.pipeline.report.text import delta_cell, plural, to_csv, to_json, to_markdown, to_metrics, unpaired
 
 __all__ = ["COMMON_KEYS", "DISTILL_KEYS", "METRICS", "check_comparable", "collect", "data_order_note", "delta_cell",
            "pair_of", "plot_alpha", "plot_delta_vs_mis", "plot_follow", "plural", "row_key", "table", "to_csv",
-           "to_json", "to_markdown", "to_metrics", "write_report"]
+           "to_json", "to_markdown", "to_metrics", "unpaired", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,12 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, *, metric: str = "te
     """Write the report files and figures into ``out_dir`` (the metrics file to ``metrics``, default
     ``<out_dir>/report.json``): (full.json's content, what → path of every file written, the Markdown)."""
     runs, excluded = check_comparable(collect(runs_dir), strict)
-    rows = table(runs, metric, teacher_top1)
+    rows = table(runs, metric, teacher_top1, strict)
+    for u in unpaired(rows):
+        log.warning("not paired: %s", u)
+    notes = [n for n in (data_order_note(runs),) if n]
+    for n in notes:
+        log.warning("%s", n)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -61,10 +68,10 @@ def write_report(runs_dir: str | Path, out_dir: str | Path, *, metric: str = "te
             figures.append(str(out / name))
         else:
             log.info("%s not written (no rows to draw)", name)
-    md = to_markdown(rows, title, metric, excluded, figures)
+    md = to_markdown(rows, title, metric, excluded, figures, notes)
     (out / "report.md").write_text(md)
     (out / "report.csv").write_text(to_csv(rows))
-    full = to_json(rows, excluded)
+    full = to_json(rows, excluded, notes)
     (out / "full.json").write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
     mpath = Path(metrics) if metrics else out / "report.json"
     mpath.parent.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,11 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: float | None = None) -> list[dict[str, Any]]:
+def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: float | None = None,
+          strict: bool = False) -> list[dict[str, Any]]:
     """Long-form rows: one per (pair, row label) with mean, std, n, per-seed values and the paired
-    comparison against the base method."""
+    comparison against the base method; ``unpaired`` lists the seeds left out of that comparison because the
+    two runs' data orders differ, with the reason (``strict``: refused instead)."""
     from loca_pipe.pipeline.losses import METHODS  # deferred: torch, and only when a report is made
 
     if metric == "best_test_top1":
@@ -47,17 +49,18 @@ def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: f
         label, method, alpha = row_key(m)
         if method == "ce":
             g = ce.setdefault(m.get("student"), {"row": label, "method": "ce", "alpha": None, "online": False,
-                                                  "seeds": {}, "runs": {}, "follow": {}})
+                                                  "seeds": {}, "runs": {}, "orders": {}, "follow": {}})
         else:
             pair = pair_of(m)
             if m.get("teacher_test_top1") is not None:
                 teacher_acc.setdefault(pair, float(m["teacher_test_top1"]))
             g = groups.setdefault((pair, label), {"pair": pair, "row": label, "method": method, "alpha": alpha,
                                                   "online": bool(m.get("online")), "seeds": {}, "runs": {},
-                                                  "follow": {}})
+                                                  "orders": {}, "follow": {}})
         if m.get(metric) is not None:
             g["seeds"][m.get("seed")] = float(m[metric])
             g["runs"][m.get("seed")] = m.get("run")
+            g["orders"][m.get("seed")] = m.get("data_order")
         for t, f in (m.get("follow") or {}).items():
             g["follow"].setdefault(t, []).append(f)
     pairs = sorted({p for p, _ in groups}, key=lambda p: (teacher_acc.get(p, math.inf), p))
@@ -83,9 +86,11 @@ def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: f
             mean, sd = _mean_std(vals)
             base = METHODS[g["method"]].base if g["method"] in METHODS else None
             ref = by_method.get((base, False)) if base else None
-            pr = None
+            pr, unpaired = None, []
             if ref is not None:
                 common = sorted(set(g["seeds"]) & set(ref["seeds"]), key=str)
+                unpaired = [order_clash(pair, g, ref, s) for s in common if _clash(g, ref, s)]
+                common = [s for s in common if not _clash(g, ref, s)]
                 pr = stats.paired([g["seeds"][s] for s in common], [ref["seeds"][s] for s in common])
             fl = g["follow"].get(teacher) or []
             follow = None
@@ -100,5 +105,25 @@ def table(runs: list[dict[str, Any]], metric: str = "test_top1", teacher_top1: f
             out.append({"pair": pair, "row": g["row"], "method": g["method"], "alpha": g["alpha"], "mean": mean,
                         "std": sd, "n": len(vals), "seeds": dict(g["seeds"]),
                         "runs": " ".join(str(g["runs"][s]) for s in g["runs"]),
-                        "base": None if ref is None else ref["row"], "paired": pr, "follow": follow})
+                        "base": None if ref is None else ref["row"], "paired": pr, "follow": follow,
+                        "unpaired": unpaired})
+    clashes = [u for r in out for u in r.get("unpaired") or []]
+    if clashes and strict:
+        raise ConfigError("runs of one seed with different data orders cannot be paired: " + "; ".join(clashes) +
+                          " (re-run them with one train-student version, or set report.strict false to leave those "
+                          "seeds out of the paired differences)")
     return out
+
+
+def _clash(g: dict[str, Any], ref: dict[str, Any], seed: Any) -> bool:
+    """Both runs of ``seed`` record a data order and the two differ (a run without one is paired on trust)."""
+    a, b = g["orders"].get(seed), ref["orders"].get(seed)
+    return bool(a) and bool(b) and a != b
+
+
+def order_clash(pair: str, g: dict[str, Any], ref: dict[str, Any], seed: Any) -> str:
+    """Why seed ``seed`` of row ``g`` is not paired with its base row ``ref``."""
+    a, b = str(g["orders"][seed]), str(ref["orders"][seed])
+    return (f"{pair}: {g['row']} − {ref['row']} seed {seed} not paired: run {g['runs'].get(seed)} saw the training "
+            f"rows in data order {a[:12]}, run {ref['runs'].get(seed)} in {b[:12]}, so their difference is not paired "
+            f"in data order (both runs still count in their rows' means)")

@@ -37,8 +37,13 @@ def delta_cell(pr: Any, digits: int = 2) -> str:
     return f"{pr.mean:+.{d}f} [{pr.low:+.{d}f}, {pr.high:+.{d}f}] p {pr.p_t:.3g}{perm}{star}"
 
 
+def unpaired(rows: list[dict[str, Any]]) -> list[str]:
+    """Every seed the table left out of a paired difference, with the reason (the data orders differ)."""
+    return [u for r in rows for u in r.get("unpaired") or []]
+
+
 def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: list[str] | None = None,
-                figures: list[str] | None = None) -> str:
+                figures: list[str] | None = None, notes: list[str] | None = None) -> str:
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
     labels = list(dict.fromkeys(r["row"] for r in rows))
     cell = {(r["pair"], r["row"]): r for r in rows}
@@ -71,10 +76,12 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
     if mis:
         lines += ["", "### Mis-instruction (teacher top-1 not the label, ties counted) on the training set", "",
                   "| teacher | teacher test top-1 | mis-instructed training rows | ratio |", "|---|---|---|---|"]
+        shown: set[str] = set()  # one row per teacher, however many students it taught (its first pair's)
         for p in pairs:
             f = next((f for q, f in mis if q == p), None)
             t = cell.get((p, "Teacher"))
-            if f is not None:
+            if f is not None and teacher_of(p) not in shown:
+                shown.add(teacher_of(p))
                 acc = "" if t is None else f"{t['mean']:.2f}"
                 lines.append(f"| {teacher_of(p)} | {acc} | {f['mis_rows']} of {f['rows']} | {f['mis_ratio']:.2f} % |")
         lines += ["", "### The mechanism: on the teacher's mis-instructed training rows, the share (%) of the "
@@ -99,6 +106,14 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
     if excluded:
         lines += ["", f"### Left out ({plural(len(excluded), 'run')} not comparable with the rest)", ""]
         lines += [f"- {e}" for e in excluded]
+    clashes = unpaired(rows)
+    if clashes:
+        lines += ["", f"### Not paired ({plural(len(clashes), 'seed')} whose two runs saw the training rows in "
+                      f"different data orders)", ""]
+        lines += [f"- {u}" for u in clashes]
+    if notes:
+        lines += ["", "### Notes", ""]
+        lines += [f"- {n}" for n in notes]
     if figures:
         lines += ["", "Figures: " + ", ".join(figures)]
     return "\n".join(lines) + "\n"
@@ -125,8 +140,12 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def to_json(rows: list[dict[str, Any]], excluded: list[str]) -> dict[str, Any]:
+def to_json(rows: list[dict[str, Any]], excluded: list[str], notes: list[str] | None = None) -> dict[str, Any]:
     js: dict[str, Any] = {"pairs": {}, "excluded": excluded}
+    if unpaired(rows):
+        js["unpaired"] = unpaired(rows)
+    if notes:
+        js["notes"] = list(notes)
     for r in rows:
         pr = r.get("paired")
         js["pairs"].setdefault(r["pair"], {})[r["row"]] = {

@@ -17,11 +17,11 @@ from typing import Any
 
 from loca_pipe.pipeline import experiment
 from loca_pipe.pipeline.errors import ConfigError
-from loca_pipe.pipeline.experiment import MISMATCH_WARNING, Shared  # noqa: F401 - part of this stage's names
+from loca_pipe.pipeline.experiment import Shared
 from loca_pipe.pipeline.names import AUGMENTATIONS
-from loca_pipe.pipeline.student_spec import (RECIPE_KEYS, StudentRun, check_alpha_range, check_params,  # noqa: F401
-                                             check_run_folders, loss_config, read_recipe, run_dir, run_name,
-                                             takes_alpha, with_recipe)
+# check_params, check_run_folders, loss_config, run_name, with_recipe: importable from this stage as before the move
+from loca_pipe.pipeline.student_spec import (StudentRun, check_params, check_run_folders, loss_config,  # noqa: F401
+                                             run_name, takes_alpha, with_recipe)
 from loca_pipe.stages import Report
 
 SECTION = "train_student"

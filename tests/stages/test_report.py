@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.stages import report as rs
@@ -220,3 +222,26 @@ def test_the_mis_instruction_table_lists_each_teacher_once(runs, tmp_path):
     rows = [line for line in mis.splitlines() if line.startswith("| ") and not line.startswith("| teacher")]
     assert rows == ["| weak | 80.00 | 20 of 100 | 20.00 % |", "| strong | 90.00 | 20 of 100 | 20.00 % |"]
     assert "strong → mlp_small" in md and "strong → cnn_small" in md  # both pairs keep their columns
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([None, "aa", "bb"]), st.sampled_from([None, "aa", "bb"])), min_size=1,
+                max_size=6))
+def test_a_seed_is_paired_exactly_when_no_two_known_data_orders_differ(orders):
+    """Property: the LoCa − KD difference uses seed s iff its two runs' orders agree or one is unknown; the means
+    keep every run; each left-out seed is stated once."""
+    base = {"student": "mlp_small", "teacher": "weak", "online": False, "train": TRAIN}
+    runs = []
+    for s, (a, b) in enumerate(orders):
+        runs.append({**base, "method": "kd", "alpha": None, "seed": s, "test_top1": 80.0 + s, "run": f"kd-s{s}",
+                     **({"data_order": a} if a else {})})
+        runs.append({**base, "method": "loca", "alpha": 0.9, "seed": s, "test_top1": 81.0 + 2 * s,
+                     "run": f"loca-a0.9-s{s}", **({"data_order": b} if b else {})})
+    rows = {r["row"]: r for r in rs.table(runs)}
+    kept = [s for s, (a, b) in enumerate(orders) if not (a and b and a != b)]
+    lo = rows["LoCa-0.9"]
+    assert lo["n"] == len(orders) and lo["paired"].n == len(kept)
+    if kept:
+        assert lo["paired"].mean == pytest.approx(sum(1.0 + s for s in kept) / len(kept))
+    assert [u.split(" seed ")[1].split(" ")[0] for u in lo["unpaired"]] == [str(s) for s in range(len(orders))
+                                                                          if s not in kept]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from loca_pipe.pipeline.errors import ConfigError, ModelError
 
-__all__ = ["BLOCK_FAMILIES", "BlockKD", "Blocks", "block_shapes", "declare_blocks", "make_connectors"]
+__all__ = ["BLOCK_FAMILIES", "BlockKD", "Blocks", "block_shapes", "declare_blocks", "make_connectors",
+           "matched_teacher"]
 
 
 @dataclass
@@ -226,3 +227,33 @@ def build_blockkd(student: nn.Module, student_arch: str, teacher: nn.Module, tea
                            teacher=teacher_arch, identity=identity)
     dev = next(student.parameters()).device
     return BlockKD(student, teacher, s_blocks, t_blocks, conn.to(dev))
+
+
+def matched_teacher(checkpoint: str, store_teacher: dict, num_classes: int, in_channels: int, image_size: int,
+                    teacher: nn.Module | None = None, check: bool = True) -> tuple[nn.Module, str]:
+    """(teacher model, its arch) for Block-KD's hybrids, from ``checkpoint`` and its .json sidecar (or the
+    given live ``teacher``), refused unless its weights are the ones the store's teacher was cached from
+    (``store_teacher``: that teacher's store attributes, with ``provenance.weights_sha256``): the KL targets
+    and the hybrids must be one teacher. ``check=False`` (online mode: the targets come from this very
+    teacher) skips the comparison."""
+    # deferred on purpose: caching imports the store (zarr), which the Block-KD maths does not need
+    from loca_pipe.pipeline.caching import weights_sha256
+    from loca_pipe.pipeline.models import build_model, load_checkpoint, read_sidecar
+
+    side = read_sidecar(checkpoint)
+    if teacher is None:
+        teacher = build_model(side["arch"], int(side.get("num_classes", num_classes)), in_channels, image_size)
+        load_checkpoint(teacher, checkpoint)
+    if check:
+        name = store_teacher.get("teacher")
+        want, have = (store_teacher.get("provenance") or {}).get("weights_sha256"), weights_sha256(teacher)
+        if want is None:
+            raise ConfigError(f"the store's teacher {name!r} records no weights hash, so it cannot be matched to "
+                              f"checkpoint {checkpoint!r}; re-cache it with `loca-pipe cache-logits --checkpoint "
+                              f"{checkpoint}` (Block-KD's targets and hybrids must be one teacher)")
+        if want != have:
+            raise ConfigError(f"the store's teacher {name!r} was cached from other weights (sha256 {str(want)[:12]}…) "
+                              f"than checkpoint {checkpoint!r} (sha256 {have[:12]}…): Block-KD's KL targets and its "
+                              f"hybrids must come from one teacher; pass the checkpoint that teacher was cached from, "
+                              f"or pick the matching --teacher")
+    return teacher, str(side["arch"])

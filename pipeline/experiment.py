@@ -32,8 +32,7 @@ import torch
 
 from loca_pipe.pipeline import data as data_mod
 from loca_pipe.pipeline.augment import make_augmenter
-from loca_pipe.pipeline.blockkd import build_blockkd
-from loca_pipe.pipeline.caching import weights_sha256
+from loca_pipe.pipeline.blockkd import build_blockkd, matched_teacher
 from loca_pipe.pipeline.distributed import init_from_env, world
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.follow import follow_rates, teacher_mistakes
@@ -125,27 +124,13 @@ def _first_samples(p: StudentRun, source: Any, spec: Any, meta: dict[str, Any], 
 def _blockkd(p: StudentRun, model: Any, teacher_model: Any, meta: dict[str, Any], spec: Any, C: int
              ) -> tuple[Any, str]:
     """The Block-KD wrapper of ``model``: the teacher from ``p.teacher_checkpoint`` (the live teacher in online
-    mode), refused when its weights are not the ones the store's teacher was cached from."""
-    side = read_sidecar(p.teacher_checkpoint)
-    teacher = teacher_model
-    if teacher is None:
-        teacher = build_model(side["arch"], int(side.get("num_classes", C)), int(spec.in_channels), int(spec.image_size))
-        load_checkpoint(teacher, p.teacher_checkpoint)
-    ck_sha = file_sha256(p.teacher_checkpoint)
-    prov = meta.get("provenance") or {}
-    want, have = prov.get("weights_sha256"), weights_sha256(teacher)
-    if not p.online:
-        if want is None:
-            raise ConfigError(f"the store's teacher {meta.get('teacher')!r} records no weights hash, so it cannot be "
-                              f"matched to checkpoint {p.teacher_checkpoint!r}; re-cache it with `loca-pipe cache-logits "
-                              f"--checkpoint {p.teacher_checkpoint}` (Block-KD's targets and hybrids must be one teacher)")
-        if want != have:
-            raise ConfigError(f"the store's teacher {meta.get('teacher')!r} was cached from other weights (sha256 "
-                              f"{str(want)[:12]}…) than checkpoint {p.teacher_checkpoint!r} (sha256 {have[:12]}…): "
-                              f"Block-KD's KL targets and its hybrids must come from one teacher; pass the checkpoint "
-                              f"that teacher was cached from, or pick the matching --teacher")
+    mode), refused when its weights are not the ones the store's teacher was cached from
+    (:func:`~loca_pipe.pipeline.blockkd.matched_teacher`, the one check); and the checkpoint's sha256."""
+    teacher, arch = matched_teacher(p.teacher_checkpoint, meta, C, int(spec.in_channels), int(spec.image_size),
+                                    teacher=teacher_model, check=not p.online)
     teacher.to(next(model.parameters()).device)
-    return build_blockkd(model, p.student, teacher, side["arch"], int(spec.in_channels), int(spec.image_size)), ck_sha
+    return build_blockkd(model, p.student, teacher, arch, int(spec.in_channels), int(spec.image_size)), \
+        file_sha256(p.teacher_checkpoint)
 
 
 def run_one(p: StudentRun, shared: Shared | None = None) -> tuple[dict[str, Any], Path]:

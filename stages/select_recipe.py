@@ -13,6 +13,12 @@ which ``train-student --recipe FILE`` applies, plus every score, so the choice c
      "ce": {"val_top1": [...]}, "grid": [{"recipe": {...}, "gain": 0.8, "kd_val_top1": {teacher: [...]}}, ...]}
 
 LoCa's α is not chosen here: the pipeline pre-registers one value (params.yaml ``analyze.alpha``).
+
+``method: blockkd`` chooses Block-KD's weights the same way: every grid point (keys may add ``cross`` and
+``cross_distance`` to the recipe's) trains a Block-KD student whose stepping-stone hybrids run the teacher
+of ``teacher_checkpoints[teacher]`` (refused unless those are the weights the store's teacher was cached
+from), scored against the same CE students. ``presets/select-blockkd-cross.yaml`` is the run that chose the
+default ``cross = 0`` (docs/students.md).
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from loca_pipe.stages import Report
 log = logging.getLogger(__name__)
 SECTION = "select_recipe"
 
-RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr")
+RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr", "cross", "cross_distance")
+LOSS_KEYS = ("tau", "beta", "gamma", "cross", "cross_distance")
+SELECT_METHODS = ("kd", "blockkd")
 # the paper's two settings (CIFAR-100 and ImageNet) and two between them
 DEFAULT_GRID = ({"tau": 4.0, "beta": 0.9, "gamma": 0.1}, {"tau": 1.0, "beta": 0.5, "gamma": 0.5},
                 {"tau": 2.0, "beta": 0.5, "gamma": 0.5}, {"tau": 4.0, "beta": 0.5, "gamma": 0.5})
@@ -60,6 +68,8 @@ class SelectRecipeParams:
     out: str = "data/recipe.json"
     threads: int = 1
     progress: bool = False
+    method: str = "kd"                                # kd | blockkd (the students scored against CE)
+    teacher_checkpoints: dict[str, str] | None = None  # blockkd: teacher name → checkpoint for the hybrids
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Any, Any]:
@@ -81,8 +91,21 @@ def check_grid(grid: Any) -> list[dict[str, float]]:
     for i, g in enumerate(grid):
         if not isinstance(g, dict) or not g or not set(g) <= set(RECIPE_KEYS):
             raise ConfigError(f"select_recipe.grid[{i}] must be a mapping with keys among {list(RECIPE_KEYS)}; got {g!r}")
-        out.append({k: (int(v) if k == "epochs" else float(v)) for k, v in g.items()})
+        out.append({k: (int(v) if k == "epochs" else str(v) if k == "cross_distance" else float(v))
+                    for k, v in g.items()})
     return out
+
+
+def check_method(p: SelectRecipeParams, teachers: list[str]) -> None:
+    """The scored method and, for Block-KD, one checkpoint per teacher (before any training)."""
+    if p.method not in SELECT_METHODS:
+        raise ConfigError(f"select_recipe.method must be one of {list(SELECT_METHODS)}; got {p.method!r}")
+    if p.method == "blockkd":
+        missing = [t for t in teachers if not (p.teacher_checkpoints or {}).get(t)]
+        if missing:
+            raise ConfigError(f"select_recipe.method blockkd runs the teacher's blocks in its hybrids: set "
+                              f"select_recipe.teacher_checkpoints for {missing} (teacher name: checkpoint the store's "
+                              f"teacher was cached from)")
 
 
 def run(p: SelectRecipeParams) -> Report:
@@ -105,6 +128,8 @@ def run(p: SelectRecipeParams) -> Report:
                "validation": None, "grid": [{"recipe": grid[0]}],
                "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
         return _write(Path(p.out), doc)
+    teachers = list(p.teachers or LogitStore.open(p.store).teachers)
+    check_method(p, teachers)
     pin_threads(int(p.threads))  # the one thread helper, pipeline/threads.py
     spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
     fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
@@ -113,19 +138,33 @@ def run(p: SelectRecipeParams) -> Report:
     dev = torch.device("cpu")
     fit_img, val_img = ImageSet(None, dev, tensor=x[fit]), ImageSet(None, dev, tensor=x[val])
     fit_y, val_y = y[fit], y[val]
-    teachers = list(p.teachers or LogitStore.open(p.store).teachers)
     logits = {t: teacher_full_logits(p.store, t, spec)[fit] for t in teachers}
     C = int(spec.num_classes)
+    hybrid_teachers = {}
+    if p.method == "blockkd":
+        from loca_pipe.pipeline.blockkd import matched_teacher
 
-    def train(method: str, recipe: dict[str, float], seed: int, source: Any) -> float:
+        st = LogitStore.open(p.store)
+        for t in teachers:
+            tv = st.teacher(t)
+            hybrid_teachers[t] = matched_teacher(str(p.teacher_checkpoints[t]), {"teacher": tv.name, "provenance": tv.attrs},
+                                                 C, int(spec.in_channels), int(spec.image_size))
+
+    def train(method: str, recipe: dict[str, Any], seed: int, source: Any, teacher: str | None = None) -> float:
         cfg = preset_config(p.preset, p.student, epochs=recipe.get("epochs", p.epochs), batch_size=p.batch_size,
                             lr=recipe.get("lr", p.lr), seed=seed)
-        lc = LossConfig(**{k: recipe[k] for k in ("tau", "beta", "gamma") if k in recipe})
+        lc = LossConfig(**{k: recipe[k] for k in LOSS_KEYS if k in recipe})
         seed_everything(seed)
         model = build_model(p.student, C, int(spec.in_channels), int(spec.image_size))
+        blockkd = None
+        if method == "blockkd":
+            from loca_pipe.pipeline.blockkd import build_blockkd
+
+            t_model, t_arch = hybrid_teachers[teacher]
+            blockkd = build_blockkd(model, p.student, t_model, t_arch, int(spec.in_channels), int(spec.image_size))
         res = train_student(model, images=fit_img, labels=fit_y, source=source, method=method, loss_cfg=lc, cfg=cfg,
-                            eval_images=val_img, eval_labels=val_y, progress=p.progress,
-                            progress_desc=f"select-recipe {method} " + " ".join(f"{k} {v:g}" for k, v in recipe.items()))
+                            eval_images=val_img, eval_labels=val_y, progress=p.progress, blockkd=blockkd,
+                            progress_desc=f"select-recipe {method} " + " ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in recipe.items()))
         return float(res.metrics["test_top1"])  # the held-out rows of the training split
 
     ce_cache: dict[tuple, list[float]] = {}
@@ -135,15 +174,15 @@ def run(p: SelectRecipeParams) -> Report:
         if key not in ce_cache:
             ce_cache[key] = [train("ce", recipe, s, PlainSource(len(fit))) for s in p.seeds]
         ce = ce_cache[key]
-        kd = {t: [train("kd", recipe, s, TensorSource(logits[t])) for s in p.seeds] for t in teachers}
+        kd = {t: [train(p.method, recipe, s, TensorSource(logits[t]), t) for s in p.seeds] for t in teachers}
         gains = [k - c for t in teachers for k, c in zip(kd[t], ce)]
         per_teacher = {t: stats.paired(kd[t], ce).as_dict() for t in teachers}
         rows.append({"recipe": recipe, "gain": sum(gains) / len(gains), "kd_val_top1": kd, "ce_val_top1": ce,
                      "paired_vs_ce": per_teacher})
         log.info("recipe %s: mean KD − CE on validation %+.2f", recipe, rows[-1]["gain"])
     best = max(range(len(rows)), key=lambda i: (rows[i]["gain"], -i))
-    doc = {"chosen": rows[best]["recipe"],
-           "criterion": "largest mean paired gain (KD − CE) in top-1 on the held-out training rows, over teachers "
+    doc = {"chosen": rows[best]["recipe"], "method": p.method,
+           "criterion": f"largest mean paired gain ({p.method} − CE) in top-1 on the held-out training rows, over teachers "
                         "and seeds; ties: first in grid order",
            "validation": {"split": "train", "size": int(val.numel()), "fit_size": int(fit.numel()),
                           "seed": int(p.val_seed),

@@ -78,3 +78,18 @@ def test_block_kd_pair_is_declared_and_connectable(path):
 def test_cifar100_preset_has_the_block_kd_pair():
     c = read_params(ROOT / "presets/cifar100.yaml")["cnn_students"]
     assert (c["teacher"], c["student"]) == ("resnet32x4", "resnet8x4")
+
+
+def test_the_blockkd_cross_selection_preset_matches_the_default_pipeline():
+    """presets/select-blockkd-cross.yaml re-runs docs/students.md's choice of the cross weight: it must load, read
+    the default pipeline's own store and strong teacher, and hold the grid the docs' table shows."""
+    default = read_params(ROOT / "params.yaml")
+    p = load_section(select_recipe.SelectRecipeParams, "select_recipe", ROOT / "presets/select-blockkd-cross.yaml")
+    grid = select_recipe.check_grid(p.grid)
+    assert p.method == "blockkd" and p.teachers == ("strong",) and p.student == default["cnn_students"]["student"]
+    assert p.store == default["base"]["store"] and p.dataset == default["base"]["dataset"]
+    assert p.teacher_checkpoints == {"strong": f"{default['base']['teachers_dir']}/strong.pt"}
+    assert [(g["cross"], g.get("cross_distance", "kl")) for g in grid] == [(0.0, "kl"), (0.5, "kl"), (1.0, "kl"),
+                                                                           (0.5, "mse")]
+    assert p.val_size == 5000 and p.epochs == 1 and p.seeds == (0,)
+    assert p.out != default["base"]["recipe"]  # never overwrites the pipeline's KD recipe

@@ -154,3 +154,59 @@ def test_calibrate_with_a_missing_recipe_through_the_console_script(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: recipe file ")
     assert "unset calibrate.recipe" in proc.stderr
     assert not (tmp_path / "t.zarr").exists()  # refused before any work
+
+
+def _cnn_store(tmp_path: Path, seed: int = 0) -> tuple[str, str]:
+    """A store cached from a `cnn` teacher (its weights hash recorded) and that teacher's checkpoint."""
+    from loca_pipe.pipeline.caching import weights_sha256
+
+    spec = open_dataset(DS, "train")
+    torch.manual_seed(seed)
+    t = build_model("cnn", 10, 1, 8).eval()
+    ck = tmp_path / f"cnn{seed}.pt"
+    torch.save(t.state_dict(), ck)
+    Path(f"{ck}.json").write_text(json.dumps({"arch": "cnn", "num_classes": 10}))
+    with torch.no_grad():
+        z = t(spec.dataset.x) * 3
+    n = len(spec)
+    info = StoreInfo(task="classification", num_samples=n, num_views=1, num_rows=n, num_classes=10, chunk_rows=64,
+                     dataset={"name": DS, "split": "train", "fingerprint": spec.fingerprint})
+    path = str(tmp_path / f"c{seed}.zarr")
+    st = LogitStore.create_or_open(path, info)
+    w = st.begin_teacher("t1", {"teacher": "cnn", "weights_sha256": weights_sha256(t)}, top_k=10, temperatures=(1.0,))
+    write_teacher(st, w, z, spec.labels, 10, (1.0,))
+    return path, str(ck)
+
+
+def test_blockkd_weights_are_chosen_on_validation_too(tmp_path, monkeypatch):
+    """method blockkd: every grid point is a Block-KD student (hybrids through the store's own teacher), scored
+    against the same CE students on the held-out training rows; the test split is never opened (it raises)."""
+    store, ck = _cnn_store(tmp_path)
+    grid = ({"tau": 1.0, "beta": 0.5, "gamma": 0.5, "cross": 0.0},
+            {"tau": 1.0, "beta": 0.5, "gamma": 0.5, "cross": 0.5, "cross_distance": "mse"})
+    common = dict(store=store, dataset=DS, student="cnn_small", val_size=60, seeds=(0,), grid=grid, epochs=1,
+                  batch_size=32, lr=0.05, out=str(tmp_path / "r.json"))
+    import loca_pipe.pipeline.training as training
+
+    seen, real = [], training.train_student
+
+    def spy(model, **kw):
+        seen.append((kw["method"], kw["loss_cfg"].cross, kw["loss_cfg"].cross_distance, kw["blockkd"] is not None))
+        return real(model, **kw)
+
+    monkeypatch.setattr(training, "train_student", spy)
+    doc = sr.run(sr.SelectRecipeParams(method="blockkd", teacher_checkpoints={"t1": ck}, **common))
+    # one CE student, then one Block-KD student per grid point with that point's cross weight and distance
+    assert seen == [("ce", 0.0, "kl", False), ("blockkd", 0.0, "kl", True), ("blockkd", 0.5, "mse", True)]
+    assert doc["method"] == "blockkd" and "(blockkd − CE)" in doc["criterion"]
+    gains = [r["gain"] for r in doc["grid"]]
+    assert doc["chosen"] == grid[int(np.argmax(gains))]
+    for r in doc["grid"]:
+        assert r["gain"] == pytest.approx(np.mean(np.array(r["kd_val_top1"]["t1"]) - np.array(r["ce_val_top1"])))
+    with pytest.raises(ConfigError, match=r"set select_recipe.teacher_checkpoints for \['t1'\]"):
+        sr.run(sr.SelectRecipeParams(method="blockkd", **common))
+    _, other = _cnn_store(tmp_path, seed=1)  # another teacher's weights: targets and hybrids must be one teacher
+    with pytest.raises(ConfigError, match="was cached from other weights"):
+        sr.run(sr.SelectRecipeParams(method="blockkd", teacher_checkpoints={"t1": other}, **common))
+    with pytest.raises(ConfigError, match=r"select_recipe.method must be one of \['kd', 'blockkd'\]"):
+        sr.run(sr.SelectRecipeParams(method="dkd", **common))

@@ -9,12 +9,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import DATASET_HELP, DEVICES, choices, comma_list, store_option
+from loca_pipe.cli.options import Amp, Dataset, Device, DeviceOption, Progress, Root, choices, comma_list, store_option
 from loca_pipe.pipeline.names import LOGIT_DTYPES
 
 
 LogitsDtype = choices("LogitsDtype", (*LOGIT_DTYPES, "none"))  # pipeline/names.py; none: top-k only
-Device = choices("Device", DEVICES)
 
 
 def _temperatures(text: Optional[str]) -> Optional[list[float]]:
@@ -25,8 +24,8 @@ def cache_logits(
     teacher: Annotated[Optional[str], typer.Option(help="Teacher model NAME or module:callable (default: the checkpoint sidecar's arch).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Teacher state-dict file; its <ckpt>.json sidecar gives arch and num_classes.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: checkpoint stem, else the arch); with --params, picks the entry of cache.teachers.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,
-    root: Annotated[Optional[str], typer.Option(help="Data set root folder.")] = None,
+    dataset: Dataset = None,
+    root: Root = None,
     split: Annotated[Optional[str], typer.Option(help="Data set split (train|test).")] = None,
     store: Annotated[Optional[str], typer.Option(help="Logit store path (a Zarr v3 folder; several teachers share one).")] = None,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Top-k logits and ids to keep per row (1..C).")] = None,
@@ -37,12 +36,12 @@ def cache_logits(
     view_seed: Annotated[Optional[int], typer.Option(help="Seed of the augmented views.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows (samples × views) per forward pass.")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (default min(4, CPUs); in-memory data sets use a faster batch path).")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where the teacher runs.")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
+    device: DeviceOption = None,
+    amp: Amp = None,
     chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per store chunk (default: ~4 MiB of logits, at most 8192).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Cache only the first N samples (quick runs).")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite/--no-overwrite", help="Re-cache this teacher (also when complete), replacing a store of another data set; an interrupted identical run is resumed.")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
+    progress: Progress = None,
     shard: Annotated[Optional[int], typer.Option(help="This process caches chunks c with c % num_shards == shard (default: $RANK, else 0).")] = None,
     num_shards: Annotated[Optional[int], typer.Option(help="Processes sharing the work on one store (default: $WORLD_SIZE, else 1).")] = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'cache' gives the defaults (options override it).")] = None,

@@ -217,7 +217,7 @@ def lm_train_student(
     from loca_pipe.pipeline.lm.students import METHODS as LM_REGISTRY
 
     if getattr(LM_REGISTRY.get(p.method), "loca", False):  # the image path's α rule: refused outside (0, 2), warned at ≥ 1, before any folder
-        from loca_pipe.stages.train_student import check_alpha_range
+        from loca_pipe.pipeline.student_spec import check_alpha_range
 
         check_alpha_range(p.alpha, "--alpha")
     typer.echo(str(stage.run(p)))

@@ -1,10 +1,18 @@
-"""Option parsing shared by the command modules."""
+"""Option parsing shared by the command modules, and the options several commands share, declared once.
+
+The shared options are typer ``Annotated`` aliases (``Root``, ``Amp``, ``Progress``, …): a command writes
+``root: Root = None`` and gets the same flag and help as every other command that takes it. An option's name is
+its params key, so :func:`overrides` turns a command's arguments into its params overrides without writing each
+option a second time. Torch-free, like every module the CLI imports at start (tests/cli/test_fast_usage.py).
+"""
 
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Iterable, Optional
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Optional
 
+import typer
 from typer.core import TyperCommand
 
 from loca_pipe.pipeline.names import DATASETS
@@ -14,6 +22,38 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 DATASET_HELP = f"Data set NAME ({', '.join(d for d in DATASETS if ':' not in d)}) or module:callable."  # never by hand
+
+
+def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A typer choice enum built from a library constant (never copied by hand): member ``crop_flip`` has
+    value ``"crop-flip"``; ``--help`` lists the values."""
+    return enum.Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
+
+
+Device = choices("Device", DEVICES)
+
+# ---- options shared by several commands (one declaration each)
+Dataset = Annotated[Optional[str], typer.Option(help=DATASET_HELP)]
+Root = Annotated[Optional[str], typer.Option(help="Data set root folder.")]
+DeviceOption = Annotated[Optional[Device], typer.Option(help="Where it runs (auto: CUDA where there is one).")]
+Amp = Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")]
+Progress = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")]
+Momentum = Annotated[Optional[float], typer.Option(help="SGD momentum.")]
+WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay.")]
+StoreFromCache = Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")]
+
+
+def params_file(section: str) -> Any:
+    """The ``--params`` option of a command that reads params section ``section``."""
+    return Annotated[Optional[Path], typer.Option(help=f"Params file whose section '{section}' gives the defaults "
+                                                       f"(options override it).")]
+
+
+def overrides(given: dict[str, Any], skip: Iterable[str] = ("params",)) -> dict[str, Any]:
+    """A command's arguments (``locals()`` first thing in its body) as params overrides — each option's name is its
+    params key; a choice becomes its value; None (not given) stays None, which the params loader skips."""
+    drop = set(skip)
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in given.items() if k not in drop}
 
 
 class MethodHelp(TyperCommand):
@@ -27,12 +67,6 @@ class MethodHelp(TyperCommand):
             if isinstance(getattr(p, "help", None), str) and "{methods}" in p.help:
                 p.help = p.help.replace("{methods}", method_help())
         super().format_help(ctx, formatter)
-
-
-def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
-    """A typer choice enum built from a library constant (never copied by hand): member ``crop_flip`` has
-    value ``"crop-flip"``; ``--help`` lists the values."""
-    return enum.Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
 def comma_list(text: Optional[str], option: str, kind: Callable[[str], Any] = str,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import DATASET_HELP, choices
+from loca_pipe.cli.options import Dataset, Progress, Root, WeightDecay, choices
 from loca_pipe.pipeline.names import AUGMENTATIONS
 
 
@@ -26,7 +26,7 @@ Augment = choices("Augment", AUGMENTATIONS)  # pipeline/names.py
 
 
 def prepare_data(
-    dataset: Annotated[Optional[str], typer.Option(help=DATASET_HELP)] = None,
+    dataset: Dataset = None,
     root: Annotated[Optional[str], typer.Option(help="Data set root folder (fashion-mnist default: data/fashion-mnist).")] = None,
     source: Annotated[Optional[str], typer.Option(help="Folder holding the Fashion-MNIST .gz files (the Debian package's by default).")] = None,
     record: Annotated[Optional[str], typer.Option(help="Where to write the fingerprint record (default: ROOT/fingerprints.json).")] = None,
@@ -47,14 +47,14 @@ def prepare_data(
 def train_teacher(
     name: Annotated[Optional[str], typer.Option(help="Teacher key: picks the entry of train_teacher.teachers in --params and names the default output file.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Architecture: a model name (mlp_small, mlp, cnn_small, cnn, resnet20, resnet8x4, wrn_40_2, resnet18, ...) or module:callable.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Data set NAME or module:callable.")] = None,
-    root: Annotated[Optional[str], typer.Option(help="Data set root folder.")] = None,
+    dataset: Dataset = None,
+    root: Root = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="Optimizer.")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="SGD (Nesterov) momentum.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
+    weight_decay: WeightDecay = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="Learning-rate schedule (cosine: per-step decay to 0).")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Training augmentation (crop-flip: pad 4, random crop, flip).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the weights, the data order and the augmentation.")] = None,
@@ -64,7 +64,7 @@ def train_teacher(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers (in-memory data sets use a faster batch path).")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Use only the first N train and N test samples (quick runs).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: one per core; 1 is faster for tiny models on a busy machine).")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Show a progress bar (samples/s, ETA).")] = None,
+    progress: Progress = None,
     params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_teacher' (and its teachers.<name> entry) gives the defaults; options override it.")] = None,
 ) -> None:
     """Train a teacher on a data set; write its state dict, a JSON sidecar and a metrics JSON."""

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from loca_pipe.cli.options import DEVICES, MethodHelp, choices, comma_list
-from loca_pipe.pipeline.names import AUGMENTATIONS, VIEW_POLICIES
+from loca_pipe.cli.options import Device  # noqa: F401 - train.Device, as before options were shared
+from loca_pipe.cli.options import (Amp, Dataset, DeviceOption, MethodHelp, Momentum, Progress, Root, StoreFromCache,
+                                   WeightDecay, choices, comma_list, overrides, params_file)
+from loca_pipe.pipeline.names import AUGMENTATIONS, REPORT_METRICS, VIEW_POLICIES
 from loca_pipe.pipeline.names import SOFT_LABEL_FORMS as FORMS
-from loca_pipe.stages.report import METRICS as REPORT_METRICS
 
 
 class Preset(str, enum.Enum):
@@ -26,10 +26,13 @@ ViewPolicy = choices("ViewPolicy", VIEW_POLICIES)  # pipeline/names.py
 
 
 Augment = choices("Augment", AUGMENTATIONS)  # pipeline/names.py
-Device = choices("Device", DEVICES)
 
 
-Metric = choices("Metric", REPORT_METRICS)  # stages/report.py
+Metric = choices("Metric", REPORT_METRICS)  # pipeline/names.py (the report's metrics)
+
+TrainStudentParamsFile = params_file("train_student")
+ReportParamsFile = params_file("report")
+SelectRecipeParamsFile = params_file("select_recipe")
 
 
 def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:
@@ -37,12 +40,8 @@ def _list(text: Optional[str], kind: type, option: str) -> Optional[list[Any]]:
     return comma_list(text, option, kind, example)
 
 
-def _value(v: Any) -> Any:
-    return v.value if isinstance(v, enum.Enum) else v
-
-
 def train_student(
-    store: Annotated[Optional[str], typer.Option(help="Logit store from `loca-pipe cache-logits`.")] = None,
+    store: StoreFromCache = None,
     teacher: Annotated[Optional[str], typer.Option(help="Teacher name in the store (default: its only teacher).")] = None,
     targets: Annotated[Optional[str], typer.Option(help="Targets store from `loca-pipe calibrate` (instead of logits).")] = None,
     method: Annotated[Optional[str], typer.Option(help="Loss, from the losses registry: {methods}.")] = None,
@@ -58,8 +57,8 @@ def train_student(
     form: Annotated[Optional[Form], typer.Option(help="Teacher signal: full logits, top-k (sparse, exact at stored τ), or auto.")] = None,
     view_policy: Annotated[Optional[ViewPolicy], typer.Option(help="Cached views: cycle (epoch e → view e mod V) or random per sample.")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student model NAME (model zoo) or module:callable.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Data set NAME or module:callable.")] = None,
-    root: Annotated[Optional[str], typer.Option(help="Data set root folder.")] = None,
+    dataset: Dataset = None,
+    root: Root = None,
     split: Annotated[Optional[str], typer.Option(help="Training split.")] = None,
     eval_split: Annotated[Optional[str], typer.Option(help="Held-out split for top-1/top-5.")] = None,
     augment: Annotated[Optional[Augment], typer.Option(help="Plain augmentation when the store has no cached views (mismatches un-augmented teacher logits).")] = None,
@@ -67,16 +66,16 @@ def train_student(
     epochs: Annotated[Optional[int], typer.Option(help="Epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Initial learning rate (SGD).")] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.")] = None,
+    momentum: Momentum = None,
+    weight_decay: WeightDecay = None,
     milestones: Annotated[Optional[str], typer.Option(help="Comma-separated epochs where lr is multiplied by 0.1.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (model init and data order).")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated seeds (one process, runs in turn).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated methods.")] = None,
     group: Annotated[Optional[str], typer.Option(help="Sweep: the methods of group NAME of --teacher in the params' train_student.groups.")] = None,
     alphas: Annotated[Optional[str], typer.Option(help="Sweep: comma-separated α for the LoCa methods.")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Where the student trains.")] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="fp16 autocast (CUDA only).")] = None,
+    device: DeviceOption = None,
+    amp: Amp = None,
     out_dir: Annotated[Optional[str], typer.Option(help="Folder of run folders (<out>/<method>[-a<α>]-s<seed>).")] = None,
     online: Annotated[Optional[bool], typer.Option("--online/--offline", help="Run the live teacher instead of the store (A/B).")] = None,
     teacher_checkpoint: Annotated[Optional[str], typer.Option(help="Teacher checkpoint for --online, and for the Block-KD methods' hybrids (the one the store's teacher was cached from).")] = None,
@@ -85,26 +84,16 @@ def train_student(
     recipe: Annotated[Optional[str], typer.Option(help="Recipe file from `loca-pipe select-recipe` (sets τ, β, γ).")] = None,
     memory_limit_gb: Annotated[Optional[float], typer.Option(help="Teacher signal above this is streamed chunk by chunk.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Train on the first N training samples only (a full-logit store).")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (samples/s, ETA).")] = None,
-    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'train_student' gives the defaults.")] = None,
+    progress: Progress = None,
+    params: TrainStudentParamsFile = None,
 ) -> None:
     """Train a student from cached teacher logits (or targets, or a live teacher); writes metrics, log, checkpoint."""
+    given = overrides(locals(), skip=("params", "seeds", "methods", "group", "alphas"))  # option name = params key
     from loca_pipe.stages import train_student as stage
     from loca_pipe.stages.config import load_section
 
-    overrides = {
-        "store": store, "teacher": teacher, "targets": targets, "method": method, "alpha": alpha, "tau": tau,
-        "beta": beta, "gamma": gamma, "dkd_alpha": dkd_alpha, "dkd_beta": dkd_beta, "ls_tau": ls_tau, "cross": cross,
-        "cross_distance": cross_distance, "form": _value(form),
-        "view_policy": _value(view_policy), "student": student, "dataset": dataset, "root": root, "split": split,
-        "eval_split": eval_split, "augment": _value(augment), "preset": _value(preset), "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "milestones": _list(milestones, int, "--milestones"), "seed": seed, "device": _value(device), "amp": amp,
-        "out_dir": out_dir, "online": online, "teacher_checkpoint": teacher_checkpoint, "resume": resume,
-        "overwrite": overwrite, "recipe": recipe,
-        "memory_limit_gb": memory_limit_gb, "progress": progress, "max_samples": max_samples,
-    }
-    p = load_section(stage.TrainStudentParams, stage.SECTION, str(params) if params else {}, overrides)
+    given["milestones"] = _list(milestones, int, "--milestones")
+    p = load_section(stage.TrainStudentParams, stage.SECTION, str(params) if params else {}, given)
     from loca_pipe.stages.config import check_writable
 
     check_writable(p.out_dir, "student runs", "--out-dir")  # before any training
@@ -128,16 +117,15 @@ def report(
     metric: Annotated[Optional[Metric], typer.Option(help="Which accuracy to compare.")] = None,
     teacher_top1: Annotated[Optional[float], typer.Option(help="Teacher accuracy to show (default: from the runs).")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Refuse runs that are not comparable (default: leave them out, with the reason).")] = None,
-    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'report' gives the defaults.")] = None,
+    params: ReportParamsFile = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print where the report went, not the report (dvc.yaml: `make repro` prints it once, at the end).")] = False,
 ) -> None:
     """Paired comparisons over seeds (95 % intervals, p-values), mis-instruction and follow-rate tables, figures."""
+    given = overrides(locals(), skip=("params", "quiet"))  # option name = params key
     from loca_pipe.stages import report as stage
     from loca_pipe.stages.config import load_section
 
-    p = load_section(stage.ReportParams, stage.SECTION, str(params) if params else {},
-                     {"runs_dir": runs_dir, "out_dir": out_dir, "metric": _value(metric), "teacher_top1": teacher_top1,
-                      "strict": strict})
+    p = load_section(stage.ReportParams, stage.SECTION, str(params) if params else {}, given)
     from loca_pipe.stages.config import check_writable
 
     from loca_pipe.pipeline.guard import FOLDER, check_outputs
@@ -149,22 +137,22 @@ def report(
 
 
 def select_recipe(
-    store: Annotated[Optional[str], typer.Option(help="Logit store (full logits) from `loca-pipe cache-logits`.")] = None,
+    store: StoreFromCache = None,
     teachers: Annotated[Optional[str], typer.Option(help="Comma-separated teachers of the store (default: all).")] = None,
     val_size: Annotated[Optional[int], typer.Option(help="Training rows held out for validation (never the test split).")] = None,
     val_seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out rows.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds per grid point.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Where the recipe file goes (train-student --recipe reads it).")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar per student.")] = None,
-    params: Annotated[Optional[Path], typer.Option(help="Params file whose section 'select_recipe' gives the defaults (and the grid).")] = None,
+    progress: Progress = None,
+    params: SelectRecipeParamsFile = None,
 ) -> None:
     """Choose the KD recipe (τ, β, γ) by KD-vs-CE top-1 on held-out training rows; writes the recipe file."""
+    given = overrides(locals())  # option name = params key
     from loca_pipe.stages import select_recipe as stage
     from loca_pipe.stages.config import load_section
 
-    p = load_section(stage.SelectRecipeParams, stage.SECTION, str(params) if params else {},
-                     {"store": store, "teachers": _list(teachers, str, "--teachers"), "val_size": val_size,
-                      "val_seed": val_seed, "seeds": _list(seeds, int, "--seeds"), "out": out, "progress": progress})
+    given.update(teachers=_list(teachers, str, "--teachers"), seeds=_list(seeds, int, "--seeds"))
+    p = load_section(stage.SelectRecipeParams, stage.SECTION, str(params) if params else {}, given)
     typer.echo(str(stage.run(p)))
 
 

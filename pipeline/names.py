@@ -20,3 +20,7 @@ LM_ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # pipe
 LM_DEVICE_MAPS = ("", "auto")  # pipeline/lm/models.py ("auto": accelerate spreads a model larger than one GPU)
 LM_CODECS = ("lossless", "fp16", "bf16", "q8", "compact", "compact7")  # pipeline/codecs.py CHOICES (the --codec choices)
 LM_EXPORT_FORMATS = ("axolotl", "distillkit")  # pipeline/lm/export.py FORMATS (lm-export --format)
+# What a report table may show: final-epoch accuracies (pipeline/report/table.py METRICS). metrics.json also holds
+# best_test_top1 (the best epoch *on the test set*: selecting an epoch by its test score is early stopping on test),
+# so the report never offers it.
+REPORT_METRICS = ("test_top1", "test_top5")

@@ -5,7 +5,8 @@ The one stage contract, the same for image and language-model stages:
 - a frozen params dataclass (``XParams`` for an image stage, ``Params`` in ``stages/lm/``) holding every
   setting the stage reads, built from its params.yaml section by ``stages.config.load_section`` (or the
   stage's ``load_params`` when one section yields several runs, e.g. one per teacher); an LM stage's
-  params also carry the shared ``lm_base`` section as ``params.base`` (``stages.lm.common.load``);
+  params also carry the shared ``lm_base`` section as ``params.base`` (``stages.lm.common.load``, the same loader
+  with a shared section);
 - ``run(params) -> Report``: does the work, writes the outputs and returns a :class:`Report`: what it
   measured (``report["key"]``), the paths it wrote (``report.outputs``) and the text its command prints
   (``str(report)``). Nothing else is needed to run a stage: no second argument, no ``main()``, no other
@@ -14,7 +15,7 @@ The one stage contract, the same for image and language-model stages:
 The CLI commands (``cli/``) are thin: options → params (options override single values) → ``run`` →
 print ``str(report)`` (or ``report.to_json()`` with ``--json``). Output paths are written once: in
 params.yaml (``=section.key`` references; dvc.yaml interpolates the same keys) or in one derivation here
-(``stages.lm.common.LMBase``, ``train_teacher.checkpoint_path``, ``train_student.run_name``).
+(``stages.lm.common.LMBase``, ``train_teacher.checkpoint_path``, ``pipeline.student_spec.run_name``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.targets import write_targets
 from loca_pipe.stages import Report
 from loca_pipe.stages.config import check_writable
-from loca_pipe.stages.train_student import read_recipe
+from loca_pipe.pipeline.student_spec import read_recipe
 
 SECTION = "calibrate"
 

@@ -184,13 +184,26 @@ def build(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
 
 
 def load_section(cls: type[T], section: str, params: dict[str, Any] | str | Path = DEFAULT_PARAMS,
-                 overrides: dict[str, Any] | None = None) -> T:
-    """Build the frozen dataclass ``cls`` from ``params[section]`` with ``overrides`` (None values skipped)."""
+                 overrides: dict[str, Any] | None = None, *, shared: tuple[type, str] | None = None,
+                 shared_overrides: dict[str, Any] | None = None, default_optional: bool = False) -> T:
+    """Build the frozen dataclass ``cls`` from ``params[section]`` with ``overrides`` (None values skipped).
+
+    The one params loader of both pipelines. ``shared=(SharedClass, "lm_base")``: ``cls``'s field ``base`` is
+    built from that shared section (with ``shared_overrides``), and a ``base`` key inside ``section`` is refused.
+    ``default_optional``: when ``params`` is the default ``params.yaml`` and it does not exist, every setting has
+    its default (a file named otherwise that is missing is still refused)."""
     if not isinstance(params, dict):
-        params = read_params(params)
+        missing_default = Path(params) == DEFAULT_PARAMS and not Path(params).exists()
+        params = {} if default_optional and missing_default else read_params(params)
     values = dict(params.get(section) or {})
+    base = None
+    if shared is not None:
+        if "base" in values:
+            raise ConfigError(f"{section}: unknown key 'base'; the shared settings go in the {shared[1]} section")
+        base = load_section(shared[0], shared[1], params, shared_overrides)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build(cls, values, section)
+    built = build(cls, values, section)
+    return built if shared is None else dataclasses.replace(built, base=base)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,15 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.errors import ConfigError
+from loca_pipe.pipeline.experiment import teacher_full_logits
 from loca_pipe.pipeline.guard import FILE, check_outputs
 from loca_pipe.pipeline.io import write_json
+from loca_pipe.pipeline.student_spec import RECIPE_KEYS
 from loca_pipe.pipeline.threads import pin_threads
 from loca_pipe.stages import Report
 
 log = logging.getLogger(__name__)
 SECTION = "select_recipe"
 
-RECIPE_KEYS = ("tau", "beta", "gamma", "epochs", "lr", "cross", "cross_distance")
 LOSS_KEYS = ("tau", "beta", "gamma", "cross", "cross_distance")
 SELECT_METHODS = ("kd", "blockkd")
 # the paper's two settings (CIFAR-100 and ImageNet) and two between them
@@ -107,31 +108,6 @@ def check_method(p: SelectRecipeParams, teachers: list[str]) -> None:
                               f"teacher was cached from)")
 
 
-def _teacher_logits(store: str, name: str, spec: Any) -> Any:
-    """(N, C) full logits of ``name`` in data-set order (view 0), after checking the store fits ``spec``."""
-    import numpy as np
-    import torch
-
-    from loca_pipe.pipeline.soft_labels import check_join
-    from loca_pipe.pipeline.store import LogitStore
-
-    st = LogitStore.open(store)
-    tv = st.teacher(name)
-    if not tv.has_full_logits:
-        raise ConfigError(f"select-recipe trains KD students from full logits; teacher {tv.name!r} in {store!r} keeps "
-                          f"only top-{tv.top_k}: re-cache it with --logits-dtype float16 or float32")
-    sid, lab, view = tv["sample_id"][:], tv["label"][:], tv["view"][:]
-    check_join(store, "store", st.info.dataset.get("fingerprint"), spec, st.info.num_classes, int(spec.num_classes),
-               sid, lab)
-    rows = np.flatnonzero(view == 0)
-    z = np.asarray(tv.read("logits", rows), np.float32)
-    out = torch.full((len(spec), z.shape[1]), float("nan"))
-    out[torch.from_numpy(np.asarray(sid[rows], np.int64))] = torch.from_numpy(z)
-    if bool(torch.isnan(out).any()):
-        raise ConfigError(f"teacher {tv.name!r} in {store!r} does not cover every training sample; re-cache it")
-    return out
-
-
 def run(p: SelectRecipeParams) -> Report:
     """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; its content is the
     report."""
@@ -162,7 +138,7 @@ def run(p: SelectRecipeParams) -> Report:
     dev = torch.device("cpu")
     fit_img, val_img = ImageSet(None, dev, tensor=x[fit]), ImageSet(None, dev, tensor=x[val])
     fit_y, val_y = y[fit], y[val]
-    logits = {t: _teacher_logits(p.store, t, spec)[fit] for t in teachers}
+    logits = {t: teacher_full_logits(p.store, t, spec)[fit] for t in teachers}
     C = int(spec.num_classes)
     hybrid_teachers = {}
     if p.method == "blockkd":

@@ -83,3 +83,37 @@ def test_comma_list_names_the_option():
 
     with pytest.raises(ConfigError, match=r"--alphas takes comma-separated values such as '0.9,0.95'; got '0.9,x'"):
         comma_list("0.9,x", "--alphas", float)
+
+
+@dataclass(frozen=True)
+class _Shared:
+    workdir: str = "w"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class _WithBase:
+    tau: float = 1.0
+    base: _Shared = _Shared()
+
+
+def test_one_loader_for_both_pipelines_shared_section_and_optional_default(tmp_path, monkeypatch):
+    """The LM stages' loader is load_section with a shared section (lm_base → field base) and an optional default
+    params.yaml; its errors are load_section's."""
+    from loca_pipe.stages.lm import common
+    from loca_pipe.stages.lm.train_student import Params, SECTION
+
+    data = {"s": {"tau": 2}, "shared": {"seed": 3}}
+    p = load_section(_WithBase, "s", data, {"tau": None}, shared=(_Shared, "shared"), shared_overrides={"workdir": "x"})
+    assert p == _WithBase(tau=2.0, base=_Shared(workdir="x", seed=3))
+    with pytest.raises(ConfigError, match="s: unknown key 'base'; the shared settings go in the shared section"):
+        load_section(_WithBase, "s", {"s": {"base": {}}}, shared=(_Shared, "shared"))
+    with pytest.raises(ConfigError, match=r"shared: unknown key\(s\) \['sed'\]"):
+        load_section(_WithBase, "s", {"shared": {"sed": 1}}, shared=(_Shared, "shared"))
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    assert load_section(_WithBase, "s", "params.yaml", shared=(_Shared, "shared"), default_optional=True) == _WithBase()
+    assert common.load(Params, SECTION) == load_section(Params, SECTION, {}, shared=(common.LMBase, "lm_base"))
+    with pytest.raises(ConfigError, match="params file 'params.yaml' not found"):
+        load_section(_WithBase, "s", "params.yaml")  # the image CLI's behaviour is unchanged
+    with pytest.raises(ConfigError, match="params file 'other.yaml' not found"):
+        common.load(Params, SECTION, "other.yaml")

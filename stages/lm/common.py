@@ -3,7 +3,6 @@ derive. Every output path of the LM pipeline is computed here, once, from ``work
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from loca_pipe.pipeline import io as _io
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.pipeline.threads import pin_threads
 from loca_pipe.stages import Report
-from loca_pipe.stages.config import load_section, read_params
+from loca_pipe.stages.config import load_section
 
 T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
@@ -75,17 +74,10 @@ def load(cls: type[T], section: str, params: str | Path | dict = DEFAULT_PARAMS,
          overrides: dict[str, Any] | None = None, base_overrides: dict[str, Any] | None = None) -> T:
     """This stage's params from one params file: its section, with ``base`` built from ``lm_base``;
     ``overrides`` / ``base_overrides`` win (None values skipped). Without the default ``params.yaml`` in the current
-    folder every setting has its default (a named file that is missing is refused)."""
-    if isinstance(params, dict):
-        data = params
-    elif Path(params) == Path(DEFAULT_PARAMS) and not Path(params).exists():
-        data = {}
-    else:
-        data = read_params(params)
-    if "base" in (data.get(section) or {}):
-        raise ConfigError(f"{section}: unknown key 'base'; the shared settings go in the lm_base section")
-    base = load_section(LMBase, "lm_base", data, base_overrides)
-    return dataclasses.replace(load_section(cls, section, data, overrides), base=base)
+    folder every setting has its default (a named file that is missing is refused). The one loader,
+    :func:`loca_pipe.stages.config.load_section`, with the LM pipeline's shared section."""
+    return load_section(cls, section, params, overrides, shared=(LMBase, "lm_base"), shared_overrides=base_overrides,
+                        default_optional=True)
 
 
 def report(section: str, values: dict[str, Any], outputs: dict[str, Any], shown: dict[str, Any] | None = None) -> Report:

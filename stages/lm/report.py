@@ -21,7 +21,7 @@ from typing import Any
 from loca_pipe.pipeline.errors import DataError, LocaError
 from loca_pipe.pipeline.io import atomic_write_text, write_json
 from loca_pipe.stages import Report
-from loca_pipe.stages.report import _delta_cell
+from loca_pipe.pipeline.report.text import delta_cell as _delta_cell
 from loca_pipe.stages.lm.common import LMBase, read_json
 
 SECTION = "lm_report"

@@ -249,7 +249,7 @@ def test_alpha_out_of_range_is_refused_before_any_folder(tmp_path, toy_store, ca
 
 
 def test_alpha_at_least_one_is_warned_before_training(caplog):
-    from loca_pipe.stages.train_student import _WARNED, check_alpha_range
+    from loca_pipe.pipeline.student_spec import _WARNED, check_alpha_range
 
     _WARNED.discard(1.5)
     with caplog.at_level("WARNING"):

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loca_pipe.pipeline.errors import ConfigError
 from loca_pipe.stages import report as rs
@@ -166,3 +168,80 @@ def test_the_report_never_shows_the_best_test_epoch(runs, tmp_path):
     cli = subprocess.run([LOCA_PIPE, "report", "--runs-dir", str(runs), "--metric", "best_test_top1"],
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and "best_test_top1" in cli.stderr  # not among the choices --metric offers
+
+
+def _order(seed: int, tag: str = "") -> str:
+    return f"{seed:02d}{tag}".encode().hex().ljust(16, "0")  # a hand-written data_order (hex), one per seed
+
+
+def test_runs_of_one_seed_with_different_data_orders_are_not_paired(tmp_path):
+    """Same seed, different data order: that seed leaves the paired difference (stated), not the means."""
+    root = tmp_path / "runs"
+    for s in range(4):
+        write_run(root, "ce", s, CE[s], teacher=None, data_order=_order(s, "x" if s == 1 else ""))
+        write_run(root, "kd", s, KD[s], data_order=_order(s))
+        write_run(root, "loca", s, LOCA[s], alpha=0.95, data_order=_order(s, "y" if s == 3 else ""))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(root), out_dir=str(tmp_path / "rep"))))
+    full = json.loads((tmp_path / "rep" / "full.json").read_text())
+    pair = full["pairs"]["weak → mlp_small"]
+    lo_d = [LOCA[s] - KD[s] for s in (0, 1, 2)]  # seed 3: LoCa and KD saw different orders
+    kd_d = [KD[s] - CE[s] for s in (0, 2, 3)]    # seed 1: KD and CE saw different orders
+    assert pair["LoCa-0.95"]["paired"]["n"] == 3 and pair["LoCa-0.95"]["paired"]["mean"] == pytest.approx(sum(lo_d) / 3)
+    assert pair["KD"]["paired"]["n"] == 3 and pair["KD"]["paired"]["mean"] == pytest.approx(sum(kd_d) / 3)
+    assert pair["LoCa-0.95"]["n"] == 4 and pair["LoCa-0.95"]["mean"] == pytest.approx(sum(LOCA[:4]) / 4)  # still counted
+    assert len(full["unpaired"]) == 2 and "notes" not in full
+    assert "### Not paired (2 seeds whose two runs saw the training rows in different data orders)" in md
+    assert "LoCa-0.95 − KD seed 3 not paired: run loca-a0.95-s3 saw the training rows in data order" in md
+    assert "KD − Student (CE) seed 1 not paired: run kd-s1" in md
+    assert "record no data order" not in md
+    with pytest.raises(ConfigError, match="runs of one seed with different data orders cannot be paired: .*seed 3"):
+        rs.run(rs.ReportParams(runs_dir=str(root), out_dir=str(tmp_path / "rep2"), strict=True))
+
+
+def test_runs_without_a_data_order_are_paired_as_before_and_noted_once(runs, tmp_path):
+    write_run(runs / "new", "kd", 9, 85.0, data_order=_order(9))  # one new run beside 15 old ones
+    write_run(runs / "new", "loca", 9, 86.0, alpha=0.95)
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
+    full = json.loads((tmp_path / "rep" / "full.json").read_text())
+    assert full["pairs"]["weak → mlp_small"]["LoCa-0.95"]["paired"]["n"] == 6  # seed 9: one side unknown, paired
+    assert full["notes"] == ["16 of 17 runs record no data order (written before train-student recorded it): they "
+                             "are paired on the assumption that one seed gave every method the same data order, "
+                             "which the report cannot check"]
+    assert md.count("record no data order") == 1 and "Not paired" not in md and "unpaired" not in full
+
+
+def test_the_mis_instruction_table_lists_each_teacher_once(runs, tmp_path):
+    """Issue #22: a teacher with two students (the default's strong → mlp_small and strong → cnn_small) is one
+    row of the mis-instruction table, not one per pair."""
+    for s in range(2):
+        write_run(runs / "s-mlp", "kd", s, KD[s], teacher="strong", follow=_follow("strong", 40.0, 50.0))
+        write_run(runs / "s-cnn", "kd", s, KD[s], teacher="strong", student="cnn_small",
+                  follow=_follow("strong", 41.0, 51.0))
+    md = str(rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep"))))
+    mis = md.split("### Mis-instruction", 1)[1].split("###", 1)[0]
+    rows = [line for line in mis.splitlines() if line.startswith("| ") and not line.startswith("| teacher")]
+    assert rows == ["| weak | 80.00 | 20 of 100 | 20.00 % |", "| strong | 90.00 | 20 of 100 | 20.00 % |"]
+    assert "strong → mlp_small" in md and "strong → cnn_small" in md  # both pairs keep their columns
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([None, "aa", "bb"]), st.sampled_from([None, "aa", "bb"])), min_size=1,
+                max_size=6))
+def test_a_seed_is_paired_exactly_when_no_two_known_data_orders_differ(orders):
+    """Property: the LoCa − KD difference uses seed s iff its two runs' orders agree or one is unknown; the means
+    keep every run; each left-out seed is stated once."""
+    base = {"student": "mlp_small", "teacher": "weak", "online": False, "train": TRAIN}
+    runs = []
+    for s, (a, b) in enumerate(orders):
+        runs.append({**base, "method": "kd", "alpha": None, "seed": s, "test_top1": 80.0 + s, "run": f"kd-s{s}",
+                     **({"data_order": a} if a else {})})
+        runs.append({**base, "method": "loca", "alpha": 0.9, "seed": s, "test_top1": 81.0 + 2 * s,
+                     "run": f"loca-a0.9-s{s}", **({"data_order": b} if b else {})})
+    rows = {r["row"]: r for r in rs.table(runs)}
+    kept = [s for s, (a, b) in enumerate(orders) if not (a and b and a != b)]
+    lo = rows["LoCa-0.9"]
+    assert lo["n"] == len(orders) and lo["paired"].n == len(kept)
+    if kept:
+        assert lo["paired"].mean == pytest.approx(sum(1.0 + s for s in kept) / len(kept))
+    assert [u.split(" seed ")[1].split(" ")[0] for u in lo["unpaired"]] == [str(s) for s in range(len(orders))
+                                                                          if s not in kept]

@@ -210,3 +210,13 @@ def test_blockkd_weights_are_chosen_on_validation_too(tmp_path, monkeypatch):
         sr.run(sr.SelectRecipeParams(method="blockkd", teacher_checkpoints={"t1": other}, **common))
     with pytest.raises(ConfigError, match=r"select_recipe.method must be one of \['kd', 'blockkd'\]"):
         sr.run(sr.SelectRecipeParams(method="dkd", **common))
+
+
+def test_a_blockkd_choice_reaches_students(tmp_path):
+    """A select-recipe file that chose Block-KD's cross weight is one train-student --recipe applies."""
+    from loca_pipe.stages.train_student import TrainStudentParams, with_recipe
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"chosen": {"tau": 1.0, "beta": 0.5, "gamma": 0.5, "cross": 0.5, "cross_distance": "mse"}}))
+    p = with_recipe(TrainStudentParams(recipe=str(f), method="blockkd"))
+    assert (p.tau, p.beta, p.gamma, p.cross, p.cross_distance) == (1.0, 0.5, 0.5, 0.5, "mse")

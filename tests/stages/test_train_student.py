@@ -235,7 +235,7 @@ def test_ls_tau_reaches_the_loss_config():
 
 def test_teacher_accuracy_is_read_in_percent_as_train_teacher_writes_it():
     """train-teacher records test_top1 in percent (like every evaluation); the student side must not rescale it."""
-    from loca_pipe.stages.train_student import _sidecar_percent
+    from loca_pipe.pipeline.student_spec import _sidecar_percent
 
     assert _sidecar_percent({"test_top1": 90.46}) == 90.46
     assert _sidecar_percent({"test_top1": 0.5}) == 0.5   # a 0.5 % teacher, not 50 %

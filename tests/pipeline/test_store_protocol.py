@@ -9,6 +9,7 @@ again, the store equals one written without faults, array by array.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -117,7 +118,7 @@ class StoreProtocol(RuleBasedStateMachine):
     # -- faults, verify, repair ---------------------------------------------------------------------
     @rule(array=st.sampled_from(FAULTY), c=st.integers(0, N_CHUNKS - 1), at=st.integers(0, 40))
     def corrupt(self, array, c, at):
-        if c not in self.done:
+        if c not in self.done or (array, c) in self.bad:  # flipping the same byte twice would restore the file
             return
         f = _chunk_file(self.path, array, c)
         data = bytearray(f.read_bytes())
@@ -202,7 +203,10 @@ class CompletedStoreProtocol(StoreProtocol):
                 super().teardown()
 
 
-CompletedStoreProtocol.TestCase.settings = settings(max_examples=6, stateful_step_count=10, deadline=None)
+# CI replays a fixed sequence of examples (derandomize), so a landing never depends on the draw; a local run
+# draws new ones each time (that is how the pending-chunk and double-flip cases above were found)
+CompletedStoreProtocol.TestCase.settings = settings(max_examples=6, stateful_step_count=10, deadline=None,
+                                                    derandomize=os.environ.get("CI") == "true")
 TestStoreProtocol = pytest.mark.slow(CompletedStoreProtocol.TestCase)  # ~10–40 s on the shared 2-core VM
 
 

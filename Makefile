@@ -36,9 +36,9 @@ repro-lm: setup
 	cd lm && $(abspath $(BIN))/dvc repro
 	cat lm/report/table.md
 
-## The test suite.
+## The test suite, on every core (pytest-xdist); one torch thread per worker so the workers do not oversubscribe.
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 ## Benchmarks: ratios measured in one run against a baseline in the same process.
 bench: setup

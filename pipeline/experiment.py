@@ -23,7 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +70,34 @@ class Shared:
         return self.items[key]
 
 
-def run_many(runs: list[StudentRun]) -> list[tuple[dict[str, Any], Path]]:
-    """Train the runs of a sweep in turn in this process (data and teacher signal loaded once); per run its
-    final metrics and its folder."""
+def run_many(runs: list[StudentRun], workers: int = 1) -> list[tuple[dict[str, Any], Path]]:
+    """Train the runs of a sweep (data and teacher signal loaded once per process); per run, in the order given,
+    its final metrics and its folder.
+
+    ``workers`` > 1 trains them in that many processes at once (spawned; runs i, i + w, i + 2w, … in process i,
+    each on the threads its run pins): every run is a pure function of its own settings and seed, so the
+    results equal one process's (tested), only sooner on a machine with idle cores. Under torchrun the ranks
+    are the parallelism: one process each."""
+    if workers < 1:
+        raise ConfigError(f"train_student.workers must be ≥ 1; got {workers}")
     runs = [with_recipe(r) for r in runs]
     for r in runs:
         check_params(r)
     check_run_folders(runs)
+    workers = min(workers, len(runs))
+    if workers <= 1 or "WORLD_SIZE" in os.environ:
+        return _run_chunk(runs)
+    # spawn, not fork: the parent may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        chunks = [pool.submit(_run_chunk, runs[i::workers]) for i in range(workers)]
+        done = [c.result() for c in chunks]
+    out: list[Any] = [None] * len(runs)
+    for i, chunk in enumerate(done):
+        out[i::workers] = chunk
+    return out
+
+
+def _run_chunk(runs: list[StudentRun]) -> list[tuple[dict[str, Any], Path]]:
     shared = Shared()
     return [run_one(r, shared) for r in runs]
 

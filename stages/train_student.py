@@ -40,6 +40,7 @@ class TrainStudentParams(StudentRun):
     seeds: tuple[int, ...] | None = None
     # named method groups per teacher, for the DVC matrix: {teacher: {group: "kd,kd_star"}} (`--group NAME`)
     groups: dict[str, dict[str, str]] | None = None
+    workers: int = 1                      # processes training a sweep's runs at once (same results, sooner)
 
 
 def expand(p: TrainStudentParams, methods: list[str] | None = None, alphas: list[float] | None = None,
@@ -82,7 +83,7 @@ def _report(metrics: dict[str, Any], out: Any) -> Report:
 
 def run_many(runs: list[TrainStudentParams]) -> list[Report]:
     """Train the runs of a sweep in turn in this process (data and teacher signal loaded once)."""
-    return [_report(*r) for r in experiment.run_many(runs)]
+    return [_report(*r) for r in experiment.run_many(runs, workers=runs[0].workers if runs else 1)]
 
 
 def run(p: TrainStudentParams, shared: Shared | None = None) -> Report:

@@ -240,3 +240,25 @@ def test_teacher_accuracy_is_read_in_percent_as_train_teacher_writes_it():
     assert _sidecar_percent({"test_top1": 90.46}) == 90.46
     assert _sidecar_percent({"test_top1": 0.5}) == 0.5   # a 0.5 % teacher, not 50 %
     assert _sidecar_percent({}) is None
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_one_processes_results(env, tmp_path):
+    """workers = 2 trains a sweep's runs in two spawned processes: every run's metrics (accuracy, loss, follow
+    rates, data order) equal those of the same sweep in one process, and the reports come back in run order."""
+    from loca_pipe.stages.train_student import run_many
+
+    tmp, ck, teacher, store = env
+    base = TrainStudentParams(store=store, dataset=DS, student="mlp_small", epochs=1, batch_size=32, lr=0.1,
+                              device="cpu", progress=False)
+    runs = expand(base, methods=["ce", "kd", "loca"], alphas=[0.9], seeds=[0, 1])
+    one = run_many([replace(r, out_dir=str(tmp_path / "one")) for r in runs])
+    two = run_many([replace(r, out_dir=str(tmp_path / "two"), workers=2) for r in runs])
+    assert [r.values["run"] for r in two] == [r.values["run"] for r in one] == [run_name(r.method, r.alpha, r.seed)
+                                                                                 for r in runs]
+    keys = ("test_top1", "test_top5", "train_loss", "follow", "data_order", "seed", "method")
+    for a, b in zip(one, two):
+        assert all(a.values.get(k) is not None for k in keys), a.values
+        assert {k: a.values.get(k) for k in keys} == {k: b.values.get(k) for k in keys}
+    with pytest.raises(ConfigError, match="train_student.workers must be ≥ 1"):
+        run_many([replace(runs[0], out_dir=str(tmp_path / "three"), workers=0)])

@@ -38,7 +38,7 @@ from loca_pipe.pipeline.calibration import loca_sparse, mis_instruction_mask, sp
 from loca_pipe.pipeline.errors import ConfigError, StoreConflictError
 from loca_pipe.pipeline.lm.cache import LMTeacherCache
 from loca_pipe.pipeline.lm.tokenizer import Encoded
-from loca_pipe.pipeline.losses import sparse_kd_loss
+from loca_pipe.pipeline.losses import LossConfig, sparse_kd_loss
 
 log = logging.getLogger(__name__)
 SPARSE_ARRAYS = ("topk_logits", "topk_ids", "lse", "label_logit")
@@ -82,11 +82,11 @@ METHODS: dict[str, LMMethod] = {m.name: m for m in (
 
 
 @dataclass(frozen=True)
-class KDSettings:
-    """Loss weights: L = β·L_KD + γ·CE (paper, ImageNet/LLM-style τ = 1, β = γ = 0.5 by default)."""
+class KDSettings(LossConfig):
+    """The one loss config (:class:`~loca_pipe.pipeline.losses.LossConfig`, with its checks) at the language
+    models' defaults: L = β·L_KD + γ·CE, τ = 1, β = γ = 0.5 (paper, ImageNet/LLM-style)."""
 
     tau: float = 1.0
-    alpha: float = 0.9
     beta: float = 0.5
     gamma: float = 0.5
 

@@ -179,3 +179,15 @@ def test_mechanism_metric_against_the_live_teacher(tmp_path, trained_teacher, to
     assert got["recovers_label"] == pytest.approx(float(((zs.argmax(1) == y) & mis).sum()) / int(mis.sum()))
     self_ = evaluation.mechanism(trained_teacher, enc, str(tmp_path / "s"), "t", tok.pad_token_id)["mechanism"]
     assert self_["follows_teacher"] == 1.0 and self_["recovers_label"] == 0.0
+
+
+def test_lm_loss_settings_are_the_one_loss_config_with_its_checks():
+    from loca_pipe.pipeline.errors import ConfigError
+    from loca_pipe.pipeline.losses import LossConfig
+
+    kd = students.KDSettings()
+    assert isinstance(kd, LossConfig) and (kd.tau, kd.alpha, kd.beta, kd.gamma) == (1.0, 0.9, 0.5, 0.5)
+    assert students.KDSettings(2.0, 0.95, 1.0, 0.0) == students.KDSettings(tau=2.0, alpha=0.95, beta=1.0, gamma=0.0)
+    for bad in ({"tau": 0.0}, {"beta": -1.0}, {"alpha": 0.0}, {"gamma": float("nan")}):
+        with pytest.raises(ConfigError, match="LossConfig"):
+            students.KDSettings(**bad)

@@ -262,3 +262,32 @@ def test_two_worker_processes_give_one_processes_results(env, tmp_path):
         assert {k: a.values.get(k) for k in keys} == {k: b.values.get(k) for k in keys}
     with pytest.raises(ConfigError, match="train_student.workers must be ≥ 1"):
         run_many([replace(runs[0], out_dir=str(tmp_path / "three"), workers=0)])
+
+
+def test_follow_rates_predict_only_the_mistakes_and_equal_the_whole_split_reference(env):
+    """The run's follow rates predict only the teacher's mis-instructed rows; they equal follow_rates on the
+    student's prediction for every row of the split (the reference), for one teacher and for CE's every teacher."""
+    from loca_pipe.pipeline.experiment import Shared, _follow
+    from loca_pipe.pipeline.follow import follow_rates, teacher_mistakes
+    from loca_pipe.pipeline.student_spec import StudentRun
+    from loca_pipe.pipeline.training import ImageSet
+
+    tmp, ck, teacher, store = env
+    spec = open_dataset(DS, "train")
+    images = ImageSet(spec.dataset, torch.device("cpu"))
+    torch.manual_seed(5)
+    student = build_model("mlp_small", C, 1, 8).eval()
+    seen = []
+    forward = student.forward
+    student.forward = lambda x: (seen.append(len(x)), forward(x))[1]
+    with torch.no_grad():
+        whole = student(images.get(torch.arange(len(spec)))).argmax(1).numpy()
+    t = teacher_mistakes(store, None)
+    assert 0 < t.mis.sum() < len(spec)  # some rows are mistakes, some are not: the restriction matters
+    want = follow_rates(whole, t)
+    seen.clear()
+    p = StudentRun(store=store, dataset=DS, teacher=t.teacher)
+    for method in ("kd", "ce"):
+        got = _follow(p, Shared(), student, images, t.teacher, method)
+        assert got == {t.teacher: want}
+    assert sum(seen) == 2 * int(t.mis.sum())  # only the mis-instructed rows were predicted (twice: kd, ce)

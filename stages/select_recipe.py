@@ -69,6 +69,7 @@ class SelectRecipeParams:
     threads: int = 1
     progress: bool = False
     method: str = "kd"                                # kd | blockkd (the students scored against CE)
+    workers: int = 1                                  # processes training the grid's students at once (same results)
     teacher_checkpoints: dict[str, str] | None = None  # blockkd: teacher name → checkpoint for the hybrids
 
 
@@ -108,37 +109,39 @@ def check_method(p: SelectRecipeParams, teachers: list[str]) -> None:
                               f"teacher was cached from)")
 
 
-def run(p: SelectRecipeParams) -> Report:
-    """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; its content is the
-    report."""
+@dataclass
+class _Context:
+    """What every scored student of one process reads: the fit / held-out rows, the teachers' logits on the fit
+    rows, and (Block-KD) the teachers for the hybrids."""
+
+    fit_img: Any
+    val_img: Any
+    fit_y: Any
+    val_y: Any
+    logits: dict[str, Any]
+    num_classes: int
+    in_channels: int
+    image_size: int
+    hybrid_teachers: dict[str, Any]
+
+
+_CONTEXT: _Context | None = None  # one per process: set by _load (in the parent, or in each worker)
+
+
+def _load(p: SelectRecipeParams, teachers: list[str]) -> _Context:
     import torch
 
     from loca_pipe.pipeline import data as data_mod
-    from loca_pipe.pipeline import stats
-    from loca_pipe.pipeline.losses import LossConfig
-    from loca_pipe.pipeline.models import build_model
-    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
     from loca_pipe.pipeline.store import LogitStore
-    from loca_pipe.pipeline.training import ImageSet, preload, preset_config, seed_everything, train_student
+    from loca_pipe.pipeline.training import ImageSet, preload
 
-    check_outputs({"--store": p.store, "--root": p.root}, {"--out": (p.out, FILE)})  # before any work
-    grid = check_grid(p.grid)
-    if len(grid) == 1:  # a declared recipe (e.g. the paper's for its own data set): nothing to choose
-        doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",
-               "validation": None, "grid": [{"recipe": grid[0]}],
-               "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
-        return _write(Path(p.out), doc)
-    teachers = list(p.teachers or LogitStore.open(p.store).teachers)
-    check_method(p, teachers)
+    global _CONTEXT
     pin_threads(int(p.threads))  # the one thread helper, pipeline/threads.py
     spec = data_mod.open_dataset(p.dataset, "train", p.root)  # the only split this stage reads
     fit, val = split_indices(len(spec), int(p.val_size), int(p.val_seed))
     x = preload(spec.dataset)
     y = torch.as_tensor(spec.labels, dtype=torch.int64)
     dev = torch.device("cpu")
-    fit_img, val_img = ImageSet(None, dev, tensor=x[fit]), ImageSet(None, dev, tensor=x[val])
-    fit_y, val_y = y[fit], y[val]
-    logits = {t: teacher_full_logits(p.store, t, spec)[fit] for t in teachers}
     C = int(spec.num_classes)
     hybrid_teachers = {}
     if p.method == "blockkd":
@@ -149,32 +152,92 @@ def run(p: SelectRecipeParams) -> Report:
             tv = st.teacher(t)
             hybrid_teachers[t] = matched_teacher(str(p.teacher_checkpoints[t]), {"teacher": tv.name, "provenance": tv.attrs},
                                                  C, int(spec.in_channels), int(spec.image_size))
+    _CONTEXT = _Context(ImageSet(None, dev, tensor=x[fit]), ImageSet(None, dev, tensor=x[val]), y[fit], y[val],
+                        {t: teacher_full_logits(p.store, t, spec)[fit] for t in teachers}, C, int(spec.in_channels),
+                        int(spec.image_size), hybrid_teachers)
+    return _CONTEXT
 
-    def train(method: str, recipe: dict[str, Any], seed: int, source: Any, teacher: str | None = None) -> float:
-        cfg = preset_config(p.preset, p.student, epochs=recipe.get("epochs", p.epochs), batch_size=p.batch_size,
-                            lr=recipe.get("lr", p.lr), seed=seed)
-        lc = LossConfig(**{k: recipe[k] for k in LOSS_KEYS if k in recipe})
-        seed_everything(seed)
-        model = build_model(p.student, C, int(spec.in_channels), int(spec.image_size))
-        blockkd = None
-        if method == "blockkd":
-            from loca_pipe.pipeline.blockkd import build_blockkd
 
-            t_model, t_arch = hybrid_teachers[teacher]
-            blockkd = build_blockkd(model, p.student, t_model, t_arch, int(spec.in_channels), int(spec.image_size))
-        res = train_student(model, images=fit_img, labels=fit_y, source=source, method=method, loss_cfg=lc, cfg=cfg,
-                            eval_images=val_img, eval_labels=val_y, progress=p.progress, blockkd=blockkd,
-                            progress_desc=f"select-recipe {method} " + " ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in recipe.items()))
-        return float(res.metrics["test_top1"])  # the held-out rows of the training split
+def _score(p: SelectRecipeParams, method: str, recipe: dict[str, Any], seed: int, teacher: str | None) -> float:
+    """Top-1 on the held-out training rows of one student (CE when ``teacher`` is None): a pure function of its
+    arguments and the process's context, so it does not matter which process trains it."""
+    from loca_pipe.pipeline.losses import LossConfig
+    from loca_pipe.pipeline.models import build_model
+    from loca_pipe.pipeline.soft_labels import PlainSource, TensorSource
+    from loca_pipe.pipeline.training import preset_config, seed_everything, train_student
 
-    ce_cache: dict[tuple, list[float]] = {}
+    ctx = _CONTEXT
+    assert ctx is not None, "select-recipe: _load runs before _score in every process"
+    source = PlainSource(len(ctx.fit_y)) if teacher is None else TensorSource(ctx.logits[teacher])
+    cfg = preset_config(p.preset, p.student, epochs=recipe.get("epochs", p.epochs), batch_size=p.batch_size,
+                        lr=recipe.get("lr", p.lr), seed=seed)
+    lc = LossConfig(**{k: recipe[k] for k in LOSS_KEYS if k in recipe})
+    seed_everything(seed)
+    model = build_model(p.student, ctx.num_classes, ctx.in_channels, ctx.image_size)
+    blockkd = None
+    if method == "blockkd":
+        from loca_pipe.pipeline.blockkd import build_blockkd
+
+        t_model, t_arch = ctx.hybrid_teachers[teacher]
+        blockkd = build_blockkd(model, p.student, t_model, t_arch, ctx.in_channels, ctx.image_size)
+    res = train_student(model, images=ctx.fit_img, labels=ctx.fit_y, source=source, method=method, loss_cfg=lc,
+                        cfg=cfg, eval_images=ctx.val_img, eval_labels=ctx.val_y, progress=p.progress, blockkd=blockkd,
+                        progress_desc=f"select-recipe {method} " + " ".join(
+                            f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}" for k, v in recipe.items()))
+    return float(res.metrics["test_top1"])  # the held-out rows of the training split
+
+
+def _score_all(p: SelectRecipeParams, teachers: list[str], jobs: list[tuple]) -> list[float]:
+    """Every job's score, in the order given: in this process, or (``workers`` > 1) in that many spawned
+    processes, each loading the data once; results equal one process's (tested)."""
+    workers = min(int(p.workers), len(jobs))
+    if workers <= 1:
+        _load(p, teachers)
+        return [_score(p, *j) for j in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may hold torch's thread pools, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load,
+                             initargs=(p, teachers)) as pool:
+        futures = [pool.submit(_score, p, *j) for j in jobs]
+        return [f.result() for f in futures]
+
+
+def run(p: SelectRecipeParams) -> Report:
+    """Train the grid on the fit rows, score it on the held-out training rows, write ``out``; its content is the
+    report."""
+    from loca_pipe.pipeline import data as data_mod
+    from loca_pipe.pipeline import stats
+    from loca_pipe.pipeline.store import LogitStore
+
+    check_outputs({"--store": p.store, "--root": p.root}, {"--out": (p.out, FILE)})  # before any work
+    grid = check_grid(p.grid)
+    if len(grid) == 1:  # a declared recipe (e.g. the paper's for its own data set): nothing to choose
+        doc = {"chosen": grid[0], "criterion": "the only recipe of the grid, declared, not chosen on data",
+               "validation": None, "grid": [{"recipe": grid[0]}],
+               "alpha": "not chosen here: LoCa's α is pre-registered in params.yaml (analyze.alpha)"}
+        return _write(Path(p.out), doc)
+    if int(p.workers) < 1:
+        raise ConfigError(f"select_recipe.workers must be ≥ 1; got {p.workers}")
+    teachers = list(p.teachers or LogitStore.open(p.store).teachers)
+    check_method(p, teachers)
+    n = len(data_mod.open_dataset(p.dataset, "train", p.root))
+    fit, val = split_indices(n, int(p.val_size), int(p.val_seed))
+    # every student of the grid, each once: CE per distinct (epochs, lr), then the scored method per recipe
+    jobs: dict[tuple, tuple] = {}
+    for recipe in grid:
+        key = (recipe.get("epochs"), recipe.get("lr"))
+        for s in p.seeds:
+            jobs.setdefault(("ce", key, s), ("ce", recipe, s, None))
+            for t in teachers:
+                jobs[(p.method, json.dumps(recipe, sort_keys=True), s, t)] = (p.method, recipe, s, t)
+    score = dict(zip(jobs, _score_all(p, teachers, list(jobs.values()))))
     rows = []
     for recipe in grid:
         key = (recipe.get("epochs"), recipe.get("lr"))
-        if key not in ce_cache:
-            ce_cache[key] = [train("ce", recipe, s, PlainSource(len(fit))) for s in p.seeds]
-        ce = ce_cache[key]
-        kd = {t: [train(p.method, recipe, s, TensorSource(logits[t]), t) for s in p.seeds] for t in teachers}
+        ce = [score[("ce", key, s)] for s in p.seeds]
+        kd = {t: [score[(p.method, json.dumps(recipe, sort_keys=True), s, t)] for s in p.seeds] for t in teachers}
         gains = [k - c for t in teachers for k, c in zip(kd[t], ce)]
         per_teacher = {t: stats.paired(kd[t], ce).as_dict() for t in teachers}
         rows.append({"recipe": recipe, "gain": sum(gains) / len(gains), "kd_val_top1": kd, "ce_val_top1": ce,

@@ -15,9 +15,15 @@ export PYTHONHASHSEED := 0
 
 setup: $(STAMP) $(FMNIST)
 
+# uv (a pinned wheel from PyPI, installed into the venv by pip) installs the pinned dependencies: measured on
+# this 2-core machine with empty caches, 45 s for venv + uv + every dependency against 4 min 45 s for pip alone
+# (same versions; README "Time"). Should uv fail, pip installs the same pins.
+UV      := uv==0.13.8
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check $(UV)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test]' \
+	  || { echo "uv failed; installing with pip instead" >&2; $(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'; }
 	touch $(STAMP)
 
 # The default data set ships as a Debian package (no download at run time).

@@ -249,14 +249,57 @@ def _wrn(depth: int, width: int) -> Builder:
 SMALL_MODELS = ("mlp_small", "mlp", "cnn_small", "cnn")
 ZOO_MODELS = ("resnet20", "resnet32", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
               "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
-MODELS: dict[str, Builder] = {
+class _Registry(dict):
+    """Name → builder. torchvision's classification models join on the first look-up of a name that is not
+    built in, or on listing: importing torchvision imports torch._dynamo (~2 s here), which every process
+    training a small or zoo model would otherwise pay."""
+
+    _with_torchvision = False
+
+    def _add_torchvision(self) -> None:
+        if not self._with_torchvision:
+            self._with_torchvision = True
+            for n in _torchvision_names():
+                self.setdefault(n, _torchvision(n))
+
+    def __contains__(self, name: object) -> bool:
+        if not dict.__contains__(self, name):
+            self._add_torchvision()
+        return dict.__contains__(self, name)
+
+    def __getitem__(self, name: str) -> Builder:
+        if not dict.__contains__(self, name):
+            self._add_torchvision()
+        return dict.__getitem__(self, name)
+
+    def __iter__(self):
+        self._add_torchvision()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._add_torchvision()
+        return dict.__len__(self)
+
+    def keys(self):
+        self._add_torchvision()
+        return dict.keys(self)
+
+    def items(self):
+        self._add_torchvision()
+        return dict.items(self)
+
+    def values(self):
+        self._add_torchvision()
+        return dict.values(self)
+
+
+MODELS: dict[str, Builder] = _Registry({
     "mlp_small": mlp_small, "mlp": mlp, "cnn_small": cnn_small, "cnn": cnn,
     **{f"resnet{d}": _resnet(d, (16, 16, 32, 64)) for d in (20, 32, 56, 110)},
     "resnet8x4": _resnet(8, (32, 64, 128, 256)),
     "resnet32x4": _resnet(32, (32, 64, 128, 256)),
     **{f"wrn_{d}_{w}": _wrn(d, w) for d, w in ((16, 1), (16, 2), (40, 1), (40, 2))},
-}
-MODELS.update({n: _torchvision(n) for n in _torchvision_names() if n not in MODELS})
+})
 _WRN = re.compile(r"wrn_(\d+)_(\d+)$")
 
 

@@ -66,6 +66,49 @@ def test_items_equal_torchvision_own_pipeline_and_batch_path(fmnist_root):
 
 
 @needs_debian
+def test_own_idx_reader_equals_torchvision_on_the_real_files(fmnist_root):
+    """Fashion-MNIST is read without torchvision; the tensors, labels and class names equal torchvision's."""
+    from torchvision.datasets import FashionMNIST
+
+    for split in ("train", "test"):
+        ref = FashionMNIST(str(fmnist_root), train=split == "train", download=False)
+        spec = open_dataset("fashion-mnist", split, str(fmnist_root))
+        assert torch.equal(spec.dataset.images[:, 0], ref.data) and spec.dataset.images.dtype == torch.uint8
+        assert torch.equal(spec.dataset.targets, ref.targets) and spec.dataset.targets.dtype == torch.int64
+        assert spec.class_names == tuple(ref.classes)
+
+
+def test_idx_reader_equals_torchvision_and_refuses_damaged_files(tmp_path):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    lab = rng.integers(0, 10, 7, dtype=np.uint8)
+    (tmp_path / "i").write_bytes(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in img.shape) + img.tobytes())
+    (tmp_path / "l").write_bytes(bytes([0, 0, 8, 1]) + (7).to_bytes(4, "big") + lab.tobytes())
+    got = D.read_idx_ubyte(tmp_path / "i", 3)
+    assert torch.equal(got, read_image_file(str(tmp_path / "i"))) and torch.equal(got, torch.from_numpy(img))
+    assert torch.equal(D.read_idx_ubyte(tmp_path / "l", 1).long(), read_label_file(str(tmp_path / "l")))
+    (tmp_path / "short").write_bytes((tmp_path / "i").read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"declares shape \(7, 5, 3\) \(105 bytes\) but holds 104 bytes"):
+        D.read_idx_ubyte(tmp_path / "short", 3)
+    with pytest.raises(DataError, match="not an IDX file of 1-dimensional unsigned bytes"):
+        D.read_idx_ubyte(tmp_path / "i", 1)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(DataError, match="header empty"):
+        D.read_idx_ubyte(tmp_path / "empty", 3)
+
+
+def test_damaged_fashion_mnist_file_is_one_clear_error(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in D.FASHION_MNIST_FILES["test"]:
+        (raw / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    with pytest.raises(DataError, match=r"could not read Fashion-MNIST from .*prepare-data"):
+        open_dataset("fashion-mnist", "test", str(tmp_path))
+
+
+@needs_debian
 def test_fingerprint_is_content_derived(fmnist_root, tmp_path):
     fp = open_dataset("fashion-mnist", "test", str(fmnist_root)).fingerprint
     copy = tmp_path / "elsewhere"

@@ -63,12 +63,14 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
             vals = [delta_cell(cell.get((p, lab), {}).get("paired")) for p in pairs]
             lines.append(f"| {lab} − {base} | " + " | ".join(vals) + " |")
         lines += ["", "In words:", ""]
+        taught = [teacher_of(p) for p in pairs]  # a teacher with several students is named with its student
         for p in pairs:
             for lab in compared:
                 r = cell.get((p, lab))
                 if r is not None and r.get("paired") is not None:
                     what = f"{lab} − {r['base']}"
-                    lines.append(f"- {teacher_of(p)}: {r['paired'].words(what)}.")
+                    who = teacher_of(p) if taught.count(teacher_of(p)) == 1 else p
+                    lines.append(f"- {who}: {r['paired'].words(what)}.")
         if n_seeds and n_seeds <= 5:
             lines += ["", f"With {plural(n_seeds, 'seed')} the exact sign-flip test cannot go below {2 / 2 ** n_seeds:.4g}; "
                           f"the paired t-test (normal per-seed differences assumed) is the primary test."]

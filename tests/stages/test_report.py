@@ -148,6 +148,11 @@ def test_swap_and_block_kd_rows_of_a_second_student_pair(runs, tmp_path):
     assert cnn["Block-KD+LoCa-0.95"]["paired"]["mean"] == pytest.approx(0.5)
     assert cnn["Swap"]["paired"]["mean"] == pytest.approx(sum(LOCA) / 5 - sum(KD) / 5)
     assert "| Block-KD − KD |" in md and "| Swap − KD |" in md
+    # in words, a teacher with two students is named with the student: which pair a sentence is about
+    words = md.split("In words:", 1)[1].split("With ", 1)[0]
+    assert "- weak → cnn_small: Block-KD − KD is above zero" in words
+    assert "- weak → mlp_small: LoCa-0.95 − KD is above zero" in words
+    assert "- weak:" not in words
     small = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert small["weak"]["loca-a0.95"]["top1"] == round(sum(LOCA) / 5, 2)  # the mlp_small pair keeps its key
     assert small["weak-cnn_small"]["blockkd"]["delta"] == pytest.approx(0.5)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from loca_pipe.pipeline.report.runs import labels as method_labels
-from loca_pipe.pipeline.report.text import teacher_of
+from loca_pipe.pipeline.report.text import pair_names
 
 
 def _plt():
@@ -61,11 +61,12 @@ def plot_alpha(rows: list[dict[str, Any]], path: Path, metric: str, title: str) 
 def plot_delta_vs_mis(rows: list[dict[str, Any]], path: Path, metric: str) -> bool:
     """Paired Δ vs base (KD) with 95 % interval, against each teacher's training mis-instruction ratio."""
     pts: dict[str, list[tuple[float, float, float | None, float | None, str]]] = {}
+    name = pair_names(list(dict.fromkeys(r["pair"] for r in rows)))
     for r in rows:
         pr, f = r.get("paired"), r.get("follow")
         if pr is None or pr.mean is None or r.get("base") != "KD" or not f:
             continue
-        pts.setdefault(r["row"], []).append((f["mis_ratio"], pr.mean, pr.low, pr.high, teacher_of(r["pair"])))
+        pts.setdefault(r["row"], []).append((f["mis_ratio"], pr.mean, pr.low, pr.high, name[r["pair"]]))
     if not pts:
         return False
     plt = _plt()
@@ -113,7 +114,7 @@ def plot_follow(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["row"] for r in rs], rotation=35, ha="right", fontsize=8)
         f = rs[0]["follow"]
-        ax.set_title(f"{teacher_of(pair)} teacher: {f['mis_rows']} mis-instructed rows ({f['mis_ratio']:.1f} %)", fontsize=8)
+        ax.set_title(f"{pair}: {f['mis_rows']} mis-instructed rows ({f['mis_ratio']:.1f} %)", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("student predicts (% of those rows)")
     axes[0][0].legend(fontsize=7)

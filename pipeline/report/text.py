@@ -19,6 +19,14 @@ def teacher_of(pair: str) -> str:
     return pair.split(" → ", 1)[0]
 
 
+def pair_names(pairs: list[str]) -> dict[str, str]:
+    """What the report calls each pair in prose and figures: its teacher, or the whole pair where that teacher
+    taught several students (the default's strong → mlp_small and strong → cnn_small), so no two pairs share
+    a name."""
+    per_teacher = Counter(teacher_of(p) for p in pairs)
+    return {p: teacher_of(p) if per_teacher[teacher_of(p)] == 1 else p for p in pairs}
+
+
 def _cell(r: dict[str, Any]) -> str:
     if r["row"] == "Teacher":
         return f"{r['mean']:.2f}"
@@ -63,14 +71,13 @@ def to_markdown(rows: list[dict[str, Any]], title: str, metric: str, excluded: l
             vals = [delta_cell(cell.get((p, lab), {}).get("paired")) for p in pairs]
             lines.append(f"| {lab} − {base} | " + " | ".join(vals) + " |")
         lines += ["", "In words:", ""]
-        taught = [teacher_of(p) for p in pairs]  # a teacher with several students is named with its student
+        name = pair_names(pairs)
         for p in pairs:
             for lab in compared:
                 r = cell.get((p, lab))
                 if r is not None and r.get("paired") is not None:
                     what = f"{lab} − {r['base']}"
-                    who = teacher_of(p) if taught.count(teacher_of(p)) == 1 else p
-                    lines.append(f"- {who}: {r['paired'].words(what)}.")
+                    lines.append(f"- {name[p]}: {r['paired'].words(what)}.")
         if n_seeds and n_seeds <= 5:
             lines += ["", f"With {plural(n_seeds, 'seed')} the exact sign-flip test cannot go below {2 / 2 ** n_seeds:.4g}; "
                           f"the paired t-test (normal per-seed differences assumed) is the primary test."]

@@ -215,6 +215,25 @@ def test_runs_without_a_data_order_are_paired_as_before_and_noted_once(runs, tmp
     assert md.count("record no data order") == 1 and "Not paired" not in md and "unpaired" not in full
 
 
+def test_figures_name_each_pair_of_a_teacher_with_two_students(runs, tmp_path, monkeypatch):
+    """The follow figure's panels and the Δ-vs-mis-instruction figure's points name the pair, not only the
+    teacher, where one teacher taught two students (both would otherwise read "weak")."""
+    from matplotlib.axes import Axes
+    texts: list[str] = []
+    title, annotate = Axes.set_title, Axes.annotate
+    monkeypatch.setattr(Axes, "set_title", lambda self, t, *a, **k: (texts.append(t), title(self, t, *a, **k))[1])
+    monkeypatch.setattr(Axes, "annotate", lambda self, t, *a, **k: (texts.append(t), annotate(self, t, *a, **k))[1])
+    for s in range(5):
+        write_run(runs / "cnn", "kd", s, KD[s], student="cnn_small", follow=_follow("weak", 52.0, 40.0))
+        write_run(runs / "cnn", "loca", s, LOCA[s], alpha=0.95, student="cnn_small",
+                  follow=_follow("weak", 47.0, 45.0))
+    rs.run(rs.ReportParams(runs_dir=str(runs), out_dir=str(tmp_path / "rep")))
+    assert "weak → mlp_small: 20 mis-instructed rows (20.0 %)" in texts
+    assert "weak → cnn_small: 20 mis-instructed rows (20.0 %)" in texts
+    assert {"weak → mlp_small", "weak → cnn_small"} <= set(texts)  # the LoCa − KD points, one per pair
+    assert "weak" not in texts
+
+
 def test_the_mis_instruction_table_lists_each_teacher_once(runs, tmp_path):
     """Issue #22: a teacher with two students (the default's strong → mlp_small and strong → cnn_small) is one
     row of the mis-instruction table, not one per pair."""

@@ -16,8 +16,8 @@ export PYTHONHASHSEED := 0
 setup: $(STAMP) $(FMNIST)
 
 # uv (a pinned wheel from PyPI, installed into the venv by pip) installs the pinned dependencies: measured on
-# this 2-core machine with empty caches, 45 s for venv + uv + every dependency against 4 min 45 s for pip alone
-# (same versions; README "Time"). Should uv fail, pip installs the same pins. --compile-bytecode: pip writes
+# this 2-core machine with empty caches, 78 s for venv + uv + every dependency (bytecode included) against
+# 4 min 45 s for pip alone (same versions; README "Time"). Should uv fail, pip installs the same pins. --compile-bytecode: pip writes
 # the .pyc files at install time and uv does not; where PYTHONDONTWRITEBYTECODE is set (this machine sets it),
 # every process would then compile torch from source again: `import torch` took 5.2 s instead of 2.1 s, in each
 # of the pipeline's and the suite's hundreds of processes.
